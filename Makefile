@@ -1,0 +1,34 @@
+# Two entry points for a fresh machine with python3 and make:
+#   make demo   -> environment + the end-to-end demo
+#   make test   -> environment + the whole CI test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-full ruff bench env
+
+env: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py $(ARGS)
+
+# CI suite: everything except tests marked slow. Exit code 5 (no tests) fails make.
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+# Full torchvision sweep and long hypothesis profile.
+test-full: $(STAMP)
+	HYPOTHESIS_PROFILE=long $(PY) -m pytest -q $(ARGS)
+
+ruff: $(STAMP)
+	$(PY) -m ruff check xvol_compiler passes tests examples benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py $(ARGS)

@@ -1,0 +1,420 @@
+"""The X-volution operator: the PSSA transform, the training module and its deploy form.
+
+One implementation for 1-D, 2-D and 3-D convolutions: the number of spatial
+dimensions is read from the site's kernel, never hard-coded.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from xvol_compiler.fold import (
+    BatchNormParams,
+    ConvGeometry,
+    FoldError,
+    bn_as_kernel,
+    embed_kernel,
+    embedding_offset,
+    fold_conv_bn,
+    merge_interleaved,
+    sum_branches,
+)
+
+__all__ = [
+    "EXTRA_BRANCHES",
+    "XVolution",
+    "XVolutionDeploy",
+    "conv_geometry",
+    "interleave_groups",
+    "neighbour_offsets",
+    "pssa_transform",
+]
+
+CONV_TYPES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+BN_TYPES: dict[int, type[nn.Module]] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+EXTRA_BRANCHES = ("1x1", "identity", "bn")
+Directions = int | Literal["axial", "full"] | None
+
+
+def neighbour_offsets(ndim: int, directions: Directions = None) -> tuple[tuple[int, ...], ...]:
+    """Unit offsets of the neighbourhood: axial (2*ndim) or full (3**ndim - 1).
+
+    ``directions`` is a count (2 in 1-D; 4 or 8 in 2-D; 6 or 26 in 3-D), the
+    word ``"axial"`` or ``"full"``, or None for the full neighbourhood.
+    """
+    if ndim not in (1, 2, 3):
+        raise ValueError(f"PSSA supports 1, 2 or 3 spatial dimensions, got {ndim}")
+    full, axial = 3**ndim - 1, 2 * ndim
+    if directions is None or directions == "full" or directions == full:
+        return tuple(o for o in itertools.product((-1, 0, 1), repeat=ndim) if any(o))
+    if directions == "axial" or directions == axial:
+        return tuple(
+            tuple(sign if i == axis else 0 for i in range(ndim)) for axis in range(ndim) for sign in (-1, 1)
+        )
+    raise ValueError(
+        f"directions={directions!r} is not a neighbourhood in {ndim}-D: use {axial} (axial) or {full} (full)"
+    )
+
+
+def _shifts(shift: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+    shifts = (shift,) * ndim if isinstance(shift, int) else tuple(shift)
+    if len(shifts) != ndim or any(not isinstance(s, int) or s < 1 for s in shifts):
+        raise ValueError(f"shift must be an int >= 1 or {ndim} such ints, got {shift!r}")
+    return shifts
+
+
+def _shifted_views(x: Tensor, shifts: tuple[int, ...], offsets: Sequence[tuple[int, ...]]) -> list[Tensor]:
+    """x moved by offset*shift along each axis, zeros outside: one pad, then slices."""
+    spatial = x.shape[2:]
+    pad: list[int] = []
+    for s in reversed(shifts):
+        pad += [s, s]
+    xp = F.pad(x, pad)
+    views = []
+    for off in offsets:
+        index = [slice(None), slice(None)]
+        for o, s, n in zip(off, shifts, spatial, strict=True):
+            start = s + o * s
+            index.append(slice(start, start + n))
+        views.append(xp[tuple(index)])
+    return views
+
+
+def _neighbour_mean(x: Tensor, shifts: tuple[int, ...], offsets: Sequence[tuple[int, ...]], full: bool) -> Tensor:
+    """R_L(x): mean of the shifted neighbours (zeros outside the image)."""
+    ndim = x.dim() - 2
+    if full and all(s == 1 for s in shifts) and (ndim < 3 or min(x.shape[2:]) >= 3):
+        # (avg_pool3d rejects axes shorter than 3 even with padding; the separable form below covers it.)
+        # 3^n box sum minus the centre, one pooling pass: the fastest exact form for L = 1.
+        pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[ndim - 1]
+        box = pool(x, 3, stride=1, padding=1, count_include_pad=True) * float(3**ndim)
+        return (box - x) / float(3**ndim - 1)
+    if full:
+        # Separable dilated box sum: two adds per axis instead of 3^n - 1 adds.
+        box = x
+        for axis, s in enumerate(shifts):
+            pad = [0, 0] * ndim
+            pad[2 * (ndim - 1 - axis)] = s
+            pad[2 * (ndim - 1 - axis) + 1] = s
+            bp = F.pad(box, pad)
+            n = box.shape[2 + axis]
+            box = bp.narrow(2 + axis, 0, n) + bp.narrow(2 + axis, s, n) + bp.narrow(2 + axis, 2 * s, n)
+        return (box - x) / float(3**ndim - 1)
+    views = _shifted_views(x, shifts, offsets)
+    total = views[0]
+    for v in views[1:]:
+        total = total + v
+    return total / float(len(views))
+
+
+def pssa_transform(
+    x: Tensor, shift: int | Sequence[int] = 1, directions: Directions = None, directional: bool = False
+) -> Tensor:
+    """Pixel-shift self-attention features T_L(x) (SPEC section 2).
+
+    ``T_L(x) = x * R_L(x)`` where ``R_L`` is the mean of the neighbours at
+    distance ``shift`` (per axis) in the chosen neighbourhood, zero outside the
+    input. With ``directional=True`` one product per direction is kept,
+    channel-major (channel ``c * |D| + d``), so that channel groups of ``x``
+    stay contiguous groups of the output and grouped convs stay grouped.
+    Works for (N, C, L), (N, C, H, W) and (N, C, D, H, W) inputs.
+    """
+    ndim = x.dim() - 2
+    offsets = neighbour_offsets(ndim, directions)
+    shifts = _shifts(shift, ndim)
+    if directional:
+        views = _shifted_views(x, shifts, offsets)
+        prods = torch.stack([x * v for v in views], dim=2)
+        return prods.flatten(1, 2)
+    full = len(offsets) == 3**ndim - 1
+    return x * _neighbour_mean(x, shifts, offsets, full)
+
+
+def interleave_groups(tensors: Sequence[Tensor], groups: int) -> Tensor:
+    """Concatenate channels group by group: ``[t0_g0, t1_g0, ..., t0_g1, t1_g1, ...]``.
+
+    For groups == 1 this is a plain channel concatenation.
+    """
+    if groups == 1:
+        return torch.cat(list(tensors), dim=1)
+    n, spatial = tensors[0].shape[0], tensors[0].shape[2:]
+    parts = [t.reshape(n, groups, t.shape[1] // groups, *spatial) for t in tensors]
+    return torch.cat(parts, dim=2).reshape(n, -1, *spatial)
+
+
+# Each is one call_function node in an FX trace, so passes can recognise it.
+torch.fx.wrap("pssa_transform")
+torch.fx.wrap("interleave_groups")
+
+
+def conv_geometry(conv: nn.Module) -> ConvGeometry:
+    """Geometry of an ``nn.Conv1d/2d/3d`` (or an XVolution site)."""
+    padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
+    return ConvGeometry(
+        in_channels=conv.in_channels,
+        out_channels=conv.out_channels,
+        kernel_size=tuple(conv.kernel_size),
+        stride=tuple(conv.stride),
+        padding=padding,
+        dilation=tuple(conv.dilation),
+        groups=conv.groups,
+        padding_mode=conv.padding_mode,
+    )
+
+
+def bn_params(bn: nn.Module) -> BatchNormParams:
+    """Plain-tensor view of an eval BatchNorm; refuses one that would not fold exactly."""
+    if bn.training:
+        raise FoldError(
+            f"{type(bn).__name__} is in training mode (uses batch statistics): call model.eval() before fusing"
+        )
+    if bn.running_mean is None or bn.running_var is None:
+        raise FoldError(f"{type(bn).__name__} has no running statistics (track_running_stats=False)")
+    return BatchNormParams(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+
+
+def _exact_identity_var(eps: float, dtype: torch.dtype) -> float:
+    """A running_var with (var + eps) == 1 exactly in ``dtype``, so an eval BN starts as identity."""
+    one = torch.tensor(1.0, dtype=dtype)
+    var = torch.tensor(1.0 - eps, dtype=dtype)
+    for _ in range(64):
+        total = var + torch.tensor(eps, dtype=dtype)
+        if total == one:
+            break
+        var = torch.nextafter(var, var + (one - total))
+    return float(var)
+
+
+def _zero_gamma_bn(channels: int, ndim: int) -> nn.Module:
+    bn = BN_TYPES[ndim](channels)
+    nn.init.zeros_(bn.weight)
+    return bn
+
+
+class XVolution(nn.Module):
+    """Training form of an X-volution site (SPEC section 2).
+
+    ``y = conv(x) + BN_a(Conv_a(T_L(x)))`` (+ optional RepVGG/DBB-style branches).
+    The site's own ``weight``/``bias`` stay on this module under the same names,
+    so a checkpoint of the original model loads with ``strict=False`` and only
+    the new keys missing: ``attn_conv.weight``, ``attn_bn.*`` and, when chosen,
+    ``branch_1x1.{0,1}.*``, ``branch_identity.*``, ``conv_bn.*``.
+    """
+
+    def __init__(
+        self,
+        geometry: ConvGeometry,
+        *,
+        bias: bool = True,
+        shift: int | Sequence[int] = 1,
+        directions: Directions = None,
+        directional: bool = False,
+        extra_branches: Sequence[str] = (),
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        g = geometry
+        ndim = g.ndim
+        if ndim not in CONV_TYPES:
+            raise ValueError(f"X-volution supports Conv1d/2d/3d sites, got {ndim} spatial dims")
+        unknown = set(extra_branches) - set(EXTRA_BRANCHES)
+        if unknown:
+            raise ValueError(f"unknown extra branches {sorted(unknown)}; choose from {EXTRA_BRANCHES}")
+        self.in_channels, self.out_channels = g.in_channels, g.out_channels
+        self.kernel_size, self.stride, self.dilation = g.kernel_size, g.stride, g.dilation
+        self.padding, self.groups, self.padding_mode = g.padding, g.groups, g.padding_mode
+        self.shift = _shifts(shift, ndim)
+        self.directions = len(neighbour_offsets(ndim, directions))
+        self.directional = directional
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(g.out_channels, g.in_channels // g.groups, *g.kernel_size, **factory))
+        self.bias = nn.Parameter(torch.zeros(g.out_channels, **factory)) if bias else None
+        attn_in = g.in_channels * (self.directions if directional else 1)
+        self.attn_conv = CONV_TYPES[ndim](
+            attn_in, g.out_channels, g.kernel_size, g.stride, g.padding, g.dilation, g.groups,
+            bias=False, padding_mode=g.padding_mode, **factory,
+        )
+        self.attn_bn = _zero_gamma_bn(g.out_channels, ndim).to(**factory)
+        self.extra_branches = tuple(extra_branches)
+        if "1x1" in extra_branches:
+            self.branch_1x1 = self._make_1x1_branch(g).to(**factory)
+        if "identity" in extra_branches:
+            if g.in_channels != g.out_channels or any(s != 1 for s in g.stride):
+                raise FoldError("an identity branch needs C_in == C_out and stride 1")
+            self._check_embeddable(ConvGeometry(
+                g.in_channels, g.out_channels, (1,) * ndim, g.stride, (0,) * ndim, (1,) * ndim, g.groups
+            ), "identity")
+            self.branch_identity = _zero_gamma_bn(g.out_channels, ndim).to(**factory)
+        if "bn" in extra_branches:
+            bn = BN_TYPES[ndim](g.out_channels).to(**factory)
+            bn.running_var.fill_(_exact_identity_var(bn.eps, bn.running_var.dtype))
+            self.conv_bn = bn
+
+    def _check_embeddable(self, small: ConvGeometry, what: str) -> tuple[int, ...]:
+        try:
+            return embedding_offset(small, self.geometry)
+        except FoldError as err:
+            raise FoldError(f"cannot add a {what} branch to this site: {err}") from err
+
+    def _make_1x1_branch(self, g: ConvGeometry) -> nn.Module:
+        ndim = g.ndim
+        pads = []
+        for axis, (k, d, (pl, pr)) in enumerate(zip(g.kernel_size, g.dilation, g.pads(), strict=True)):
+            if k % 2 == 0 or pl != pr:
+                raise FoldError(f"cannot add a 1x1 branch: kernel/padding on axis {axis} has no centre tap")
+            pads.append(pl - d * (k - 1) // 2)
+        small = ConvGeometry(g.in_channels, g.out_channels, (1,) * ndim, g.stride, tuple(pads), (1,) * ndim, g.groups)
+        if any(p < 0 for p in pads):
+            raise FoldError(f"cannot add a 1x1 branch: padding {g.padding} is smaller than the kernel's half-width")
+        self._check_embeddable(small, "1x1")
+        conv = CONV_TYPES[ndim](g.in_channels, g.out_channels, 1, g.stride, tuple(pads), 1, g.groups, bias=False)
+        return nn.Sequential(conv, _zero_gamma_bn(g.out_channels, ndim))
+
+    @property
+    def geometry(self) -> ConvGeometry:
+        return conv_geometry(self)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.kernel_size)
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Module,
+        *,
+        shift: int | Sequence[int] = 1,
+        directions: Directions = None,
+        directional: bool = False,
+        extra_branches: Sequence[str] = (),
+    ) -> XVolution:
+        """Wrap an existing ``nn.Conv1d/2d/3d``: its weight and bias are kept (copied, not shared)."""
+        if not isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or isinstance(conv, XVolution):
+            raise TypeError(f"XVolution.from_conv needs an nn.Conv1d/2d/3d, got {type(conv).__name__}")
+        p = conv.weight
+        site = cls(
+            conv_geometry(conv), bias=conv.bias is not None, shift=shift, directions=directions,
+            directional=directional, extra_branches=extra_branches, device=p.device, dtype=p.dtype,
+        )
+        with torch.no_grad():
+            site.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                site.bias.copy_(conv.bias)
+            # Conv_a starts like a fresh conv of the site's geometry; BN_a's zero gamma silences it.
+            nn.init.kaiming_uniform_(site.attn_conv.weight, a=5**0.5)
+        site.train(conv.training)
+        return site
+
+    def _conv(self, x: Tensor) -> Tensor:
+        if self.padding_mode != "zeros":
+            pad: list[int] = []
+            for pl, pr in reversed(self.geometry.pads()):
+                pad += [pl, pr]
+            x = F.pad(x, pad, mode=self.padding_mode)
+            return CONV_FNS[self.ndim](x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return CONV_FNS[self.ndim](x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self._conv(x)
+        if "bn" in self.extra_branches:
+            y = self.conv_bn(y)
+        if "1x1" in self.extra_branches:
+            y = y + self.branch_1x1(x)
+        if "identity" in self.extra_branches:
+            y = y + self.branch_identity(x)
+        t = pssa_transform(x, self.shift, self.directions, self.directional)
+        return y + self.attn_bn(self.attn_conv(t))
+
+    def extra_repr(self) -> str:
+        g = self.geometry
+        return (
+            f"{g.in_channels}, {g.out_channels}, kernel_size={g.kernel_size}, stride={g.stride}, "
+            f"padding={g.padding}, dilation={g.dilation}, groups={g.groups}, shift={self.shift}, "
+            f"directions={self.directions}, directional={self.directional}, extra_branches={self.extra_branches}"
+        )
+
+    def deploy_weights(self) -> tuple[Tensor, Tensor]:
+        """(weight, bias) of the single deploy convolution, from the shared fold functions."""
+        if not all(torch.isfinite(p).all() for p in self.parameters()):
+            raise FoldError("non-finite values in the site's parameters")
+        g = self.geometry
+        w, b = self.weight, self.bias
+        if "bn" in self.extra_branches:
+            w, b = fold_conv_bn(w, b, bn_params(self.conv_bn))
+        same_input = [(w, b)]
+        if "1x1" in self.extra_branches:
+            conv1, bn1 = self.branch_1x1[0], self.branch_1x1[1]
+            w1, b1 = fold_conv_bn(conv1.weight, conv1.bias, bn_params(bn1))
+            same_input.append((embed_kernel(w1, g.kernel_size, embedding_offset(conv_geometry(conv1), g)), b1))
+        if "identity" in self.extra_branches:
+            ident = ConvGeometry(g.in_channels, g.out_channels, (1,) * g.ndim, g.stride, (0,) * g.ndim,
+                                 (1,) * g.ndim, g.groups)
+            wi, bi = bn_as_kernel(bn_params(self.branch_identity), g.groups, (1,) * g.ndim, (0,) * g.ndim, w.dtype)
+            same_input.append((embed_kernel(wi, g.kernel_size, embedding_offset(ident, g)), bi))
+        conv_branch = sum_branches(same_input)
+        attn_branch = fold_conv_bn(self.attn_conv.weight, None, bn_params(self.attn_bn))
+        w, b = merge_interleaved([conv_branch, attn_branch])
+        if not (torch.isfinite(w).all() and torch.isfinite(b).all()):
+            raise FoldError("folded weights are not finite (BN statistics overflowed)")
+        return w, b
+
+    @torch.no_grad()
+    def fuse(self) -> XVolutionDeploy:
+        """The deploy form: one convolution over ``interleave_groups([x, T(x)])``."""
+        w, b = self.deploy_weights()
+        deploy = XVolutionDeploy(self.geometry, shift=self.shift, directions=self.directions,
+                                 directional=self.directional, device=w.device, dtype=w.dtype)
+        deploy.weight.copy_(w)
+        deploy.bias.copy_(b)
+        return deploy.eval()
+
+
+class XVolutionDeploy(nn.Module):
+    """Deploy form of a site: ``ConvNd((1+k)*C_in, C_out, K, s, p, d, groups=g)(interleave(x, T(x)))``.
+
+    ``k`` is 1 (or |D| for the directional variant). The weight and bias keep
+    the site's names (``weight``, ``bias``) so a checkpoint key still names the site.
+    """
+
+    def __init__(
+        self,
+        geometry: ConvGeometry,
+        *,
+        shift: int | Sequence[int] = 1,
+        directions: Directions = None,
+        directional: bool = False,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        g = geometry
+        ndim = g.ndim
+        self.shift = _shifts(shift, ndim)
+        self.directions = len(neighbour_offsets(ndim, directions))
+        self.directional = directional
+        factor = 1 + (self.directions if directional else 1)
+        self.conv = CONV_TYPES[ndim](
+            factor * g.in_channels, g.out_channels, g.kernel_size, g.stride, g.padding, g.dilation, g.groups,
+            bias=True, padding_mode=g.padding_mode, device=device, dtype=dtype,
+        )
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.conv.weight
+
+    @property
+    def bias(self) -> nn.Parameter:
+        return self.conv.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = pssa_transform(x, self.shift, self.directions, self.directional)
+        return self.conv(interleave_groups([x, t], self.conv.groups))
