@@ -65,7 +65,7 @@ def train_steps(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             step += 1
             if on_step is not None:
                 on_step(step, losses[-1])
