@@ -12,6 +12,7 @@ Weights use torch's layout for an N-d convolution:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from torch import Tensor
 
 __all__ = [
     "BatchNormParams",
+    "Branch",
     "ConvGeometry",
     "FoldError",
     "WeightBias",
@@ -29,6 +31,7 @@ __all__ = [
     "embedding_offset",
     "fold_conv_bn",
     "identity_kernel",
+    "merge_branches",
     "merge_interleaved",
     "sum_branches",
 ]
@@ -224,3 +227,65 @@ def merge_interleaved(branches: Sequence[tuple[Tensor, Tensor | None]]) -> Weigh
     b = sum(_bias_or_zeros(w_, b_) for w_, b_ in branches)
     dtype = branches[0][0].dtype
     return w.to(dtype), b.to(dtype)
+
+
+@dataclass(frozen=True)
+class Branch:
+    """A convolution branch over one or more inputs, interleaved per group in ``inputs`` order.
+
+    ``inputs`` are opaque keys (graph values, or any hashable): the math only
+    uses them to tell which branches read the same tensor.
+    """
+
+    inputs: tuple[object, ...]
+    channels: tuple[int, ...]
+    geometry: ConvGeometry
+    weight: Tensor
+    bias: Tensor | None
+
+    def blocks(self) -> list[Tensor]:
+        """The weight split into one block per input (input-channel axis)."""
+        g = self.geometry.groups
+        for c in self.channels:
+            if c % g:
+                raise FoldError(f"input with {c} channels does not split into {g} groups")
+        return list(torch.split(self.weight, [c // g for c in self.channels], dim=1))
+
+
+def merge_branches(branches: Sequence[Branch]) -> Branch:
+    """Sum of branches as one branch: same-input kernels add (smaller kernels embedded
+    where their taps align), different inputs become interleaved input blocks.
+
+    Raises FoldError, naming the condition, when the branches cannot be one
+    convolution exactly (stride, groups, dilation, padding alignment, outputs).
+    """
+    if not branches:
+        raise FoldError("no branches to merge")
+    out_channels = {b.weight.shape[0] for b in branches}
+    if len(out_channels) != 1:
+        raise FoldError(f"branches have different output channels: {sorted(out_channels)}")
+    big = max(branches, key=lambda b: (math.prod(b.geometry.kernel_size), b.geometry.kernel_size))
+    kernel = big.geometry.kernel_size
+    per_input: dict[object, list[tuple[Tensor, Tensor | None]]] = {}
+    channels: dict[object, int] = {}
+    for branch in branches:
+        offset = embedding_offset(branch.geometry, big.geometry)
+        for key, c, block in zip(branch.inputs, branch.channels, branch.blocks(), strict=True):
+            if channels.setdefault(key, c) != c:
+                raise FoldError(f"input {key!r} has {c} channels in one branch and {channels[key]} in another")
+            per_input.setdefault(key, []).append((embed_kernel(block, kernel, offset), None))
+    summed = [sum_branches(blocks) for blocks in per_input.values()]
+    weight = torch.cat([w for w, _ in summed], dim=1)
+    bias = sum(_bias_or_zeros(b.weight, b.bias) for b in branches)
+    keys = tuple(per_input)
+    geometry = ConvGeometry(
+        in_channels=sum(channels[k] for k in keys),
+        out_channels=big.geometry.out_channels,
+        kernel_size=kernel,
+        stride=big.geometry.stride,
+        padding=big.geometry.padding,
+        dilation=big.geometry.dilation,
+        groups=big.geometry.groups,
+        padding_mode=big.geometry.padding_mode,
+    )
+    return Branch(keys, tuple(channels[k] for k in keys), geometry, weight, bias.to(weight.dtype))

@@ -17,14 +17,13 @@ from torch import Tensor, nn
 
 from xvol_compiler.fold import (
     BatchNormParams,
+    Branch,
     ConvGeometry,
     FoldError,
     bn_as_kernel,
-    embed_kernel,
     embedding_offset,
     fold_conv_bn,
-    merge_interleaved,
-    sum_branches,
+    merge_branches,
 )
 
 __all__ = [
@@ -350,22 +349,27 @@ class XVolution(nn.Module):
         w, b = self.weight, self.bias
         if "bn" in self.extra_branches:
             w, b = fold_conv_bn(w, b, bn_params(self.conv_bn))
-        same_input = [(w, b)]
+        x, t = "x", "T(x)"
+        branches = [Branch((x,), (g.in_channels,), g, w, b)]
         if "1x1" in self.extra_branches:
             conv1, bn1 = self.branch_1x1[0], self.branch_1x1[1]
-            w1, b1 = fold_conv_bn(conv1.weight, conv1.bias, bn_params(bn1))
-            same_input.append((embed_kernel(w1, g.kernel_size, embedding_offset(conv_geometry(conv1), g)), b1))
+            branches.append(Branch((x,), (g.in_channels,), conv_geometry(conv1),
+                                   *fold_conv_bn(conv1.weight, conv1.bias, bn_params(bn1))))
         if "identity" in self.extra_branches:
-            ident = ConvGeometry(g.in_channels, g.out_channels, (1,) * g.ndim, g.stride, (0,) * g.ndim,
-                                 (1,) * g.ndim, g.groups)
-            wi, bi = bn_as_kernel(bn_params(self.branch_identity), g.groups, (1,) * g.ndim, (0,) * g.ndim, w.dtype)
-            same_input.append((embed_kernel(wi, g.kernel_size, embedding_offset(ident, g)), bi))
-        conv_branch = sum_branches(same_input)
-        attn_branch = fold_conv_bn(self.attn_conv.weight, None, bn_params(self.attn_bn))
-        w, b = merge_interleaved([conv_branch, attn_branch])
-        if not (torch.isfinite(w).all() and torch.isfinite(b).all()):
+            ndim = g.ndim
+            ident = ConvGeometry(g.in_channels, g.out_channels, (1,) * ndim, g.stride, (0,) * ndim, (1,) * ndim,
+                                 g.groups)
+            wi, bi = bn_as_kernel(bn_params(self.branch_identity), g.groups, (1,) * ndim, (0,) * ndim, w.dtype)
+            branches.append(Branch((x,), (g.in_channels,), ident, wi, bi))
+        attn = self.attn_conv
+        branches.append(Branch((t,), (attn.in_channels,), conv_geometry(attn),
+                               *fold_conv_bn(attn.weight, None, bn_params(self.attn_bn))))
+        merged = merge_branches(branches)
+        if merged.inputs != (x, t):
+            raise FoldError(f"unexpected deploy inputs {merged.inputs}")
+        if not (torch.isfinite(merged.weight).all() and torch.isfinite(merged.bias).all()):
             raise FoldError("folded weights are not finite (BN statistics overflowed)")
-        return w, b
+        return merged.weight, merged.bias
 
     @torch.no_grad()
     def fuse(self) -> XVolutionDeploy:
