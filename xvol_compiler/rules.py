@@ -1,0 +1,430 @@
+"""Rewrite rules, each declared once, and the networkx matcher that applies them.
+
+This module knows neither torch.fx nor ONNX. A graph adapter (``passes/fx_graph.py``,
+``passes/onnx_graph.py``) presents its graph as a ``networkx.DiGraph`` *view*
+and applies the ``Rewrite`` values this module plans; the fold math comes from
+``xvol_compiler.fold``. The same rule therefore serves both graph kinds.
+
+The view
+--------
+Nodes are the adapter's own keys. Edges are data flow, producer -> consumer.
+Node attributes:
+
+``kind``
+    ``"conv"``, ``"bn"``, ``"add"``, ``"pssa"`` (a recognised PSSA transform),
+    ``"global_attention"``, ``"softmax"``, ``"conv_like"`` (a linear op that is
+    not foldable), ``"input"`` (a graph input), or ``"other"``.
+``branch``
+    conv nodes: a ``fold.Branch`` whose ``inputs`` are the keys of the nodes it
+    reads (an interleaved conv lists every input; the adapter draws an edge from
+    each). ``None`` when the weights are not constants.
+``bn``
+    bn nodes: ``fold.BatchNormParams``, or ``None`` when not foldable.
+``refusal``
+    a reason the adapter already knows this node must not be rewritten
+    (module reused, training mode, weights computed at run time ...), or ``None``.
+``users``
+    how many consumers read the node's output (graph outputs count).
+``name``
+    what reports call the node.
+``spatial``
+    optional: the number of output positions (product of spatial sizes), for MAC counts.
+
+Patterns are matched with ``DiGraphMatcher`` subgraph monomorphisms on node
+kinds. Edges are unordered pairs of values, so ``add`` matches with its
+operands in either order; n-ary sums reduce pairwise to a fixpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import networkx as nx
+from networkx.algorithms.isomorphism import DiGraphMatcher
+
+from xvol_compiler.fold import (
+    BatchNormParams,
+    Branch,
+    ConvGeometry,
+    FoldError,
+    bn_as_kernel,
+    fold_conv_bn,
+    merge_branches,
+)
+
+__all__ = [
+    "RULES",
+    "GraphAdapter",
+    "Outcome",
+    "Pattern",
+    "Refusal",
+    "Rewrite",
+    "Rule",
+    "conv_macs",
+    "pattern",
+    "run_rules",
+]
+
+Key = Hashable
+
+
+# --------------------------------------------------------------------------- patterns
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A small DiGraph of role names; each role has a required ``kind`` (None: any node)."""
+
+    name: str
+    graph: nx.DiGraph
+
+    def matches(self, view: nx.DiGraph) -> Iterator[dict[str, Key]]:
+        """Every placement of the pattern in ``view``, as role -> node key (each node set once)."""
+        matcher = DiGraphMatcher(view, self.graph, node_match=_kind_match)
+        seen: set[frozenset[Key]] = set()
+        for mapping in matcher.subgraph_monomorphisms_iter():
+            nodes = frozenset(mapping)
+            if nodes in seen:
+                continue  # the same nodes with commutative roles swapped
+            seen.add(nodes)
+            yield {role: key for key, role in mapping.items()}
+
+
+def _kind_match(view_attrs: Mapping[str, object], pattern_attrs: Mapping[str, object]) -> bool:
+    want = pattern_attrs.get("kind")
+    return want is None or view_attrs.get("kind") == want
+
+
+def pattern(name: str, roles: Mapping[str, str | None], edges: Sequence[tuple[str, str]]) -> Pattern:
+    graph = nx.DiGraph()
+    for role, kind in roles.items():
+        graph.add_node(role, kind=kind)
+    graph.add_edges_from(edges)
+    return Pattern(name, graph)
+
+
+CONV_BN = pattern("conv+bn", {"conv": "conv", "bn": "bn"}, [("conv", "bn")])
+CONV_SUM = pattern("conv+conv", {"a": "conv", "b": "conv", "add": "add"}, [("a", "add"), ("b", "add")])
+BN_SUM = pattern(
+    "conv+bn-branch",
+    {"x": None, "conv": "conv", "bn": "bn", "add": "add"},
+    [("x", "conv"), ("x", "bn"), ("conv", "add"), ("bn", "add")],
+)
+IDENTITY_SUM = pattern(
+    "conv+identity", {"x": None, "conv": "conv", "add": "add"}, [("x", "conv"), ("conv", "add"), ("x", "add")]
+)
+
+
+# --------------------------------------------------------------------------- rewrites
+
+
+class Refusal(Exception):
+    """A match that must stay as it is; the message is the reason shown in reports."""
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """Replace ``replaced`` (whose value ``output`` is what the rest of the graph reads)
+    by one convolution ``branch`` over ``branch.inputs`` (interleaved per group when > 1)."""
+
+    rule: str
+    kind: str  # "conv+bn", "x-volution", "branch-sum", "identity-branch"
+    name: str
+    anchor: Key  # the conv whose place and name the new conv takes
+    output: Key
+    replaced: tuple[Key, ...]
+    branch: Branch
+    params_before: int
+    macs_before: int | None
+    macs_after: int | None
+
+    @property
+    def params_after(self) -> int:
+        return self.branch.weight.numel() + (0 if self.branch.bias is None else self.branch.bias.numel())
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One line of a fusion report: a rewrite done, or a match refused with its reason."""
+
+    kind: str
+    name: str
+    status: str  # "fused" | "refused"
+    reason: str = ""
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int | None = None
+    macs_after: int | None = None
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: Pattern
+    plan: Callable[[nx.DiGraph, dict[str, Key]], Rewrite | None]  # None: not applicable, say nothing
+
+
+class GraphAdapter(Protocol):
+    def view(self) -> nx.DiGraph: ...
+
+    def apply(self, rewrite: Rewrite) -> None: ...
+
+
+# --------------------------------------------------------------------------- checks shared by all rules
+
+
+def conv_macs(geometry: ConvGeometry, spatial: int | None) -> int | None:
+    if spatial is None:
+        return None
+    return spatial * geometry.out_channels * (geometry.in_channels // geometry.groups) * math.prod(
+        geometry.kernel_size
+    )
+
+
+def _attrs(view: nx.DiGraph, key: Key) -> Mapping[str, object]:
+    return view.nodes[key]
+
+
+def _check_node(view: nx.DiGraph, key: Key, *, single_user: bool) -> None:
+    attrs = _attrs(view, key)
+    if attrs.get("refusal"):
+        raise Refusal(str(attrs["refusal"]))
+    if single_user and attrs.get("users", 1) != 1:
+        raise Refusal(f"{attrs.get('name', key)} output is also used elsewhere ({attrs.get('users')} users)")
+
+
+def _branch(view: nx.DiGraph, key: Key) -> Branch:
+    branch = _attrs(view, key).get("branch")
+    if branch is None:
+        raise Refusal(f"{_attrs(view, key).get('name', key)}: weights are not constants")
+    return branch
+
+
+def _bn(view: nx.DiGraph, key: Key) -> BatchNormParams:
+    bn = _attrs(view, key).get("bn")
+    if bn is None:
+        raise Refusal(f"{_attrs(view, key).get('name', key)}: BatchNorm is not foldable")
+    return bn
+
+
+def _params(view: nx.DiGraph, keys: Sequence[Key]) -> tuple[int, int | None]:
+    params, macs = 0, 0
+    for key in keys:
+        attrs = _attrs(view, key)
+        branch, bn = attrs.get("branch"), attrs.get("bn")
+        if branch is not None:
+            params += branch.weight.numel() + (0 if branch.bias is None else branch.bias.numel())
+            m = conv_macs(branch.geometry, attrs.get("spatial"))
+            macs = None if m is None or macs is None else macs + m
+        if bn is not None:
+            params += 2 * bn.num_features
+    return params, macs
+
+
+def _rewrite(
+    view: nx.DiGraph, rule: str, kind: str, anchor: Key, output: Key, replaced: Sequence[Key], branch: Branch
+) -> Rewrite:
+    for w in (branch.weight, branch.bias):
+        if w is not None and not bool(w.isfinite().all()):
+            raise Refusal("folded weights are not finite (BatchNorm statistics overflow)")
+    params, macs = _params(view, replaced)
+    return Rewrite(
+        rule=rule, kind=kind, name=str(_attrs(view, anchor).get("name", anchor)), anchor=anchor, output=output,
+        replaced=tuple(replaced), branch=branch, params_before=params, macs_before=macs,
+        macs_after=conv_macs(branch.geometry, _attrs(view, output).get("spatial")),
+    )
+
+
+# --------------------------------------------------------------------------- the rules
+
+
+def plan_conv_bn(view: nx.DiGraph, m: dict[str, Key]) -> Rewrite:
+    _check_node(view, m["conv"], single_user=True)
+    _check_node(view, m["bn"], single_user=False)
+    branch = _branch(view, m["conv"])
+    try:
+        w, b = fold_conv_bn(branch.weight, branch.bias, _bn(view, m["bn"]))
+    except FoldError as err:
+        raise Refusal(str(err)) from err
+    folded = Branch(branch.inputs, branch.channels, branch.geometry, w, b)
+    return _rewrite(view, CONV_BN.name, "conv+bn", m["conv"], m["bn"], (m["conv"], m["bn"]), folded)
+
+
+_DERIVATION_LIMIT = 64
+_NOT_A_TRANSFORM = {"conv", "conv_like", "input"}
+
+
+def _derivation_kinds(view: nx.DiGraph, derived: Key, base: Key) -> set[str] | None:
+    """Kinds of the nodes computing ``derived`` from ``base`` alone; None if it reads anything else."""
+    kinds: set[str] = set()
+    stack, seen = [derived], {derived}
+    while stack:
+        key = stack.pop()
+        kind = str(_attrs(view, key).get("kind"))
+        if kind in _NOT_A_TRANSFORM:
+            return None
+        kinds.add(kind)
+        for pred in view.predecessors(key):
+            if pred == base or pred in seen:
+                continue
+            if len(seen) >= _DERIVATION_LIMIT:
+                return None
+            seen.add(pred)
+            stack.append(pred)
+    if not any(base in view.predecessors(k) for k in seen):
+        return None
+    return kinds
+
+
+def _classify_inputs(view: nx.DiGraph, inputs: Sequence[Key]) -> str | None:
+    """'x-volution' when every extra input is a transform of the first (PSSA); None otherwise."""
+    base, *others = inputs
+    label = "x-volution"
+    for other in others:
+        kinds = _derivation_kinds(view, other, base)
+        if kinds is None:
+            return None
+        if kinds & {"softmax", "global_attention"}:
+            raise Refusal("global attention is input-dependent, not a convolution")
+    return label
+
+
+def plan_conv_sum(view: nx.DiGraph, m: dict[str, Key]) -> Rewrite | None:
+    a, b = _branch_pair(view, m)
+    inputs = list(dict.fromkeys((*a.inputs, *b.inputs)))
+    kind = "branch-sum"
+    if len(inputs) > 1:
+        label = _classify_inputs(view, inputs)
+        if label is None:
+            return None  # sums of unrelated tensors (residual adds): nothing to gain by concatenating
+        kind = label
+    for role in ("a", "b"):
+        _check_node(view, m[role], single_user=True)
+    _check_node(view, m["add"], single_user=False)
+    try:
+        merged = merge_branches([a, b])
+    except FoldError as err:
+        raise Refusal(str(err)) from err
+    anchor = m["a"] if a.inputs[0] == merged.inputs[0] else m["b"]
+    return _rewrite(view, CONV_SUM.name, kind, anchor, m["add"], (m["a"], m["b"], m["add"]), merged)
+
+
+def _branch_pair(view: nx.DiGraph, m: dict[str, Key]) -> tuple[Branch, Branch]:
+    a, b = _branch(view, m["a"]), _branch(view, m["b"])
+    # The first input of the sum is the one the larger branch reads (conv branch before T(x)).
+    if len(b.inputs) > len(a.inputs):
+        m["a"], m["b"] = m["b"], m["a"]
+        a, b = b, a
+    return a, b
+
+
+def _identity_branch(view: nx.DiGraph, conv: Key, x: Key, bn: BatchNormParams | None) -> Branch:
+    branch = _branch(view, conv)
+    if x not in branch.inputs:
+        raise Refusal("identity branch reads a different tensor than the conv")
+    channels = branch.channels[branch.inputs.index(x)]
+    g = branch.geometry
+    ndim = g.ndim
+    if channels != g.out_channels:
+        raise Refusal(f"identity branch needs C_in == C_out, got {channels} and {g.out_channels}")
+    geometry = ConvGeometry(channels, g.out_channels, (1,) * ndim, (1,) * ndim, (0,) * ndim, (1,) * ndim, g.groups)
+    if bn is None:
+        bn = BatchNormParams(
+            running_mean=branch.weight.new_zeros(channels), running_var=branch.weight.new_ones(channels),
+            weight=None, bias=None, eps=0.0,
+        )
+    w, b = bn_as_kernel(bn, g.groups, (1,) * ndim, (0,) * ndim, branch.weight.dtype)
+    return Branch((x,), (channels,), geometry, w, b)
+
+
+def plan_bn_sum(view: nx.DiGraph, m: dict[str, Key]) -> Rewrite:
+    _check_node(view, m["conv"], single_user=True)
+    _check_node(view, m["bn"], single_user=True)
+    _check_node(view, m["add"], single_user=False)
+    ident = _identity_branch(view, m["conv"], m["x"], _bn(view, m["bn"]))
+    try:
+        merged = merge_branches([_branch(view, m["conv"]), ident])
+    except FoldError as err:
+        raise Refusal(str(err)) from err
+    return _rewrite(view, BN_SUM.name, "branch-sum", m["conv"], m["add"], (m["conv"], m["bn"], m["add"]), merged)
+
+
+def plan_identity_sum(view: nx.DiGraph, m: dict[str, Key]) -> Rewrite:
+    _check_node(view, m["conv"], single_user=True)
+    _check_node(view, m["add"], single_user=False)
+    ident = _identity_branch(view, m["conv"], m["x"], None)
+    try:
+        merged = merge_branches([_branch(view, m["conv"]), ident])
+    except FoldError as err:
+        raise Refusal(str(err)) from err
+    return _rewrite(view, IDENTITY_SUM.name, "identity-branch", m["conv"], m["add"], (m["conv"], m["add"]), merged)
+
+
+# Order matters only for speed: BN folds first, so sums see plain convs.
+RULES: tuple[Rule, ...] = (
+    Rule(CONV_BN, plan_conv_bn),
+    Rule(CONV_SUM, plan_conv_sum),
+    Rule(BN_SUM, plan_bn_sum),
+    Rule(IDENTITY_SUM, plan_identity_sum),
+)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+@dataclass
+class RewriteLog:
+    applied: list[Rewrite] = field(default_factory=list)
+    refused: list[Outcome] = field(default_factory=list)
+
+    def outcomes(self) -> list[Outcome]:
+        done = [
+            Outcome(r.kind, r.name, "fused", "", r.params_before, r.params_after, r.macs_before, r.macs_after)
+            for r in self.applied
+        ]
+        return done + self.refused
+
+
+def run_rules(adapter: GraphAdapter, rules: Sequence[Rule] = RULES, max_rounds: int = 10_000) -> RewriteLog:
+    """Apply ``rules`` until none matches. Each round applies a batch of disjoint
+    rewrites of one rule, then rebuilds the view; refusals are recorded once."""
+    log = RewriteLog()
+    refused: set[tuple[str, frozenset[Key]]] = set()
+    for _ in range(max_rounds):
+        view = adapter.view()
+        batch: list[Rewrite] = []
+        for rule in rules:
+            taken: set[Key] = set()  # nodes the batch replaces
+            read: set[Key] = set()  # values the batch's new convs read
+            for m in rule.pattern.matches(view):
+                nodes = frozenset(m.values())
+                key = (rule.pattern.name, nodes)
+                if key in refused or nodes & taken or nodes & read:
+                    continue
+                try:
+                    rewrite = rule.plan(view, dict(m))
+                except Refusal as why:
+                    refused.add(key)
+                    anchor = m.get("conv", m.get("a"))
+                    log.refused.append(Outcome(
+                        rule.pattern.name, str(_attrs(view, anchor).get("name", anchor)), "refused", str(why)
+                    ))
+                    continue
+                if rewrite is None:
+                    refused.add(key)
+                    continue
+                if set(rewrite.branch.inputs) & taken:
+                    continue  # reads a value another rewrite of this batch replaces: next round
+                taken |= nodes
+                read |= set(rewrite.branch.inputs)
+                batch.append(rewrite)
+            if batch:
+                break
+        if not batch:
+            return log
+        for rewrite in batch:
+            adapter.apply(rewrite)
+        log.applied.extend(batch)
+    raise RuntimeError(f"rewriting did not reach a fixpoint in {max_rounds} rounds")
