@@ -62,6 +62,7 @@ __all__ = [
     "Pattern",
     "Refusal",
     "Rewrite",
+    "RewriteLog",
     "Rule",
     "conv_macs",
     "pattern",

@@ -1,0 +1,113 @@
+"""What a fusion pass did, per site: a dataclass that prints as a table."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+from xvol_compiler.rules import Outcome, RewriteLog
+
+__all__ = ["FusionReport", "format_table"]
+
+
+def format_table(headers: list[str], rows: list[list[str]], title: str = "") -> str:
+    """A plain-text table (no terminal codes), right-aligned numbers."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+
+    def line(cells: list[str]) -> str:
+        out = []
+        for cell, width in zip(cells, widths, strict=True):
+            numeric = cell.replace(".", "", 1).replace("-", "", 1).replace("e", "", 1).replace("%", "").isdigit()
+            out.append(cell.rjust(width) if numeric else cell.ljust(width))
+        return "  ".join(out).rstrip()
+
+    sep = "  ".join("-" * w for w in widths)
+    body = [line(headers), sep, *(line(r) for r in rows)]
+    return "\n".join(([title] if title else []) + body)
+
+
+def _num(value: int | None) -> str:
+    if value is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return str(value)
+
+
+@dataclass
+class FusionReport:
+    """Per-site outcome of ``fuse`` / ``fuse_onnx``.
+
+    ``outcomes`` lists every rewrite done and every match refused (with its
+    reason); ``paths`` says, for untraceable models, which path each part took
+    (``"fx"`` for a traced graph, ``"module"`` for module-level folding).
+    ``max_abs_error`` / ``max_rel_error`` are measured against the unfused
+    model when the pass verified its result.
+    """
+
+    source: str = "fx"
+    outcomes: list[Outcome] = field(default_factory=list)
+    paths: dict[str, str] = field(default_factory=dict)
+    max_abs_error: float | None = None
+    max_rel_error: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_log(cls, log: RewriteLog, source: str, prefix: str = "") -> FusionReport:
+        outcomes = [
+            Outcome(o.kind, f"{prefix}{o.name}", o.status, o.reason, o.params_before, o.params_after,
+                    o.macs_before, o.macs_after)
+            for o in log.outcomes()
+        ]
+        return cls(source=source, outcomes=outcomes)
+
+    def extend(self, other: FusionReport) -> None:
+        self.outcomes.extend(other.outcomes)
+        self.paths.update(other.paths)
+        self.notes.extend(other.notes)
+
+    def count(self, kind: str | None = None, status: str = "fused") -> int:
+        return sum(1 for o in self.outcomes if o.status == status and (kind is None or o.kind == kind))
+
+    @property
+    def fused(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status == "fused"]
+
+    @property
+    def refused(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status == "refused"]
+
+    def summary(self) -> str:
+        kinds = Counter(o.kind for o in self.fused)
+        parts = [f"{n} {k}" for k, n in sorted(kinds.items())]
+        text = f"fused: {', '.join(parts) if parts else 'nothing'}; refused: {len(self.refused)}"
+        if self.max_rel_error is not None:
+            text += f"; max error vs unfused: {self.max_abs_error:.3g} abs, {self.max_rel_error:.3g} rel"
+        return text
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "source": self.source,
+            "outcomes": [asdict(o) for o in self.outcomes],
+            "paths": dict(self.paths),
+            "max_abs_error": self.max_abs_error,
+            "max_rel_error": self.max_rel_error,
+            "notes": list(self.notes),
+            "summary": self.summary(),
+        }
+
+    def __str__(self) -> str:
+        rows = [
+            [o.name, o.kind, o.status, _num(o.params_before), _num(o.params_after), _num(o.macs_before),
+             _num(o.macs_after), o.reason]
+            for o in sorted(self.outcomes, key=lambda o: (o.status != "fused", o.kind != "x-volution", o.name))
+        ]
+        table = format_table(
+            ["site", "pattern", "result", "params before", "params after", "MACs before", "MACs after", "reason"],
+            rows, title=f"Fusion report ({self.source})",
+        )
+        extra = [f"path: {k} -> {v}" for k, v in sorted(self.paths.items())] + self.notes
+        return "\n".join([table, *extra, self.summary()])
