@@ -7,13 +7,15 @@ does not depend on the model being trained.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 SPLIT_SEED = 0
 
@@ -34,14 +36,38 @@ def digits_tensors(image_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 def digits_loaders(
-    image_size: int = 32, batch_size: int = 64, seed: int = 0
+    image_size: int = 32,
+    batch_size: int = 64,
+    seed: int = 0,
+    *,
+    num_replicas: int | None = None,
+    rank: int = 0,
 ) -> tuple[DataLoader, DataLoader]:
-    """Train (shuffled with ``seed``) and test loaders over the fixed split."""
+    """Train (shuffled with ``seed``) and test loaders over the fixed split.
+
+    With ``num_replicas`` the train loader reads through a
+    ``DistributedSampler(num_replicas, rank, seed=seed, drop_last=True)``: rank
+    ``rank``'s shard, in an order that is a function of (seed, epoch) only, so
+    :func:`train_steps` can resume mid-run (``start_step``). Use
+    ``num_replicas=1`` for a resumable single-process run. The test loader is
+    never sharded.
+    """
     x_tr, y_tr, x_te, y_te = digits_tensors(image_size)
-    train = DataLoader(TensorDataset(x_tr, y_tr), batch_size=batch_size, shuffle=True,
-                       generator=torch.Generator().manual_seed(seed), drop_last=True)
+    train_set = TensorDataset(x_tr, y_tr)
+    if num_replicas is None:
+        train = DataLoader(train_set, batch_size=batch_size, shuffle=True,
+                           generator=torch.Generator().manual_seed(seed), drop_last=True)
+    else:
+        sampler = DistributedSampler(train_set, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                                     drop_last=True)
+        train = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True)
     test = DataLoader(TensorDataset(x_te, y_te), batch_size=256, shuffle=False)
     return train, test
+
+
+def sgd(model: nn.Module, lr: float = 0.05) -> torch.optim.Optimizer:
+    """The optimizer :func:`train_steps` uses by default: SGD, momentum 0.9, weight decay 1e-4."""
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
 
 
 def train_steps(
@@ -52,16 +78,52 @@ def train_steps(
     seconds: float | None = None,
     lr: float = 0.05,
     on_step: Callable[[int, float], None] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    start_step: int = 0,
+    autocast: torch.dtype | None = None,
 ) -> list[float]:
-    """SGD with momentum for ``steps`` steps (cycling the loader) or until ``seconds`` pass."""
+    """SGD with momentum until step ``steps`` (cycling the loader) or until ``seconds`` pass.
+
+    ``optimizer`` defaults to :func:`sgd` with ``lr``; pass one to keep (or
+    restore) its state across calls. ``start_step`` is the number of steps
+    already taken: training continues from that point of the data order
+    (epoch ``start_step // len(loader)``, skipping the batches already seen),
+    which needs a sampler with ``set_epoch`` (``digits_loaders(num_replicas=...)``);
+    ``steps`` counts from 0, not from ``start_step``. A sampler with ``set_epoch``
+    is told the epoch before each pass. ``autocast`` runs forward and loss under
+    ``torch.autocast`` with that dtype (e.g. ``torch.bfloat16`` on CPU); the
+    parameters and the optimizer stay in their own dtype. Batches are moved to
+    the device of the model's parameters. Returns the losses of the steps taken
+    by this call; ``on_step(step, loss)`` gets the 1-based global step.
+    """
+    sampler = getattr(loader, "sampler", None)
+    set_epoch = getattr(sampler, "set_epoch", None)
+    if start_step and set_epoch is None:
+        raise ValueError(
+            "resuming (start_step > 0) needs a loader whose order depends only on the epoch: "
+            "build it with digits_loaders(num_replicas=...)"
+        )
+    per_epoch = len(loader)
+    if per_epoch == 0:
+        raise ValueError("the loader yields no batches (batch size larger than the shard with drop_last?)")
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    opt = optimizer if optimizer is not None else sgd(model, lr)
+    device = next(model.parameters()).device
+    cast = (torch.autocast(device.type, dtype=autocast) if autocast is not None
+            else contextlib.nullcontext())
     losses: list[float] = []
     start = time.perf_counter()
-    step = 0
+    step = start_step
+    epoch, skip = divmod(start_step, per_epoch)
+    if steps is not None and step >= steps:
+        return losses
     while True:
-        for xb, yb in loader:
-            loss = F.cross_entropy(model(xb), yb)
+        if set_epoch is not None:
+            set_epoch(epoch)
+        for xb, yb in itertools.islice(loader, skip, None):
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            with cast:
+                loss = F.cross_entropy(model(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -73,6 +135,7 @@ def train_steps(
                 seconds is not None and time.perf_counter() - start >= seconds
             ):
                 return losses
+        epoch, skip = epoch + 1, 0
 
 
 @torch.no_grad()
