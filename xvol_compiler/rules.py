@@ -279,28 +279,29 @@ def _derivation_kinds(view: nx.DiGraph, derived: Key, base: Key) -> set[str] | N
     return kinds
 
 
-def _classify_inputs(view: nx.DiGraph, inputs: Sequence[Key]) -> str | None:
-    """'x-volution' when every extra input is a transform of the first (PSSA); None otherwise."""
-    base, *others = inputs
-    label = "x-volution"
-    for other in others:
-        kinds = _derivation_kinds(view, other, base)
-        if kinds is None:
-            return None
-        if kinds & {"softmax", "global_attention"}:
-            raise Refusal("global attention is input-dependent, not a convolution")
-    return label
+def _xvolution_base(view: nx.DiGraph, inputs: Sequence[Key]) -> Key | None:
+    """The input every other input is computed from (the conv branch's x, with T(x) derived
+    from it: an X-volution site), or None when the inputs are unrelated tensors."""
+    for base in inputs:
+        derivations = [_derivation_kinds(view, other, base) for other in inputs if other != base]
+        if all(d is not None for d in derivations):
+            if any(d & {"softmax", "global_attention"} for d in derivations if d is not None):
+                raise Refusal("global attention is input-dependent, not a convolution")
+            return base
+    return None
 
 
 def plan_conv_sum(view: nx.DiGraph, m: dict[str, Key]) -> Rewrite | None:
-    a, b = _branch_pair(view, m)
+    a, b = _branch(view, m["a"]), _branch(view, m["b"])
     inputs = list(dict.fromkeys((*a.inputs, *b.inputs)))
     kind = "branch-sum"
     if len(inputs) > 1:
-        label = _classify_inputs(view, inputs)
-        if label is None:
+        base = _xvolution_base(view, inputs)
+        if base is None:
             return None  # sums of unrelated tensors (residual adds): nothing to gain by concatenating
-        kind = label
+        if base not in a.inputs:  # the branch reading x goes first: deploy input is [x, T(x)]
+            m["a"], m["b"], a, b = m["b"], m["a"], b, a
+        kind = "x-volution"
     for role in ("a", "b"):
         _check_node(view, m[role], single_user=True)
     _check_node(view, m["add"], single_user=False)
@@ -310,15 +311,6 @@ def plan_conv_sum(view: nx.DiGraph, m: dict[str, Key]) -> Rewrite | None:
         raise Refusal(str(err)) from err
     anchor = m["a"] if a.inputs[0] == merged.inputs[0] else m["b"]
     return _rewrite(view, CONV_SUM.name, kind, anchor, m["add"], (m["a"], m["b"], m["add"]), merged)
-
-
-def _branch_pair(view: nx.DiGraph, m: dict[str, Key]) -> tuple[Branch, Branch]:
-    a, b = _branch(view, m["a"]), _branch(view, m["b"])
-    # The first input of the sum is the one the larger branch reads (conv branch before T(x)).
-    if len(b.inputs) > len(a.inputs):
-        m["a"], m["b"] = m["b"], m["a"]
-        a, b = b, a
-    return a, b
 
 
 def _identity_branch(view: nx.DiGraph, conv: Key, x: Key, bn: BatchNormParams | None) -> Branch:

@@ -1,0 +1,268 @@
+"""Fusion on torch.fx graphs: every foldable conv/BN/PSSA structure becomes one convolution.
+
+``fuse_graph`` is the pass proper, ``GraphModule -> (GraphModule, FusionReport)``.
+``fuse`` wraps it for any ``nn.Module``: it traces the largest pieces that trace
+(the whole model, else its children, recursively), falls back to module-level
+folding for ``XVolution`` modules called from untraceable code, and hands back
+a model of the user's own class.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from xvol_compiler.fold import FoldError
+from xvol_compiler.fusion_report import FusionReport
+from xvol_compiler.ops import XVolution
+from xvol_compiler.passes.fx_graph import FxAdapter
+from xvol_compiler.rules import Outcome, run_rules
+
+__all__ = ["FusionError", "FusionVerificationError", "fuse", "fuse_graph", "fuse_with_report"]
+
+log = logging.getLogger(__name__)
+
+
+class FusionError(ValueError):
+    """The model cannot be fused as asked; the message says why and what to do."""
+
+
+class FusionVerificationError(FusionError):
+    """The fused model does not reproduce the unfused one within tolerance."""
+
+
+def fuse_graph(
+    gm: fx.GraphModule, example_inputs: tuple[Any, ...] | None = None
+) -> tuple[fx.GraphModule, FusionReport]:
+    """Rewrite ``gm`` in place: conv+BN folds, X-volution sites and branch sums become one conv each."""
+    if example_inputs is not None:
+        ShapeProp(gm).propagate(*example_inputs)
+    adapter = FxAdapter(gm)
+    rewrite_log = run_rules(adapter)
+    adapter.finalize()
+    return gm, FusionReport.from_log(rewrite_log, source="fx")
+
+
+def _has_foldable(module: nn.Module) -> bool:
+    return any(isinstance(m, (nn.modules.batchnorm._BatchNorm, XVolution)) for m in module.modules())
+
+
+def _set_path(root: nn.Module, path: str, value: nn.Module | torch.Tensor | None) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    if value is None:
+        delattr(parent, name)
+    elif isinstance(value, nn.Module):
+        parent.add_module(name, value)
+    else:
+        setattr(parent, name, value)
+
+
+def _realize(original: nn.Module, gm: fx.GraphModule, replaced: set[str]) -> nn.Module:
+    """``original`` running the rewritten graph while keeping its class and module tree.
+
+    The object keeps its type (a generated subclass of the same name whose
+    ``forward`` is the graph's code), its methods and attributes, and its
+    module hierarchy (``model.layer3[0]`` still indexes); the modules the
+    rewrite created are set at their paths, and those it folded away are removed.
+    """
+    cls = type(original)
+    if getattr(cls, "_xvol_fused_graph", False):  # fusing a fused model: derive from the user's class again
+        cls = cls.__bases__[0]
+    fused_cls = type(cls.__name__, (cls,), {"forward": type(gm).forward, "__module__": cls.__module__,
+                                            "__qualname__": cls.__qualname__, "_xvol_fused_graph": True})
+    used = {str(n.target) for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
+    for path in sorted(replaced, key=lambda p: -p.count(".")):
+        if path not in used and not any(u.startswith(path + ".") for u in used):
+            try:
+                _set_path(original, path, None)
+            except AttributeError:
+                pass  # already removed with its parent
+    for path in sorted(used, key=lambda p: p.count(".")):
+        value = gm.get_submodule(path) if path in dict(gm.named_modules()) else None
+        if value is None:
+            parent_path, _, name = path.rpartition(".")
+            value = getattr(gm.get_submodule(parent_path) if parent_path else gm, name)
+        _set_path(original, path, value)
+    original.__class__ = fused_cls
+    return original
+
+
+class _Fuser:
+    def __init__(self) -> None:
+        self.report = FusionReport(source="fx")
+
+    def fuse_module(self, module: nn.Module, path: str, example: tuple[Any, ...] | None) -> nn.Module:
+        if not _has_foldable(module):
+            return module
+        if isinstance(module, XVolution):
+            return self._fuse_site(module, path)
+        try:
+            gm = fx.symbolic_trace(module)
+        except Exception as err:  # any tracing failure means: try the children
+            self.report.paths[path or "<model>"] = f"not traceable ({type(err).__name__}); children fused separately"
+            for name, child in list(module.named_children()):
+                fused = self.fuse_module(child, f"{path}.{name}" if path else name, None)
+                if fused is not child:
+                    setattr(module, name, fused)
+            return module
+        if example is not None:
+            try:
+                ShapeProp(gm).propagate(*example)
+            except Exception as err:  # only MAC counts depend on shapes
+                log.info("shape propagation failed (%s): fusing without MAC counts", err)
+        adapter = FxAdapter(gm)
+        part = FusionReport.from_log(run_rules(adapter), source="fx")
+        adapter.finalize()
+        prefix = f"{path}." if path else ""
+        for o in part.outcomes:
+            self.report.outcomes.append(Outcome(o.kind, prefix + o.name, o.status, o.reason, o.params_before,
+                                                o.params_after, o.macs_before, o.macs_after))
+        self.report.paths[path or "<model>"] = "fx graph"
+        return _realize(module, gm, adapter.replaced_targets)
+
+    def _fuse_site(self, site: XVolution, path: str) -> nn.Module:
+        try:
+            deploy = site.fuse()
+        except FoldError as err:
+            self.report.outcomes.append(Outcome("x-volution", path, "refused", str(err)))
+            return site
+        before = sum(p.numel() for p in site.parameters()) + sum(
+            b.numel() for n, b in site.named_buffers() if "running" in n
+        )
+        self.report.outcomes.append(Outcome("x-volution", path, "fused", "", before,
+                                            sum(p.numel() for p in deploy.parameters())))
+        self.report.paths[path] = "module (XVolution.fuse)"
+        return deploy
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def _compare(ref: Any, out: Any) -> tuple[float, float, bool]:
+    """(max abs error, max relative error, comparable) over every tensor of two outputs."""
+    refs, outs = list(_tensors(ref)), list(_tensors(out))
+    if len(refs) != len(outs) or any(r.shape != o.shape for r, o in zip(refs, outs, strict=True)):
+        return float("nan"), float("nan"), False
+    abs_err, rel_err = 0.0, 0.0
+    for r, o in zip(refs, outs, strict=True):
+        if not r.is_floating_point() or r.numel() == 0:
+            continue
+        if not (bool(r.isfinite().all()) and bool(o.isfinite().all())):
+            return float("nan"), float("nan"), True
+        diff = float((r.double() - o.double()).abs().max())
+        scale = float(r.double().abs().max())
+        abs_err = max(abs_err, diff)
+        rel_err = max(rel_err, diff / max(scale, 1e-12))
+    return abs_err, rel_err, True
+
+
+def default_example_inputs(model: nn.Module) -> tuple[Any, ...]:
+    """The example input xvolify uses for this kind of model."""
+    try:
+        from xvol_compiler.sites import default_example_inputs as sites_default
+    except ImportError:
+        return (torch.randn(1, 3, 224, 224),)
+    return tuple(sites_default(model))
+
+
+def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
+    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+
+def fuse_with_report(
+    model: nn.Module,
+    *,
+    example_inputs: Any = None,
+    verify: bool = True,
+    atol: float | None = None,
+    rtol: float = 1e-4,
+    inplace: bool = False,
+) -> tuple[nn.Module, FusionReport]:
+    """``fuse`` that also returns the report."""
+    if model.training:
+        raise FusionError(
+            "the model is in training mode: BatchNorm then normalises with batch statistics, which no "
+            "convolution can reproduce. Call model.eval() before fuse()."
+        )
+    training = [name for name, m in model.named_modules() if m.training]
+    if training:
+        raise FusionError(
+            f"submodules are in training mode ({', '.join(training[:3])}{' ...' if len(training) > 3 else ''}); "
+            "call model.eval() before fuse()"
+        )
+    example = _as_tuple(example_inputs) if example_inputs is not None else default_example_inputs(model)
+    reference = None
+    if verify:
+        with torch.no_grad():
+            reference = model(*example)
+        if not all(bool(t.isfinite().all()) for t in _tensors(reference) if t.is_floating_point()):
+            raise FusionError(
+                "the unfused model's output is not finite on the example input (BatchNorm statistics overflow?), "
+                "so fusion cannot be verified: fix the model, pass other example_inputs, or verify=False"
+            )
+    target = model if inplace else copy.deepcopy(model)
+    fuser = _Fuser()
+    if isinstance(target, fx.GraphModule):
+        target, part = fuse_graph(target, example)
+        fuser.report.extend(part)
+        fuser.report.paths["<model>"] = "fx graph"
+    else:
+        target = fuser.fuse_module(target, "", example)
+    target.eval()
+    report = fuser.report
+    if not report.outcomes:
+        report.notes.append("no fusable patterns found (no BatchNorm after a conv, no X-volution site)")
+    if verify:
+        with torch.no_grad():
+            out = target(*example)
+        abs_err, rel_err, comparable = _compare(reference, out)
+        if not comparable:
+            report.notes.append("outputs have data-dependent shapes: verification compared nothing")
+        else:
+            report.max_abs_error, report.max_rel_error = abs_err, rel_err
+            too_far = rel_err > rtol if atol is None else abs_err > atol and rel_err > rtol
+            if too_far or rel_err != rel_err:  # NaN: the fused output is not finite
+                raise FusionVerificationError(
+                    f"fused model differs from the unfused one: max abs error {abs_err:.3g}, relative {rel_err:.3g} "
+                    f"(rtol={rtol}); the unfused model is untouched{'' if not inplace else ' (inplace: it is not)'}"
+                )
+    target.xvol_fusion_report = report
+    log.info("%s", report.summary())
+    return target, report
+
+
+def fuse(
+    model: nn.Module,
+    *,
+    example_inputs: Any = None,
+    verify: bool = True,
+    atol: float | None = None,
+    rtol: float = 1e-4,
+    inplace: bool = False,
+) -> nn.Module:
+    """Deploy form of ``model``: every fusable site one convolution; report at ``.xvol_fusion_report``.
+
+    The model must be in eval mode. The result keeps the model's class and call
+    signature (a GraphModule in gives a GraphModule out). With ``verify`` the
+    fused and unfused outputs on ``example_inputs`` are compared and a
+    ``FusionVerificationError`` is raised beyond ``rtol`` (relative to the
+    largest output magnitude). Fusing a fused model changes nothing.
+    """
+    fused, _ = fuse_with_report(model, example_inputs=example_inputs, verify=verify, atol=atol, rtol=rtol,
+                                inplace=inplace)
+    return fused
