@@ -1,7 +1,28 @@
 """xvol-compiler: insert X-volution into CNNs for training, fuse it into single convolutions for deployment."""
 
 from xvol_compiler.fold import FoldError
+from xvol_compiler.global_attention import GlobalAttentionXVolution
 from xvol_compiler.ops import XVolution, XVolutionDeploy, interleave_groups, pssa_transform
+from xvol_compiler.passes.xvolify import xvolify, xvolify_with_report
+from xvol_compiler.report import SiteReport, TableReport, XvolifyReport, render_table
+from xvol_compiler.sites import ConvInfo, SiteSelection, SiteSelectionError, analyze_model
 
-__all__ = ["FoldError", "XVolution", "XVolutionDeploy", "interleave_groups", "pssa_transform"]
+__all__ = [
+    "ConvInfo",
+    "FoldError",
+    "GlobalAttentionXVolution",
+    "SiteReport",
+    "SiteSelection",
+    "SiteSelectionError",
+    "TableReport",
+    "XVolution",
+    "XVolutionDeploy",
+    "XvolifyReport",
+    "analyze_model",
+    "interleave_groups",
+    "pssa_transform",
+    "render_table",
+    "xvolify",
+    "xvolify_with_report",
+]
 __version__ = "0.1.0"

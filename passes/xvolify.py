@@ -1,0 +1,237 @@
+"""The xvolify pass: replace selected convolutions of any CNN with X-volution training modules.
+
+Each selected ``nn.Conv1d/2d/3d`` is swapped, at its qualified name (and at
+every alias of a module registered twice), for ``XVolution.from_conv(conv)``
+(or ``GlobalAttentionXVolution`` with ``attention="global"``) by ``setattr``
+on its parent. Nothing else of the model changes: its class, methods, forward
+signature and the Python code that calls the conv (loops in detection heads
+included). The new module keeps the conv's ``weight``/``bias`` under the same
+state_dict keys and starts with BN_a's gamma = 0, so the result computes
+exactly what the original computed until it trains.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from torch import nn
+
+from xvol_compiler.fold import FoldError
+from xvol_compiler.global_attention import GlobalAttentionXVolution
+from xvol_compiler.ops import EXTRA_BRANCHES, Directions, XVolution, neighbour_offsets
+from xvol_compiler.report import SiteReport, XvolifyReport
+from xvol_compiler.sites import (
+    AnalysisMode,
+    ConvInfo,
+    SiteDecision,
+    SiteSelectionError,
+    analyze_model,
+    as_selection,
+    select_sites,
+)
+
+__all__ = ["added_cost", "xvolify", "xvolify_with_report"]
+
+Attention = Literal["pssa", "global"]
+
+
+def added_cost(
+    info: ConvInfo,
+    *,
+    directions: Directions = None,
+    directional: bool = False,
+    extra_branches: Sequence[str] = (),
+    attention: Attention = "pssa",
+    qk_channels: int | None = None,
+) -> tuple[int, int]:
+    """(added MACs on the example inputs, added parameters) of turning ``info``'s conv into a site.
+
+    The attention conv has the site's geometry over C_in (PSSA) or |D|*C_in
+    (directional) channels: the site's MACs again, or |D| times. The 1x1
+    branch adds MACs / kernel volume. Global attention adds its q/k/v 1x1
+    projections and the two P x P matmuls per call. BatchNorms and the
+    element-wise PSSA transform are not counted as MACs.
+    """
+    g = info.geometry
+    k = math.prod(g.kernel_size)
+    c_in, c_out, groups = g.in_channels, g.out_channels, g.groups
+    fan = len(neighbour_offsets(g.ndim, directions)) if directional and attention == "pssa" else 1
+    macs = info.macs * fan
+    params = c_out * (c_in * fan // groups) * k + 2 * c_out
+    if "1x1" in extra_branches:
+        macs += info.macs // k
+        params += c_out * (c_in // groups) + 2 * c_out
+    if "identity" in extra_branches:
+        params += 2 * c_out
+    if "bn" in extra_branches:
+        params += 2 * c_out
+    if attention == "global":
+        d = qk_channels if qk_channels is not None else max(1, c_in // 8)
+        params += c_in * (2 * d + c_in)
+        for call in info.calls:
+            n, positions = call.input_shape[0], math.prod(call.input_shape[2:])
+            macs += n * positions * c_in * (2 * d + c_in) + n * positions * positions * (d + c_in)
+    return macs, params
+
+
+def _validate(attention: str, directional: bool, extra_branches: Sequence[str], qk_channels: int | None) -> None:
+    if attention not in ("pssa", "global"):
+        raise ValueError(f"attention={attention!r}: use 'pssa' (foldable) or 'global' (true self-attention)")
+    if attention == "global" and directional:
+        raise ValueError("directional=True applies to PSSA only; drop it with attention='global'")
+    if attention == "pssa" and qk_channels is not None:
+        raise ValueError("qk_channels applies to attention='global' only")
+    unknown = set(extra_branches) - set(EXTRA_BRANCHES)
+    if unknown:
+        raise ValueError(f"unknown extra branches {sorted(unknown)}; choose from {EXTRA_BRANCHES}")
+
+
+def xvolify_with_report(
+    model: nn.Module,
+    sites: Any = "os16",
+    *,
+    example_inputs: Any = None,
+    shift: int | Sequence[int] = 1,
+    directions: Directions = None,
+    directional: bool = False,
+    extra_branches: Sequence[str] = (),
+    attention: Attention = "pssa",
+    qk_channels: int | None = None,
+    inplace: bool = False,
+    kind: str | None = None,
+    analysis: AnalysisMode = "auto",
+) -> tuple[nn.Module, XvolifyReport]:
+    """Like :func:`xvolify`, returning ``(model, report)``."""
+    _validate(attention, directional, extra_branches, qk_channels)
+    selection = as_selection(sites)
+    found = analyze_model(model, example_inputs, kind=kind, analysis=analysis)
+
+    def cost(info: ConvInfo) -> tuple[int, int]:
+        return added_cost(info, directions=directions, directional=directional, extra_branches=extra_branches,
+                          attention=attention, qk_channels=qk_channels)
+
+    decisions = select_sites(model, found, selection, cost=cost)
+    try:
+        target = model if inplace else copy.deepcopy(model)
+    except Exception as err:
+        raise RuntimeError(
+            f"cannot copy {type(model).__name__} ({type(err).__name__}: {err}); pass inplace=True to modify it"
+        ) from err
+
+    final: list[SiteDecision] = []
+    for d in decisions:
+        if not d.selected:
+            final.append(d)
+            continue
+        conv = target.get_submodule(d.info.name)
+        try:
+            if attention == "global":
+                site: nn.Module = GlobalAttentionXVolution.from_conv(
+                    conv, qk_channels=qk_channels, extra_branches=extra_branches)
+            else:
+                site = XVolution.from_conv(conv, shift=shift, directions=directions, directional=directional,
+                                           extra_branches=extra_branches)
+        except FoldError as err:  # an extra branch this site's geometry cannot hold
+            final.append(SiteDecision(d.info, False, f"extra branch: {err}"))
+            continue
+        for name in (d.info.name, *d.info.aliases):
+            parent_name, _, leaf = name.rpartition(".")
+            setattr(target.get_submodule(parent_name), leaf, site)
+        final.append(d)
+    if not any(d.selected for d in final):  # nothing was swapped
+        raise SiteSelectionError(
+            f"no site of {found.model} can take extra_branches={tuple(extra_branches)}: "
+            + "; ".join(f"{d.info.name}: {d.reason}" for d in final if d.reason.startswith("extra branch"))[:2000]
+            + ". Drop the branch or choose other sites."
+        )
+
+    attention_text = "global self-attention (not fusable)" if attention == "global" else (
+        f"pssa shift={shift} directions={directions or 'full'}" + (" directional" if directional else ""))
+    if extra_branches:
+        attention_text += f", extra branches {tuple(extra_branches)}"
+    report = XvolifyReport(
+        model=found.model,
+        kind=found.kind,
+        selection=selection.describe(),
+        attention=attention_text,
+        analysis=found.path,
+        input_shapes=found.inputs,
+        sites=[_site_report(d, attention) for d in final],
+        model_macs=found.total_macs,
+        model_params=found.total_params,
+        analysis_note=found.note,
+        functional_convs=found.functional_convs,
+        shared_policy=(
+            "a module called several times is selected if "
+            + ("any" if selection.shared_calls == "any" else "every")
+            + " call qualifies (SiteSelection.shared_calls)"
+        ),
+    )
+    target.xvol_report = report
+    return target, report
+
+
+def _site_report(d: SiteDecision, attention: str) -> SiteReport:
+    info = d.info
+    return SiteReport(
+        name=info.name,
+        conv_type=info.conv_type,
+        class_name=info.class_name,
+        geometry=info.geometry,
+        bias=info.bias,
+        output_strides=info.output_strides,
+        temporal_strides=info.temporal_strides,
+        calls=len(info.calls),
+        macs=info.macs,
+        added_macs=d.added_macs if d.selected else 0,
+        added_params=d.added_params if d.selected else 0,
+        transform_elements=info.input_elements if d.selected and attention == "pssa" else 0,
+        selected=d.selected,
+        reason=d.reason,
+        analysis=info.analysis,
+        aliases=info.aliases,
+    )
+
+
+def xvolify(
+    model: nn.Module,
+    sites: Any = "os16",
+    *,
+    example_inputs: Any = None,
+    shift: int | Sequence[int] = 1,
+    directions: Directions = None,
+    directional: bool = False,
+    extra_branches: Sequence[str] = (),
+    attention: Attention = "pssa",
+    qk_channels: int | None = None,
+    inplace: bool = False,
+    kind: str | None = None,
+    analysis: AnalysisMode = "auto",
+) -> nn.Module:
+    """Insert X-volution at the selected conv sites of ``model``; returns the model (a copy unless ``inplace``).
+
+    ``sites``: ``"os16"`` (default: every conv with kernel > 1 at output
+    stride 16), ``"os<N>"``, ``"all"``, ``"re:<pattern>"``, a compiled regex,
+    qualified names, a predicate ``(name, module, info) -> bool`` or a
+    :class:`~xvol_compiler.sites.SiteSelection` (strides, kernels, budget...).
+    ``example_inputs``: what the model is run on once (eval, no_grad) to find
+    the convs that run and their output strides: a Tensor, a list of image
+    tensors (detection), or a tuple of positional arguments; default by
+    ``kind`` (detected from the model; see ``default_example_inputs``).
+    ``shift``/``directions``/``directional``/``extra_branches``: the
+    XVolution options. ``attention="global"`` uses true global self-attention
+    (``GlobalAttentionXVolution``; trains, never fuses).
+
+    The result has ``result.xvol_report`` (an :class:`XvolifyReport`; ``print``
+    it). Raises :class:`SiteSelectionError` when a name is unknown or nothing
+    is selected; the caller's model is then untouched.
+    """
+    result, _ = xvolify_with_report(
+        model, sites, example_inputs=example_inputs, shift=shift, directions=directions, directional=directional,
+        extra_branches=extra_branches, attention=attention, qk_channels=qk_channels, inplace=inplace, kind=kind,
+        analysis=analysis,
+    )
+    return result

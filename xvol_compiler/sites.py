@@ -1,0 +1,831 @@
+"""Site discovery and selection: which convolutions of a model run, at what output stride, at what cost.
+
+Analysis (:func:`analyze_model`) runs the model once in eval mode under
+``torch.no_grad()`` on example inputs, with forward hooks on every
+convolution and linear module. Hooks see every call of every module, also
+modules called from Python loops (detection heads) and models that do not
+trace. When the whole model traces with ``torch.fx`` (convolutions kept as
+leaf modules), that forward runs through an FX interpreter instead, which
+also records functional convolutions (``F.conv2d`` outside a module: cannot
+be swapped, so reported); FX is never required.
+
+Definitions (documented in README, section "xvolify"):
+
+- **reference resolution**: per number of spatial dimensions, the spatial
+  size of the input of the first convolution call of that kind: the image as
+  the network sees it, after any resize inside the model (detection models'
+  ``GeneralizedRCNNTransform``). Override with ``reference_size``.
+- **output stride** of a call: reference size / output size, per spatial
+  axis (Conv2d: H, W; Conv1d: length; Conv3d: H, W, the last two axes; the
+  first Conv3d axis gives the separate **temporal stride**). A ratio that is
+  an integer is the stride; a non-integral ratio (unpadded convolutions trim
+  borders, e.g. inception) is rounded to the nearest power of two in log
+  scale. When the spatial axes disagree the stride is the tuple, e.g. (16, 8).
+- **MACs**: multiply-accumulates of Conv*, ConvTranspose* and Linear modules
+  on the example inputs (conv: output elements x C_in/groups x kernel
+  volume). Attention matmuls outside ``nn.Linear`` are not counted.
+- **patch embedding**: a conv with kernel == stride > 1 and no padding (ViT,
+  Swin, ConvNeXt downsampling): it does no spatial mixing across patches, so
+  policies skip it unless it is named explicitly.
+- **shared modules**: a module called several times (shared detection head
+  convs) has one output stride per call; a stride policy selects it if ANY of
+  its calls qualifies, and its MACs are summed over all calls.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+import warnings
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from xvol_compiler.fold import ConvGeometry
+from xvol_compiler.ops import XVolution, XVolutionDeploy, conv_geometry
+from xvol_compiler.report import format_stride
+
+__all__ = [
+    "CONV_MODULES",
+    "ConvCall",
+    "ConvInfo",
+    "ModelAnalysis",
+    "SiteDecision",
+    "SiteSelection",
+    "SiteSelectionError",
+    "Stride",
+    "analyze_model",
+    "as_selection",
+    "default_example_inputs",
+    "detect_kind",
+    "nominal_stride",
+    "select_sites",
+]
+
+CONV_MODULES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_SITE_CONTAINERS = (XVolution, XVolutionDeploy)
+_FUNCTIONAL_CONVS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
+_PLAIN_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
+
+Stride = float | tuple[float, ...]
+ModelKind = Literal["classification", "segmentation", "detection", "video", "optical_flow", "image", "sequence"]
+KINDS: tuple[str, ...] = ("classification", "segmentation", "detection", "video", "optical_flow", "image", "sequence")
+AnalysisMode = Literal["auto", "hooks", "fx"]
+
+
+class SiteSelectionError(ValueError):
+    """A site selection that names unknown modules or selects nothing; the message lists what exists."""
+
+
+# --------------------------------------------------------------------------- model kind and inputs
+
+
+def detect_kind(model: nn.Module) -> str:
+    """Guess the model kind from torchvision's module path, else from the conv types it holds."""
+    path = type(model).__module__
+    for key in ("detection", "segmentation", "video", "optical_flow"):
+        if path.startswith(f"torchvision.models.{key}"):
+            return key
+    if path.startswith("torchvision.models"):
+        return "classification"
+    types = {type(m) for m in model.modules()}
+    if any(issubclass(t, nn.Conv3d) for t in types):
+        return "video"
+    if any(issubclass(t, nn.Conv2d) for t in types):
+        return "image"
+    if any(issubclass(t, nn.Conv1d) for t in types):
+        return "sequence"
+    return "image"
+
+
+def _first_conv_channels(model: nn.Module, default: int = 3) -> int:
+    if type(model).__module__.startswith("torchvision.models"):
+        return default
+    for m in model.modules():
+        if isinstance(m, CONV_MODULES):
+            return int(m.in_channels)
+    return default
+
+
+def default_example_inputs(model: nn.Module, kind: str | None = None) -> Tensor | list[Tensor] | tuple[Tensor, ...]:
+    """Default inputs per kind, on the model's device and dtype.
+
+    classification/segmentation/image: 1x3x224x224; detection: ``[3x224x224]``
+    (a list with one image); video: 1x3x8x112x112; optical flow: two
+    1x3x224x224 images; sequence (Conv1d): 1xCx224. For models outside
+    torchvision C is the first conv's ``in_channels``, else 3.
+    """
+    kind = kind or detect_kind(model)
+    if kind not in KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; use one of {', '.join(KINDS)}")
+    p = next(iter(model.parameters()), None)
+    device = p.device if p is not None else torch.device("cpu")
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    c = _first_conv_channels(model)
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> Tensor:
+        return torch.rand(*shape, generator=g).to(device=device, dtype=dtype)
+
+    if kind == "detection":
+        return [rand(c, 224, 224)]
+    if kind == "video":
+        return rand(1, c, 8, 112, 112)
+    if kind == "optical_flow":
+        return (rand(1, c, 224, 224), rand(1, c, 224, 224))
+    if kind == "sequence":
+        return rand(1, c, 224)
+    return rand(1, c, 224, 224)
+
+
+def as_args(example_inputs: Any) -> tuple[Any, ...]:
+    """A Tensor or a list (detection images) is the single positional argument; a tuple is unpacked."""
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    return (example_inputs,)
+
+
+def describe_inputs(args: tuple[Any, ...]) -> str:
+    def one(a: Any) -> str:
+        if isinstance(a, Tensor):
+            return "x".join(map(str, a.shape))
+        if isinstance(a, (list, tuple)):
+            return "[" + ", ".join(one(v) for v in a) + "]"
+        return type(a).__name__
+
+    return ", ".join(one(a) for a in args)
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+def nominal_stride(ratio: float) -> float:
+    """An integral ratio is the stride; otherwise the nearest power of two (log scale)."""
+    if ratio <= 0 or not math.isfinite(ratio):
+        raise ValueError(f"output stride ratio must be positive, got {ratio}")
+    nearest = round(ratio)
+    if nearest >= 1 and abs(ratio - nearest) < 1e-9 * max(1.0, ratio):
+        return float(nearest)
+    return float(2.0 ** round(math.log2(ratio)))
+
+
+@dataclass(frozen=True)
+class ConvCall:
+    """One call of a conv module: shapes, MACs and (after analysis) its strides."""
+
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    macs: int
+    output_stride: Stride = float("nan")
+    temporal_stride: float | None = None
+    ratio: tuple[float, ...] = ()
+
+
+@dataclass
+class ConvInfo:
+    """What analysis knows about one conv module (also what a selection predicate receives).
+
+    ``conv_type`` is the torch base class (Conv1d/2d/3d); ``class_name`` the
+    module's own class (e.g. torchvision's ``Conv3DSimple``).
+    """
+
+    name: str
+    conv_type: str
+    class_name: str
+    geometry: ConvGeometry
+    bias: bool
+    params: int
+    aliases: tuple[str, ...] = ()
+    calls: list[ConvCall] = field(default_factory=list)
+    not_swappable: str = ""
+    analysis: str = "hooks"
+
+    @property
+    def ndim(self) -> int:
+        return self.geometry.ndim
+
+    @property
+    def ran(self) -> bool:
+        return bool(self.calls)
+
+    @property
+    def macs(self) -> int:
+        return sum(c.macs for c in self.calls)
+
+    @property
+    def output_strides(self) -> tuple[Stride, ...]:
+        return tuple(c.output_stride for c in self.calls)
+
+    @property
+    def temporal_strides(self) -> tuple[float, ...] | None:
+        if self.ndim != 3:
+            return None
+        return tuple(c.temporal_stride for c in self.calls if c.temporal_stride is not None)
+
+    @property
+    def input_elements(self) -> int:
+        return sum(math.prod(c.input_shape) for c in self.calls)
+
+    @property
+    def patch_embedding(self) -> bool:
+        g = self.geometry
+        no_pad = g.padding == "valid" or (not isinstance(g.padding, str) and all(p == 0 for p in g.padding))
+        return no_pad and g.kernel_size == g.stride and any(s > 1 for s in g.stride)
+
+    @property
+    def pointwise(self) -> bool:
+        return max(self.geometry.kernel_size) == 1
+
+
+@dataclass
+class ModelAnalysis:
+    """Every conv module of a model (registration order) with its calls on the example inputs."""
+
+    model: str
+    kind: str
+    inputs: str
+    convs: dict[str, ConvInfo]
+    total_macs: int
+    total_params: int
+    reference_sizes: dict[int, tuple[int, ...]]
+    path: str
+    note: str = ""
+    functional_convs: list[str] = field(default_factory=list)
+    other_modules: dict[str, str] = field(default_factory=dict)
+
+    def lookup(self, name: str) -> ConvInfo | None:
+        if name in self.convs:
+            return self.convs[name]
+        for info in self.convs.values():
+            if name in info.aliases:
+                return info
+        return None
+
+
+def _conv_macs(module: nn.Module, inp: tuple[int, ...], out: tuple[int, ...]) -> int:
+    k = math.prod(module.kernel_size)
+    if isinstance(module, _TRANSPOSED):
+        return math.prod(inp) * (module.out_channels // module.groups) * k
+    return math.prod(out) * (module.in_channels // module.groups) * k
+
+
+class _LeafTracer(torch.fx.Tracer):
+    """Keeps every conv, linear and X-volution module a leaf, so its forward hooks fire in the FX run."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        leaf = (*CONV_MODULES, *_TRANSPOSED, nn.Linear, *_SITE_CONTAINERS)
+        return isinstance(m, leaf) or super().is_leaf_module(m, module_qualified_name)
+
+
+class _FxRecorder(torch.fx.Interpreter):
+    """Runs a traced graph and records the shapes of functional convolution calls."""
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.functional: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.op == "call_function" and n.target in _FUNCTIONAL_CONVS and isinstance(out, Tensor):
+            x = n.args[0] if n.args else n.kwargs.get("input")
+            x_shape = tuple(self.env[x].shape) if isinstance(x, torch.fx.Node) else ()
+            self.functional.append((n.name, x_shape, tuple(out.shape)))
+        return out
+
+
+def _not_swappable(m: nn.Module) -> str:
+    if torch.nn.utils.parametrize.is_parametrized(m):
+        return "parametrized: its weight is computed by a parametrization that a swap would drop"
+    if type(m).forward not in _PLAIN_FORWARDS:
+        return f"custom forward: {type(m).__qualname__} overrides forward(); a swap would drop that behaviour"
+    if m._forward_pre_hooks or m._forward_hooks:
+        return "hooked: the module has forward hooks (e.g. weight_norm) that a swap would drop"
+    return ""
+
+
+def analyze_model(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    kind: str | None = None,
+    analysis: AnalysisMode = "auto",
+    reference_size: Sequence[int] | None = None,
+) -> ModelAnalysis:
+    """Run ``model`` once (eval, no_grad) and describe every conv module: calls, shapes, strides, MACs.
+
+    The model is left as it was: module training flags are restored and the
+    hooks removed. ``analysis="hooks"`` skips the FX attempt; ``"fx"``
+    requires the model to trace.
+    """
+    if analysis not in ("auto", "hooks", "fx"):
+        raise ValueError(f"analysis={analysis!r}: use 'auto', 'hooks' or 'fx'")
+    kind = kind or detect_kind(model)
+    if kind not in KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; use one of {', '.join(KINDS)}")
+    if example_inputs is None:
+        example_inputs = default_example_inputs(model, kind)
+    args = as_args(example_inputs)
+
+    all_named = list(model.named_modules(remove_duplicate=False))
+    inside: set[int] = set()  # convs that belong to an existing X-volution site
+    for _, m in all_named:
+        if isinstance(m, _SITE_CONTAINERS):
+            inside.update(id(c) for c in m.modules() if c is not m)
+    primary: dict[int, str] = {}
+    aliases: dict[int, list[str]] = {}
+    convs: dict[str, ConvInfo] = {}
+    other: dict[str, str] = {}
+    for name, m in all_named:
+        if id(m) in primary:
+            if name not in aliases[id(m)] and name != primary[id(m)]:
+                aliases[id(m)].append(name)
+            continue
+        primary[id(m)], aliases[id(m)] = name, []
+        if isinstance(m, CONV_MODULES) and id(m) not in inside and name:
+            base = next(t.__name__ for t in CONV_MODULES if isinstance(m, t))
+            convs[name] = ConvInfo(
+                name=name, conv_type=base, class_name=type(m).__name__, geometry=conv_geometry(m),
+                bias=m.bias is not None, params=sum(p.numel() for p in m.parameters(recurse=False)),
+                not_swappable=_not_swappable(m),
+            )
+        elif name:
+            other[name] = type(m).__name__
+    id_of = {n: i for i, n in primary.items()}
+    for info in convs.values():
+        info.aliases = tuple(aliases[id_of[info.name]])
+
+    calls: dict[str, list[tuple[tuple[int, ...], tuple[int, ...], int]]] = {n: [] for n in convs}
+    first_input: dict[int, tuple[int, ...]] = {}
+    macs = [0]
+
+    def make_hook(name: str, m: nn.Module) -> Callable[..., None]:
+        def hook(mod: nn.Module, a: tuple[Any, ...], kw: dict[str, Any], out: Any) -> None:
+            x = a[0] if a else next(iter(kw.values()), None)
+            if not isinstance(x, Tensor) or not isinstance(out, Tensor):
+                return
+            inp, o = tuple(x.shape), tuple(out.shape)
+            if isinstance(mod, nn.Linear):
+                macs[0] += math.prod(o) * mod.in_features
+                return
+            if isinstance(mod, _SITE_CONTAINERS):
+                if isinstance(mod, XVolution):  # its main conv is functional; the other convs have hooks
+                    macs[0] += math.prod(o) * (mod.in_channels // mod.groups) * math.prod(mod.kernel_size)
+                return
+            n_mac = _conv_macs(mod, inp, o)
+            macs[0] += n_mac
+            if isinstance(mod, CONV_MODULES) and not isinstance(mod, _TRANSPOSED):
+                first_input.setdefault(len(mod.kernel_size), inp[2:])
+                if name in calls:
+                    calls[name].append((inp, o, n_mac))
+
+        return hook
+
+    path, note = "hooks", ""
+    functional: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
+    training = {m: m.training for _, m in all_named}
+    handles = []
+    try:
+        for m in {id(m): m for _, m in all_named}.values():
+            if isinstance(m, (*CONV_MODULES, *_TRANSPOSED, nn.Linear, *_SITE_CONTAINERS)):
+                handles.append(m.register_forward_hook(make_hook(primary[id(m)], m), with_kwargs=True))
+        model.eval()
+        with torch.no_grad():
+            ran = False
+            if analysis in ("auto", "fx"):
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        graph = _LeafTracer().trace(model)
+                    gm = torch.fx.GraphModule(model, graph)
+                    recorder = _FxRecorder(gm)
+                    recorder.run(*args)
+                    functional = recorder.functional
+                    ran, path = True, "fx-shapeprop"
+                except Exception as err:  # any tracing failure falls back to plain hooks
+                    if analysis == "fx":
+                        raise SiteSelectionError(
+                            f"analysis='fx' but the model does not trace or run under torch.fx: "
+                            f"{type(err).__name__}: {err}; use analysis='auto' or 'hooks'"
+                        ) from err
+                    note = f"fx trace failed ({type(err).__name__}), forward hooks used"
+                    for lst in calls.values():
+                        lst.clear()
+                    first_input.clear()
+                    macs[0] = 0
+            if not ran:
+                try:
+                    model(*args)
+                except Exception as err:
+                    raise SiteSelectionError(
+                        f"running the model on example inputs ({describe_inputs(args)}) failed: "
+                        f"{type(err).__name__}: {err}. Pass example_inputs= (a Tensor, a list of images for "
+                        "detection models, or a tuple of positional arguments) or kind="
+                    ) from err
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in training.items():
+            m.training = flag
+
+    refs: dict[int, tuple[int, ...]] = dict(first_input)
+    if reference_size is not None:
+        ref = tuple(int(v) for v in reference_size)
+        for nd in (1, 2, 3):
+            refs[nd] = ref[-nd:] if len(ref) >= nd else refs.get(nd, ())
+    for name, info in convs.items():
+        info.analysis = path
+        nd = info.ndim
+        ref = refs.get(nd)
+        for inp, out, n_mac in calls[name]:
+            info.calls.append(_make_call(inp, out, n_mac, ref, nd))
+    functional_names = []
+    for fname, inp, out in functional:
+        nd = len(out) - 2
+        call = _make_call(inp, out, 0, refs.get(nd), nd)
+        functional_names.append(f"{fname} (output stride {format_stride(call.output_stride)})")
+    return ModelAnalysis(
+        model=type(model).__name__, kind=kind, inputs=describe_inputs(args), convs=convs, total_macs=macs[0],
+        total_params=sum(p.numel() for p in model.parameters()), reference_sizes=refs, path=path, note=note,
+        functional_convs=functional_names, other_modules=other,
+    )
+
+
+def _make_call(
+    inp: tuple[int, ...], out: tuple[int, ...], n_mac: int, ref: tuple[int, ...] | None, nd: int
+) -> ConvCall:
+    spatial_out = out[2:]
+    if not ref or len(ref) != len(spatial_out) or any(o == 0 for o in spatial_out):
+        return ConvCall(inp, out, n_mac)
+    ratio = tuple(r / o for r, o in zip(ref, spatial_out, strict=True))
+    temporal = None
+    if nd == 3:
+        temporal, spatial_ratio = nominal_stride(ratio[0]), ratio[1:]
+    else:
+        spatial_ratio = ratio
+    axes = tuple(nominal_stride(r) for r in spatial_ratio)
+    stride: Stride = axes[0] if len(set(axes)) == 1 else axes
+    return ConvCall(inp, out, n_mac, stride, temporal, ratio)
+
+
+# --------------------------------------------------------------------------- selection
+
+Predicate = Callable[[str, nn.Module, ConvInfo], bool]
+
+
+def _kernel_key(k: int | Sequence[int]) -> int | tuple[int, ...]:
+    return int(k) if isinstance(k, int) else tuple(int(v) for v in k)
+
+
+@dataclass(frozen=True)
+class SiteSelection:
+    """Which convolutions become X-volution sites. All given criteria must hold (AND).
+
+    - ``output_strides``: keep convs with a call at one of these output
+      strides (a number; a tuple such as ``(16, 8)`` for anisotropic strides).
+    - ``temporal_strides``: for Conv3d, keep convs with a call at one of these.
+    - ``kernel_sizes``: exact kernels (an int means that size on every axis).
+      Without it, pointwise convs (kernel 1 on every axis) are excluded
+      unless ``min_kernel=1``: a conv qualifies when its largest kernel axis
+      is ``>= min_kernel``.
+    - ``conv_types``: e.g. ``("Conv2d",)``.
+    - ``names``: qualified module names (exact; an alias of a shared module
+      counts). Naming a conv also overrides the default exclusions
+      (pointwise, patch embedding, not run on the example inputs).
+    - ``regex``: ``re.search`` on the qualified name (anchor with ``^...$``).
+    - ``predicate(name, module, info) -> bool`` with ``info`` a :class:`ConvInfo`.
+    - ``include_patch_embeddings``: also allow kernel == stride convs.
+    - ``shared_calls``: a module called several times (shared detection head)
+      matches a stride criterion when ``"any"`` (default) or ``"all"`` of its
+      calls do.
+    - Budget, applied last, largest benefit first: candidates ordered by the
+      site's MACs on the example inputs, descending (ties by name), each taken
+      when it still fits: at most ``max_sites`` sites and at most
+      ``max_added_mac_fraction`` added MACs / the model's conv+linear MACs.
+    """
+
+    output_strides: Collection[Stride] | None = None
+    temporal_strides: Collection[float] | None = None
+    kernel_sizes: Collection[int | tuple[int, ...]] | None = None
+    min_kernel: int = 2
+    conv_types: Collection[str] | None = None
+    names: Sequence[str] | None = None
+    regex: str | re.Pattern[str] | None = None
+    predicate: Predicate | None = None
+    include_patch_embeddings: bool = False
+    max_sites: int | None = None
+    max_added_mac_fraction: float | None = None
+    shared_calls: Literal["any", "all"] = "any"
+    label: str | None = None
+
+    def __post_init__(self) -> None:
+        def fix(attr: str, value: Any) -> None:
+            object.__setattr__(self, attr, value)
+
+        if self.output_strides is not None:
+            fix("output_strides", frozenset(
+                tuple(float(v) for v in s) if isinstance(s, (tuple, list)) else float(s) for s in self.output_strides
+            ))
+        if self.temporal_strides is not None:
+            fix("temporal_strides", frozenset(float(s) for s in self.temporal_strides))
+        if self.kernel_sizes is not None:
+            fix("kernel_sizes", frozenset(_kernel_key(k) for k in self.kernel_sizes))
+        if self.conv_types is not None:
+            types = frozenset(t if isinstance(t, str) else t.__name__ for t in self.conv_types)
+            bad = types - {"Conv1d", "Conv2d", "Conv3d"}
+            if bad:
+                raise ValueError(f"conv_types {sorted(bad)} unknown: use 'Conv1d', 'Conv2d' or 'Conv3d'")
+            fix("conv_types", types)
+        if self.names is not None:
+            if isinstance(self.names, str):
+                fix("names", (self.names,))
+            else:
+                fix("names", tuple(self.names))
+        if isinstance(self.regex, str):
+            fix("regex", re.compile(self.regex))
+        if self.max_sites is not None and self.max_sites < 1:
+            raise ValueError(f"max_sites must be >= 1, got {self.max_sites}")
+        if self.max_added_mac_fraction is not None and not self.max_added_mac_fraction > 0:
+            raise ValueError(f"max_added_mac_fraction must be > 0, got {self.max_added_mac_fraction}")
+        if self.shared_calls not in ("any", "all"):
+            raise ValueError(f"shared_calls={self.shared_calls!r}: use 'any' or 'all'")
+        if self.min_kernel < 1:
+            raise ValueError(f"min_kernel must be >= 1, got {self.min_kernel}")
+
+    def describe(self) -> str:
+        if self.label:
+            return self.label
+        parts = []
+        if self.output_strides is not None:
+            parts.append("output stride in {" + ",".join(format_stride(s) for s in sorted(
+                self.output_strides, key=lambda s: s if isinstance(s, tuple) else (s,))) + "}")
+        if self.temporal_strides is not None:
+            parts.append("temporal stride in {" + ",".join(format_stride(s) for s in sorted(self.temporal_strides))
+                         + "}")
+        if self.kernel_sizes is not None:
+            parts.append(f"kernel in {sorted(self.kernel_sizes, key=str)}")
+        elif self.min_kernel > 1:
+            parts.append(f"kernel >= {self.min_kernel}")
+        if self.conv_types is not None:
+            parts.append(f"type in {sorted(self.conv_types)}")
+        if self.names is not None:
+            parts.append(f"names {list(self.names)}")
+        if self.regex is not None:
+            parts.append(f"regex {self.regex.pattern!r}")
+        if self.predicate is not None:
+            parts.append(f"predicate {getattr(self.predicate, '__name__', 'callable')}")
+        if self.max_sites is not None:
+            parts.append(f"at most {self.max_sites} sites")
+        if self.max_added_mac_fraction is not None:
+            parts.append(f"at most +{100 * self.max_added_mac_fraction:.3g}% MACs")
+        return ", ".join(parts) if parts else "all spatial convs"
+
+    @property
+    def needs_runtime(self) -> bool:
+        return self.output_strides is not None or self.temporal_strides is not None
+
+
+_OS_SHORTHAND = re.compile(r"os(\d+)")
+
+
+def as_selection(sites: Any) -> SiteSelection:
+    """Turn a shorthand into a :class:`SiteSelection`.
+
+    ``"os16"`` (any ``"os<N>"``): spatial convs at output stride N; ``"all"``:
+    every spatial conv that runs; ``"re:<pattern>"`` or a compiled regex;
+    another string: one qualified name; a list/tuple of names; a callable
+    predicate ``(name, module, info) -> bool``; a SiteSelection as is.
+    """
+    if isinstance(sites, SiteSelection):
+        return sites
+    if isinstance(sites, str):
+        if sites == "all":
+            return SiteSelection(label="all")
+        match = _OS_SHORTHAND.fullmatch(sites)
+        if match:
+            return SiteSelection(output_strides={int(match.group(1))}, label=sites)
+        if sites.startswith("re:"):
+            return SiteSelection(regex=sites[3:])
+        return SiteSelection(names=(sites,))
+    if isinstance(sites, re.Pattern):
+        return SiteSelection(regex=sites)
+    if callable(sites):
+        return SiteSelection(predicate=sites)
+    if isinstance(sites, Iterable):
+        names = list(sites)
+        if not names or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"a list of sites must be non-empty qualified module names (str), got {names!r}")
+        return SiteSelection(names=tuple(names))
+    raise TypeError(
+        f"sites={sites!r} ({type(sites).__name__}) is not a selection: use 'os16', 'all', 're:<pattern>', "
+        "a list of names, a compiled regex, a predicate (name, module, info) -> bool, or a SiteSelection"
+    )
+
+
+@dataclass(frozen=True)
+class SiteDecision:
+    """The verdict on one conv: selected or not, why, and what selecting it costs."""
+
+    info: ConvInfo
+    selected: bool
+    reason: str
+    added_macs: int = 0
+    added_params: int = 0
+
+
+CostFn = Callable[[ConvInfo], tuple[int, int]]
+
+
+def _same_geometry_cost(info: ConvInfo) -> tuple[int, int]:
+    g = info.geometry
+    return info.macs, g.out_channels * (g.in_channels // g.groups) * math.prod(g.kernel_size) + 2 * g.out_channels
+
+
+def _check_names(analysis: ModelAnalysis, names: Sequence[str]) -> None:
+    known = list(analysis.convs)
+    for info in analysis.convs.values():
+        known += info.aliases
+    problems = []
+    for name in names:
+        if analysis.lookup(name) is not None:
+            continue
+        if name in analysis.other_modules:
+            what = analysis.other_modules[name]
+            if what in {t.__name__ for t in _SITE_CONTAINERS}:
+                problems.append(f"{name!r} is already an X-volution site ({what})")
+            else:
+                problems.append(f"{name!r} is a {what}, not a Conv1d/2d/3d")
+            continue
+        close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+        if close:
+            hint = f"close matches: {', '.join(close)}"
+        else:
+            hint = f"{len(known)} convs exist, e.g. {', '.join(known[:5])}"
+        problems.append(f"{name!r} is not a conv of {analysis.model} ({hint})")
+    if problems:
+        raise SiteSelectionError("unknown site name(s): " + "; ".join(problems))
+
+
+def _kernel_matches(kernel: tuple[int, ...], wanted: Collection[int | tuple[int, ...]]) -> bool:
+    return kernel in wanted or (len(set(kernel)) == 1 and kernel[0] in wanted)
+
+
+def _verdict(info: ConvInfo, module: nn.Module, sel: SiteSelection) -> str:
+    """'' when the conv is a candidate, else the reason (the part before ':' groups reasons in reports)."""
+    names = sel.names or ()
+    named = info.name in names or any(a in names for a in info.aliases)
+    if info.not_swappable:
+        if named:
+            raise SiteSelectionError(f"{info.name!r} cannot become an X-volution site: {info.not_swappable}")
+        return info.not_swappable
+    if not info.ran and not named:
+        return "not run: never called on the example inputs (e.g. an aux head active only in training)"
+    if info.patch_embedding and not named and not sel.include_patch_embeddings:
+        k = "x".join(map(str, info.geometry.kernel_size))
+        return f"patch embedding: kernel = stride = {k} (name it or set include_patch_embeddings=True)"
+    if sel.conv_types is not None and info.conv_type not in sel.conv_types:
+        return f"conv type: {info.conv_type}"
+    kernel = info.geometry.kernel_size
+    if sel.kernel_sizes is not None:
+        if not _kernel_matches(kernel, sel.kernel_sizes):
+            return f"kernel: {'x'.join(map(str, kernel))}"
+    elif max(kernel) < sel.min_kernel and not named:
+        return "pointwise: kernel 1" if max(kernel) == 1 else f"kernel: {'x'.join(map(str, kernel))}"
+    if sel.output_strides is not None:
+        if not info.ran:
+            return "not run: output stride unknown"
+        hits = [s in sel.output_strides for s in info.output_strides]
+        if not (any(hits) if sel.shared_calls == "any" else all(hits)):
+            found = ",".join(format_stride(s) for s in dict.fromkeys(info.output_strides))
+            return f"output stride: {found}"
+    if sel.temporal_strides is not None:
+        temporal = info.temporal_strides or ()
+        hits = [t in sel.temporal_strides for t in temporal]
+        if not hits or not (any(hits) if sel.shared_calls == "any" else all(hits)):
+            return "temporal stride: " + (",".join(format_stride(t) for t in dict.fromkeys(temporal)) or "none")
+    if sel.names is not None and not named:
+        return "not named"
+    if sel.regex is not None and not any(sel.regex.search(n) for n in (info.name, *info.aliases)):
+        return "regex: no match"
+    if sel.predicate is not None and not sel.predicate(info.name, module, info):
+        return "predicate: returned False"
+    return ""
+
+
+def select_sites(
+    model: nn.Module,
+    analysis: ModelAnalysis,
+    selection: Any,
+    *,
+    cost: CostFn | None = None,
+    allow_empty: bool = False,
+) -> list[SiteDecision]:
+    """Apply a selection (or shorthand) to an analysed model: one decision per conv, registration order.
+
+    ``cost(info) -> (added_macs, added_params)`` prices a site for the budget
+    (default: one more conv of the site's geometry plus a BatchNorm). Raises
+    :class:`SiteSelectionError` for unknown names and, unless ``allow_empty``,
+    when nothing is selected.
+    """
+    sel = as_selection(selection)
+    if sel.names is not None:
+        _check_names(analysis, sel.names)
+    cost = cost or _same_geometry_cost
+    verdicts: dict[str, str] = {}
+    for name, info in analysis.convs.items():
+        verdicts[name] = _verdict(info, model.get_submodule(name), sel)
+    candidates = [analysis.convs[n] for n, v in verdicts.items() if not v]
+    prices = {info.name: cost(info) for info in candidates}
+    taken: set[str] = set()
+    if sel.max_sites is not None or sel.max_added_mac_fraction is not None:
+        budget_macs = (sel.max_added_mac_fraction or math.inf) * analysis.total_macs
+        used = 0
+        for info in sorted(candidates, key=lambda i: (-i.macs, i.name)):
+            add = prices[info.name][0]
+            if sel.max_sites is not None and len(taken) >= sel.max_sites:
+                verdicts[info.name] = f"budget: max_sites={sel.max_sites} reached (sites taken by MACs, largest first)"
+            elif used + add > budget_macs:
+                verdicts[info.name] = (
+                    f"budget: +{100 * add / analysis.total_macs:.2f}% MACs would exceed "
+                    f"max_added_mac_fraction={sel.max_added_mac_fraction:g}"
+                )
+            else:
+                taken.add(info.name)
+                used += add
+    else:
+        taken = {info.name for info in candidates}
+    decisions = []
+    for name, info in analysis.convs.items():
+        if name in taken:
+            macs, params = prices[name]
+            decisions.append(SiteDecision(info, True, f"selected ({sel.describe()})", macs, params))
+        else:
+            decisions.append(SiteDecision(info, False, verdicts[name]))
+    if not taken and not allow_empty:
+        raise SiteSelectionError(_nothing_selected(analysis, sel, decisions))
+    return decisions
+
+
+def _nothing_selected(analysis: ModelAnalysis, sel: SiteSelection, decisions: list[SiteDecision]) -> str:
+    """What was searched, what exists, and how to choose otherwise."""
+    convs = analysis.convs.values()
+    if not convs:
+        return (
+            f"no sites: {analysis.model} has no Conv1d/2d/3d module (X-volution replaces convolutions)"
+            + (f"; functional convolutions: {', '.join(analysis.functional_convs)}" if analysis.functional_convs
+               else "")
+        )
+    types = Counter(i.conv_type for i in convs)
+    lines = [
+        f"no site of {analysis.model} matches selection {sel.describe()!r} "
+        f"(inputs {analysis.inputs}, {analysis.kind}).",
+        "convs: " + ", ".join(f"{n} {t}" for t, n in sorted(types.items())) + ".",
+    ]
+    for conv_type in sorted(types):
+        strides: Counter[str] = Counter()
+        for i in convs:
+            if i.conv_type == conv_type and i.ran and not i.pointwise and not i.patch_embedding:
+                for s in dict.fromkeys(i.output_strides):
+                    strides[format_stride(s)] += 1
+        if strides:
+            order = sorted(strides, key=lambda s: [_parse_stride(v) for v in s.split("x")])
+            present = ", ".join(f"{s} ({strides[s]})" for s in order)
+            lines.append(f"spatial (kernel > 1) {conv_type} output strides present: {present}.")
+        else:
+            lines.append(f"no spatial (kernel > 1) {conv_type} that runs outside patch embeddings.")
+    if sel.output_strides is not None:
+        wanted = ",".join(format_stride(s) for s in sel.output_strides)
+        lines.append(f"no candidate at output stride {wanted}.")
+    reasons = Counter(d.reason.split(":")[0] for d in decisions if not d.selected)
+    lines.append("skipped: " + "; ".join(f"{n} {r}" for r, n in reasons.most_common()) + ".")
+    patches = [i.name for i in convs if i.patch_embedding]
+    if patches:
+        lines.append(f"patch embeddings (kernel == stride): {', '.join(patches[:6])}"
+                     + (" ..." if len(patches) > 6 else "") + ".")
+    spatial = [i for i in convs if not i.pointwise and not i.patch_embedding and not i.not_swappable]
+    if not spatial and patches:
+        lines.append(
+            "This model has no spatial convolution besides patch embeddings (a vision transformer?): X-volution "
+            "has no natural site here; name a patch embedding (sites=[...]) to force one."
+        )
+    elif not spatial:
+        lines.append("This model has no spatial (kernel > 1) convolution; name convs (sites=[...]) to force sites.")
+    else:
+        lines.append(
+            "Choose sites= another output stride (e.g. 'os8'), 'all', names, 're:<pattern>' or a SiteSelection."
+        )
+    return " ".join(lines)
+
+
+def _parse_stride(text: str) -> float:
+    """Inverse of format_stride for one axis ('16' -> 16.0, '1/2' -> 0.5)."""
+    if text.startswith("1/"):
+        return 1.0 / float(text[2:])
+    return float(text)
