@@ -1,0 +1,273 @@
+"""Files in and out for the CLI, the demo and the benchmarks.
+
+- Writes are atomic: the content goes to a temporary file in the destination's
+  directory, then is renamed onto the final name, so a crash never leaves a
+  half-written file under that name. An existing file is never overwritten
+  unless ``force=True``; without it the final step is a hard link, which fails
+  if the name appeared meanwhile (no overwrite even under a race).
+- Checkpoints are read with ``torch.load(weights_only=True)`` only (through
+  :func:`xvol_compiler.checkpoint.read_checkpoint`) and written with
+  :func:`xvol_compiler.checkpoint.save_checkpoint`.
+- Models are torchvision classification models built by name with
+  ``weights=None`` (nothing is downloaded), or checkpoints written by this
+  package, which record how to rebuild their model (:data:`META_KEY`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "META_KEY",
+    "InputError",
+    "ModelSpec",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "check_writable",
+    "classification_model_names",
+    "load_model",
+    "load_onnx",
+    "save_model",
+    "torchvision_model",
+]
+
+META_KEY = "xvol"
+STAGES = ("original", "xvolified", "fused")
+
+
+class InputError(ValueError):
+    """A model name, file or argument the user gave that cannot be used; the message says why."""
+
+
+# ---------------------------------------------------------------------------
+# Atomic writes
+# ---------------------------------------------------------------------------
+
+
+def check_writable(path: str | os.PathLike[str], *, force: bool = False) -> Path:
+    """Refuse early (before any expensive work) to write over an existing file without ``force``."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a directory; give a file name")
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists; pass --force (force=True) to overwrite it")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], *, force: bool = False, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it becomes ``path`` atomically.
+
+    The temporary name keeps the final suffix (``suffix`` overrides it), so
+    writers that pick a format from the extension (matplotlib) still do.
+    On an exception the temporary file is removed and ``path`` is untouched.
+    """
+    path = check_writable(path, force=force)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + (suffix or path.suffix),
+                                    dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with contextlib.suppress(OSError), open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        if force:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FileExistsError(f"{path} exists; pass --force (force=True) to overwrite it") from None
+            except OSError:  # a file system without hard links
+                if path.exists():
+                    raise FileExistsError(f"{path} exists; pass --force (force=True) to overwrite it") from None
+                os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, force: bool = False) -> Path:
+    """Write ``data`` to ``path`` atomically; return the path."""
+    with atomic_path(path, force=force) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, *, force: bool = False) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; return the path."""
+    return atomic_write_bytes(path, text.encode("utf-8"), force=force)
+
+
+def atomic_write_json(path: str | os.PathLike[str], data: Any, *, force: bool = False) -> Path:
+    """Write ``data`` as indented JSON atomically (non-JSON values via ``str``); return the path."""
+    return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n", force=force)
+
+
+# ---------------------------------------------------------------------------
+# Models by name
+# ---------------------------------------------------------------------------
+
+
+def classification_model_names() -> list[str]:
+    """Every torchvision classification model name (``torchvision.models.list_models``)."""
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def torchvision_model(name: str, *, num_classes: int = 1000, **kwargs: Any) -> nn.Module:
+    """A torchvision classification model with ``weights=None``; a bad name says which names are close.
+
+    ``kwargs`` go to the model's builder (e.g. ``aux_logits=False`` for googlenet).
+    """
+    import torchvision
+
+    names = classification_model_names()
+    if name not in names:
+        close = difflib.get_close_matches(name.lower(), names, n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else (
+            "; `python -c 'import torchvision; print(torchvision.models.list_models(module=torchvision.models))'` "
+            "lists them")
+        raise InputError(f"unknown torchvision classification model {name!r}{hint}")
+    try:
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    except (ValueError, TypeError) as err:
+        raise InputError(f"cannot build {name} with num_classes={num_classes}: {err}") from err
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints that say how to rebuild their model
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class ModelSpec:
+    """How to rebuild a model: torchvision name, head size, stage, and the xvolify call that made its sites.
+
+    Stored in a checkpoint's ``metadata[META_KEY]`` as plain data (readable
+    with ``torch.load(weights_only=True)``).
+    """
+
+    model: str
+    num_classes: int = 1000
+    stage: str = "original"
+    sites: list[str] = field(default_factory=list)
+    xvolify: dict[str, Any] = field(default_factory=dict)
+    input_size: list[int] = field(default_factory=lambda: [3, 224, 224])
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "checkpoint") -> ModelSpec:
+        try:
+            spec = cls(
+                model=str(data["model"]),
+                num_classes=int(data.get("num_classes", 1000)),
+                stage=str(data.get("stage", "original")),
+                sites=[str(s) for s in data.get("sites", [])],
+                xvolify=dict(data.get("xvolify", {})),
+                input_size=[int(v) for v in data.get("input_size", [3, 224, 224])],
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise InputError(f"{source}: malformed '{META_KEY}' metadata ({type(err).__name__}: {err})") from err
+        if spec.stage not in STAGES:
+            raise InputError(f"{source}: unknown stage {spec.stage!r} (expected one of {STAGES})")
+        return spec
+
+    def example_inputs(self, batch: int = 1) -> tuple[torch.Tensor]:
+        return (torch.randn(batch, *self.input_size),)
+
+
+def save_model(
+    path: str | os.PathLike[str], model: nn.Module, spec: ModelSpec, *, force: bool = False,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save ``model``'s state dict with ``spec`` (so :func:`load_model` can rebuild it), atomically."""
+    from xvol_compiler.checkpoint import save_checkpoint
+
+    metadata = {META_KEY: spec.to_dict(), **(extra or {})}
+    return save_checkpoint(path, model, metadata=metadata, force=force)
+
+
+def _rebuild(spec: ModelSpec) -> nn.Module:
+    model = torchvision_model(spec.model, num_classes=spec.num_classes)
+    if spec.stage == "original":
+        return model
+    from xvol_compiler._pending import fuse, xvolify
+
+    example = spec.example_inputs()
+    model = xvolify(model, sites=list(spec.sites), example_inputs=example, **spec.xvolify)
+    if spec.stage == "fused":
+        # Only the structure matters here: the weights are overwritten by the checkpoint.
+        model = fuse(model.eval(), example_inputs=example, verify=False)
+    return model
+
+
+def load_model(
+    spec_or_path: str | os.PathLike[str], *, num_classes: int = 1000, input_size: Sequence[int] | None = None,
+) -> tuple[nn.Module, ModelSpec]:
+    """A model from a torchvision name, or from a checkpoint written by :func:`save_model`.
+
+    A checkpoint is read with ``torch.load(weights_only=True)``; its model is
+    rebuilt from the recorded :class:`ModelSpec` (xvolified / fused as it was)
+    and its weights loaded strictly. ``num_classes`` and ``input_size`` apply
+    to a model given by name.
+    """
+    text = os.fspath(spec_or_path)
+    path = Path(text)
+    looks_like_file = path.suffix in (".pt", ".pth", ".ckpt", ".bin") or os.sep in text or path.exists()
+    if not looks_like_file:
+        spec = ModelSpec(model=text, num_classes=num_classes,
+                         input_size=list(input_size) if input_size else [3, 224, 224])
+        return torchvision_model(text, num_classes=num_classes), spec
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    if path.suffix == ".onnx":
+        raise InputError(f"{path} is an ONNX file; this command needs a torchvision model name or a checkpoint")
+    from xvol_compiler.checkpoint import load_checkpoint, read_checkpoint
+
+    obj = read_checkpoint(path)
+    meta = obj.get("metadata") if isinstance(obj.get("metadata"), Mapping) else {}
+    if META_KEY not in meta:
+        raise InputError(
+            f"{path} has no '{META_KEY}' metadata saying which model it holds; "
+            "write checkpoints with `xvol xvolify` / xvol_compiler.io.save_model"
+        )
+    spec = ModelSpec.from_dict(meta[META_KEY], source=str(path))
+    if input_size:
+        spec.input_size = list(input_size)
+    model = _rebuild(spec)
+    load_checkpoint(model, obj, strict=True)
+    return model.eval(), spec
+
+
+def load_onnx(path: str | os.PathLike[str]) -> Any:
+    """An ``onnx.ModelProto`` from a file, checked; a missing or corrupt file raises :class:`InputError`."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as err:  # protobuf DecodeError, onnx ValidationError ...: all mean "not a usable ONNX file"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"{path} is not a valid ONNX model: {first}") from err
+    return model

@@ -1,0 +1,280 @@
+"""Measurements shared by the demo, ``xvol bench`` and ``benchmarks/run.py``.
+
+- :func:`count_macs`: multiply-accumulates of every convolution and matrix
+  product that runs (``torch.utils.flop_counter``, so functional convolutions
+  of a fused ``GraphModule`` count too); element-wise work is not counted.
+- :func:`interleaved_latency`: the variants run in turn, round after round,
+  so that a change in machine load hits all of them alike; medians and the
+  spread (25th-75th percentile) of the per-round ratios.
+- :class:`PeakMemory`: peak resident memory above the starting point while a
+  block runs (sampled from ``/proc/self/statm``; ``ru_maxrss`` elsewhere),
+  and the CUDA allocator's peak on a GPU.
+- :func:`machine_info`: what the numbers were measured on.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Latency",
+    "PeakMemory",
+    "count_macs",
+    "count_params",
+    "max_error",
+    "machine_info",
+    "interleaved_latency",
+    "tensors_of",
+]
+
+
+def count_macs(model: nn.Module | Callable[..., Any], inputs: Sequence[Any]) -> int:
+    """Multiply-accumulates of one forward on ``inputs`` (half the counted FLOPs), no grad."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(*inputs)
+    return int(counter.get_total_flops()) // 2
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (trainable or not; buffers such as BN statistics excluded)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def tensors_of(value: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a (nested) output: tensors, sequences, mappings; numpy arrays become tensors."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from tensors_of(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from tensors_of(v)
+    elif hasattr(value, "__array__"):
+        yield torch.as_tensor(value)
+
+
+def max_error(reference: Any, output: Any) -> tuple[float, float]:
+    """(max absolute error, max absolute error / max |reference|) over all tensors of two outputs.
+
+    Non-finite values give ``inf``; a structure mismatch raises ``ValueError``.
+    """
+    refs, outs = list(tensors_of(reference)), list(tensors_of(output))
+    if len(refs) != len(outs):
+        raise ValueError(f"outputs differ in structure: {len(refs)} vs {len(outs)} tensors")
+    worst_abs, worst_rel = 0.0, 0.0
+    for r, o in zip(refs, outs, strict=True):
+        r, o = r.detach().double().cpu(), o.detach().double().cpu()
+        if r.shape != o.shape:
+            raise ValueError(f"output shapes differ: {tuple(r.shape)} vs {tuple(o.shape)}")
+        if r.numel() == 0:
+            continue
+        if not (torch.isfinite(r).all() and torch.isfinite(o).all()):
+            return float("inf"), float("inf")
+        err = float((r - o).abs().max())
+        scale = float(r.abs().max())
+        worst_abs = max(worst_abs, err)
+        worst_rel = max(worst_rel, err / scale if scale > 0 else err)
+    return worst_abs, worst_rel
+
+
+# ---------------------------------------------------------------------------
+# Latency
+# ---------------------------------------------------------------------------
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    pos = q * (len(ordered) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+@dataclass
+class Latency:
+    """Per-round times (seconds) of each variant, measured interleaved."""
+
+    times: dict[str, list[float]] = field(default_factory=dict)
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.times[name])
+
+    def ratio(self, name: str, base: str) -> float:
+        """Median of ``name`` over median of ``base``."""
+        return self.median(name) / self.median(base)
+
+    def ratio_spread(self, name: str, base: str) -> tuple[float, float]:
+        """25th and 75th percentiles of the per-round ratios ``name / base``."""
+        ratios = [a / b for a, b in zip(self.times[name], self.times[base], strict=True)]
+        return _quantile(ratios, 0.25), _quantile(ratios, 0.75)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            name: {"median_ms": 1e3 * self.median(name), "p25_ms": 1e3 * _quantile(t, 0.25),
+                   "p75_ms": 1e3 * _quantile(t, 0.75), "rounds": len(t)}
+            for name, t in self.times.items()
+        }
+
+
+def interleaved_latency(
+    variants: Mapping[str, Callable[[], Any]],
+    *,
+    repeats: int = 20,
+    warmup: int = 2,
+    inner: int = 1,
+    synchronize: Callable[[], None] | None = None,
+) -> Latency:
+    """Time each variant ``repeats`` times, the variants taking turns (round-robin) within each round.
+
+    Each sample is the mean of ``inner`` consecutive calls; ``warmup`` rounds
+    are run first and discarded. ``synchronize`` (e.g. ``torch.cuda.synchronize``)
+    is called before the clock is read on both sides of a sample.
+    """
+    if repeats < 1 or inner < 1:
+        raise ValueError("repeats and inner must be >= 1")
+    sync = synchronize or (lambda: None)
+    names = list(variants)
+    result = Latency({n: [] for n in names})
+    for round_ in range(warmup + repeats):
+        # Rotate the starting variant so none always runs first (after an idle gap or a cache flush).
+        order = names[round_ % len(names):] + names[: round_ % len(names)]
+        for name in order:
+            fn = variants[name]
+            sync()
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            sync()
+            elapsed = (time.perf_counter() - start) / inner
+            if round_ >= warmup:
+                result.times[name].append(elapsed)
+    return result
+
+
+# ---------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class PeakMemory:
+    """Peak memory growth while the ``with`` block runs.
+
+    ``host_bytes``: peak resident set size minus the size at entry (sampled
+    every ``interval`` seconds from ``/proc/self/statm``; where that file does
+    not exist, the growth of ``ru_maxrss``, which only sees new all-time peaks).
+    ``cuda_bytes``: the CUDA allocator's peak minus its allocation at entry,
+    when CUDA is initialised.
+    """
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.host_bytes = 0
+        self.cuda_bytes: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start = 0
+        self._peak = 0
+        self._maxrss = 0
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            rss = _rss_bytes()
+            if rss is not None:
+                self._peak = max(self._peak, rss)
+
+    def __enter__(self) -> PeakMemory:
+        rss = _rss_bytes()
+        self._maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if rss is not None:
+            self._start = self._peak = rss
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._cuda_start = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None:
+            rss = _rss_bytes()
+            self._stop.set()
+            self._thread.join()
+            self._peak = max(self._peak, rss or 0)
+            self.host_bytes = self._peak - self._start
+        else:
+            scale = 1 if platform.system() == "Darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+            self.host_bytes = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self._maxrss) * scale
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+            self.cuda_bytes = torch.cuda.max_memory_allocated() - self._cuda_start
+
+
+# ---------------------------------------------------------------------------
+# Machine
+# ---------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
+    """CPU model, cores, torch / onnxruntime versions, threads, and the GPU when ``device`` is CUDA."""
+    info: dict[str, Any] = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    try:
+        load = os.getloadavg()
+        info["load_average_1min"] = round(load[0], 2)
+    except (AttributeError, OSError):
+        pass
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(dev)
+        info["cuda"] = torch.version.cuda
+    return info
