@@ -11,10 +11,12 @@ be swapped, so reported); FX is never required.
 
 Definitions (documented in README, section "xvolify"):
 
-- **reference resolution**: per number of spatial dimensions, the spatial
-  size of the input of the first convolution call of that kind: the image as
-  the network sees it, after any resize inside the model (detection models'
-  ``GeneralizedRCNNTransform``). Override with ``reference_size``.
+- **reference resolution**, per number of spatial dimensions n: the spatial
+  size of the first positional input tensor with n + 2 dimensions (the
+  network input); when there is none (detection models take a list of 3-D
+  images and resize them inside, ``GeneralizedRCNNTransform``), the input of
+  the first conv call of that kind: the image as the network sees it.
+  Override with ``reference_size``.
 - **output stride** of a call: reference size / output size, per spatial
   axis (Conv2d: H, W; Conv1d: length; Conv3d: H, W, the last two axes; the
   first Conv3d axis gives the separate **temporal stride**). A ratio that is
@@ -436,6 +438,10 @@ def analyze_model(
             m.training = flag
 
     refs: dict[int, tuple[int, ...]] = dict(first_input)
+    for nd in list(refs):
+        direct = next((a for a in args if isinstance(a, Tensor) and a.dim() == nd + 2), None)
+        if direct is not None:
+            refs[nd] = tuple(direct.shape[2:])
     if reference_size is not None:
         ref = tuple(int(v) for v in reference_size)
         for nd in (1, 2, 3):
