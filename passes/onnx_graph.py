@@ -1,0 +1,610 @@
+"""ONNX graph adapter for the shared rewrite rules (``xvol_compiler.rules``).
+
+``OnnxGraphAdapter`` imports a ``ModelProto`` with onnx-graphsurgeon, presents
+it to ``run_rules`` as the networkx *view* the rules expect, applies the
+``Rewrite`` values they plan, and exports the edited model.
+
+The view
+--------
+One view node per *activation* tensor, keyed by the tensor's name: graph
+inputs (kind ``"input"``) and the outputs of the graph's nodes. Tensors whose
+value is a constant (initializers, ``Constant`` outputs, and small constant
+subgraphs such as the ``Shape``/``Expand``/``CastLike`` chain the dynamo
+exporter emits for a conv bias) are not in the view: they are the weights of
+the nodes that read them. Edges go from each activation a node reads to each
+activation it writes. Kinds: ``Conv`` -> ``"conv"``, ``BatchNormalization`` ->
+``"bn"``, two-input ``Add`` -> ``"add"``, ``Softmax`` -> ``"softmax"``,
+``MatMul``/``Gemm``/``ConvTranspose``/... -> ``"conv_like"``, attention ops ->
+``"global_attention"``, everything else (``Identity``, ``Cast``, the
+decomposed PSSA ops ...) -> ``"other"``.
+
+A conv this adapter created over an interleave of several tensors is shown
+with its original inputs (``Branch.inputs`` = the interleaved tensors' names),
+so n-ary sums and a later conv + BN fold see one multi-input branch.
+
+Rewrites
+--------
+``apply`` builds one ``Conv`` over ``rewrite.branch.inputs`` interleaved per
+group (``Concat`` for one group; ``Reshape -> Concat -> Reshape`` for several,
+which works for any batch and spatial size), with new uniquely named
+initializers in the original weight dtype, and makes it the producer of the
+rewrite's output tensor: every consumer, graph outputs included, keeps reading
+the same tensor name. Nodes left without consumers by the rewrite are removed
+(and only those); untouched nodes keep their names, order and metadata.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import re
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import networkx as nx
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import torch
+from onnx import helper
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+from xvol_compiler.fold import BatchNormParams, Branch, ConvGeometry
+from xvol_compiler.rules import Rewrite
+
+__all__ = ["ADAPTER_METADATA_KEY", "OnnxGraphAdapter", "conv_geometry_from_onnx", "infer_shapes"]
+
+Key = Hashable
+Interleave = Literal["reshape", "gather"]
+
+ADAPTER_METADATA_KEY = "xvol_compiler.rewrite"
+
+_CONV_LIKE = {"MatMul", "Gemm", "ConvTranspose", "ConvInteger", "QLinearConv", "MatMulInteger", "QLinearMatMul",
+              "Einsum", "DeformConv"}
+_ATTENTION = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
+# Ops whose output is a constant when their inputs are: evaluated with onnx.reference.
+_FOLDABLE = {
+    "Identity", "Cast", "CastLike", "Shape", "Size", "Expand", "Reshape", "Unsqueeze", "Squeeze", "Flatten",
+    "Concat", "Transpose", "Gather", "Slice", "Add", "Sub", "Mul", "Div", "Neg", "Sqrt", "Reciprocal", "Pow",
+    "Abs", "ConstantOfShape", "Range", "Tile",
+}
+_SHAPE_ONLY = {("Shape", 0), ("Size", 0), ("CastLike", 1)}  # (op, input): only the tensor's type/shape is read
+_FLOAT_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
+                 np.dtype(np.float64): torch.float64}
+_FOLD_ELEMENT_LIMIT = 1 << 26  # do not evaluate constant subgraphs larger than this (elements)
+
+
+@dataclass(frozen=True)
+class _Interleaved:
+    keys: tuple[str, ...]
+    channels: tuple[int, ...]
+    groups: int
+
+
+def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | str | None, ...]]:
+    """Tensor name -> shape by ONNX shape inference, run on a weight-free skeleton of the model
+    (large initializers become typed graph inputs), so it is fast and works past 2 GiB."""
+    skeleton = onnx.ModelProto()
+    skeleton.ir_version = model.ir_version
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    graph = skeleton.graph
+    src = model.graph
+    graph.node.extend(src.node)
+    graph.input.extend(src.input)
+    graph.output.extend(src.output)
+    graph.value_info.extend(src.value_info)
+    input_names = {i.name for i in src.input}
+    for init in src.initializer:
+        if math.prod(init.dims) <= 64 and init.data_location != onnx.TensorProto.EXTERNAL:
+            graph.initializer.append(init)
+        elif init.name not in input_names:
+            graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
+    except Exception:  # shapes are optional information (MAC counts, auto_pad)
+        inferred = skeleton
+    shapes: dict[str, tuple[int | str | None, ...]] = {}
+    for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        t = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type") or not t.HasField("shape"):
+            continue
+        dims: list[int | str | None] = []
+        for d in t.shape.dim:
+            dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
+        shapes[vi.name] = tuple(dims)
+    return shapes
+
+
+def _ints(value: object, n: int, default: int) -> tuple[int, ...]:
+    if value is None:
+        return (default,) * n
+    out = tuple(int(v) for v in value)  # type: ignore[union-attr]
+    if len(out) != n:
+        raise ValueError(f"expected {n} values, got {out}")
+    return out
+
+
+def conv_geometry_from_onnx(
+    attrs: Mapping[str, object], weight_shape: Sequence[int], input_spatial: Sequence[int | str | None] | None = None
+) -> tuple[ConvGeometry | None, str | None]:
+    """ConvGeometry of an ONNX ``Conv`` (attributes + weight shape), or (None, why) when its
+    padding cannot be expressed exactly (asymmetric pads other than torch's 'same' split,
+    SAME_LOWER with an odd total, auto_pad with stride > 1 on an unknown input size)."""
+    ndim = len(weight_shape) - 2
+    if ndim < 1:
+        return None, f"Conv weight of rank {len(weight_shape)}"
+    kernel = tuple(int(k) for k in attrs.get("kernel_shape") or weight_shape[2:])  # type: ignore[union-attr]
+    if kernel != tuple(weight_shape[2:]):
+        return None, f"kernel_shape {kernel} does not match the weight {tuple(weight_shape)}"
+    stride = _ints(attrs.get("strides"), ndim, 1)
+    dilation = _ints(attrs.get("dilations"), ndim, 1)
+    group = int(attrs.get("group", 1))  # type: ignore[arg-type]
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    if auto_pad in ("", "NOTSET"):
+        flat = _ints(attrs.get("pads"), 2 * ndim, 0)
+        pairs = list(zip(flat[:ndim], flat[ndim:], strict=True))
+    elif auto_pad == "VALID":
+        pairs = [(0, 0)] * ndim
+    elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pairs = []
+        for axis, (k, s, d) in enumerate(zip(kernel, stride, dilation, strict=True)):
+            if s == 1:
+                total = d * (k - 1)
+            else:
+                size = None if input_spatial is None else input_spatial[axis]
+                if not isinstance(size, int):
+                    return None, f"auto_pad={auto_pad} with stride {s} on an input of unknown size"
+                out = -(-size // s)
+                total = max(0, (out - 1) * s + d * (k - 1) + 1 - size)
+            small, big = total // 2, total - total // 2
+            pairs.append((small, big) if auto_pad == "SAME_UPPER" else (big, small))
+    else:
+        return None, f"unknown auto_pad {auto_pad!r}"
+    padding: tuple[int, ...] | str
+    if all(a == b for a, b in pairs):
+        padding = tuple(a for a, _ in pairs)
+    elif all((a, b) == (d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2)
+             for (a, b), k, d in zip(pairs, kernel, dilation, strict=True)):
+        padding = "same"  # torch's split of an odd total: the extra pad at the end
+    else:
+        return None, f"asymmetric pads {[list(p) for p in pairs]} cannot be folded exactly"
+    geometry = ConvGeometry(
+        in_channels=int(weight_shape[1]) * group, out_channels=int(weight_shape[0]), kernel_size=kernel,
+        stride=stride, padding=padding, dilation=dilation, groups=group,
+    )
+    return geometry, None
+
+
+def _scope_name(node: gs.Node, metadata: Mapping[str, str]) -> str:
+    """A readable site name: the module path the dynamo exporter records, else the node name."""
+    scopes = metadata.get("pkg.torch.onnx.name_scopes")
+    if scopes:
+        try:
+            parts = ast.literal_eval(scopes)
+        except (ValueError, SyntaxError):
+            parts = None
+        if isinstance(parts, list) and len(parts) >= 2 and parts[-2]:
+            return str(parts[-2])
+    return node.name or (node.outputs[0].name if node.outputs else node.op)
+
+
+class OnnxGraphAdapter:
+    """onnx-graphsurgeon graph <-> the rules' networkx view (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        shapes: Mapping[str, tuple[int | str | None, ...]] | None = None,
+        *,
+        interleave: Interleave = "reshape",
+    ) -> None:
+        if interleave not in ("reshape", "gather"):
+            raise ValueError(f"interleave must be 'reshape' or 'gather', got {interleave!r}")
+        self.model = model
+        self.graph = gs.import_onnx(model)
+        self.shapes = dict(shapes) if shapes is not None else infer_shapes(model)
+        self.interleave_mode: Interleave = interleave
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        self._metadata: dict[tuple[str, str, tuple[str, ...]], list[tuple[str, str]]] = {}
+        for n in model.graph.node:
+            if n.metadata_props:
+                self._metadata[(n.name, n.op_type, tuple(n.output))] = [(p.key, p.value) for p in n.metadata_props]
+        self._new_metadata: dict[int, list[tuple[str, str]]] = {}
+        self._interleaved: dict[str, _Interleaved] = {}
+        self._interleave_cache: dict[tuple[tuple[str, ...], int], gs.Variable] = {}
+        self._hidden: set[str] = set()  # tensors of our interleave constructions: not in the view
+        self._const_cache: dict[str, np.ndarray | None] = {}
+        self._branch_cache: dict[int, tuple[gs.Node, Branch | None, str | None]] = {}
+        self._names: set[str] = set()
+        for t in self.graph.tensors().values():
+            self._names.add(t.name)
+        for n in self.graph.nodes:
+            if n.name:
+                self._names.add(n.name)
+        self._tensors: dict[str, gs.Tensor] = {}
+        self.rewrites: list[Rewrite] = []
+
+    # ------------------------------------------------------------------ constants
+
+    def _is_const(self, t: gs.Tensor, depth: int = 0) -> bool:
+        if isinstance(t, gs.Constant):
+            return True
+        if not t.name or len(t.inputs) != 1 or depth > 32:
+            return False
+        node = t.inputs[0]
+        if node.domain not in (None, "", "ai.onnx"):
+            return False
+        if node.op == "Constant":
+            return True
+        if node.op not in _FOLDABLE:
+            return False
+        for i, inp in enumerate(node.inputs):
+            if not inp.name:
+                continue
+            if (node.op, i) in _SHAPE_ONLY and self._known_type(inp, need_shape=node.op != "CastLike"):
+                continue
+            if not self._is_const(inp, depth + 1):
+                return False
+        return True
+
+    def _known_type(self, t: gs.Tensor, *, need_shape: bool) -> bool:
+        if t.dtype is None and not isinstance(t, gs.Constant):
+            return False
+        if not need_shape:
+            return True
+        shape = self._shape(t)
+        return shape is not None and all(isinstance(d, int) for d in shape)
+
+    def _shape(self, t: gs.Tensor) -> tuple[int | str | None, ...] | None:
+        if t.shape is not None:
+            return tuple(t.shape)
+        return self.shapes.get(t.name)
+
+    def const(self, t: gs.Tensor) -> np.ndarray | None:
+        """The value of a constant tensor (evaluating small constant subgraphs), else None."""
+        if isinstance(t, gs.Constant):
+            return np.asarray(t.values)
+        if t.name in self._const_cache:
+            return self._const_cache[t.name]
+        value = self._evaluate(t) if self._is_const(t) else None
+        self._const_cache[t.name] = value
+        return value
+
+    def _evaluate(self, t: gs.Tensor) -> np.ndarray | None:
+        from onnx.reference import ReferenceEvaluator
+
+        node = t.inputs[0]
+        if node.op == "Constant":
+            attrs = node.attrs
+            if "value" in attrs:
+                value = attrs["value"]
+                return np.asarray(value.values if isinstance(value, gs.Constant) else value)
+            for key, dtype in (("value_float", np.float32), ("value_floats", np.float32), ("value_int", np.int64),
+                               ("value_ints", np.int64)):
+                if key in attrs:
+                    return np.asarray(attrs[key], dtype=dtype)
+            return None
+        feeds: dict[str, np.ndarray] = {}
+        for i, inp in enumerate(node.inputs):
+            if not inp.name:
+                continue
+            value = self.const(inp)
+            if value is None and (node.op, i) in _SHAPE_ONLY:
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.dtype) if not isinstance(inp.dtype, np.dtype) \
+                    else inp.dtype
+                shape = self._shape(inp) if node.op != "CastLike" else (0,)
+                value = np.broadcast_to(np.zeros((), dtype=dtype), tuple(int(d) for d in shape or ()))
+            if value is None:
+                return None
+            if value.size > _FOLD_ELEMENT_LIMIT and node.op not in ("Shape", "Size"):
+                return None
+            feeds[inp.name] = value
+        try:
+            proto = OnnxExporter.export_node(node)
+            results = ReferenceEvaluator(proto, opsets={"": self.opset}).run(None, feeds)
+        except Exception:  # anything the reference evaluator cannot do is "not constant"
+            return None
+        for out, value in zip(node.outputs, results, strict=False):
+            if out is not t:
+                self._const_cache[out.name] = np.asarray(value)
+        return np.asarray(results[node.outputs.index(t)])
+
+    # ------------------------------------------------------------------ the view
+
+    def _metadata_of(self, node: gs.Node) -> dict[str, str]:
+        props = self._new_metadata.get(id(node))
+        if props is None:
+            props = self._metadata.get((node.name, node.op, tuple(o.name for o in node.outputs)), [])
+        return dict(props)
+
+    def _name(self, node: gs.Node) -> str:
+        return _scope_name(node, self._metadata_of(node))
+
+    def _torch(self, value: np.ndarray) -> torch.Tensor | None:
+        if value.dtype not in _FLOAT_DTYPES:
+            return None
+        return torch.from_numpy(np.array(value, copy=True))
+
+    def _conv_branch(self, node: gs.Node) -> tuple[Branch | None, str | None]:
+        cached = self._branch_cache.get(id(node))
+        if cached is not None and cached[0] is node:
+            return cached[1], cached[2]
+        branch, refusal = self._make_conv_branch(node)
+        self._branch_cache[id(node)] = (node, branch, refusal)
+        return branch, refusal
+
+    def _make_conv_branch(self, node: gs.Node) -> tuple[Branch | None, str | None]:
+        x = node.inputs[0]
+        w_t = node.inputs[1] if len(node.inputs) > 1 else None
+        b_t = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+        w_np = None if w_t is None else self.const(w_t)
+        b_np = None if b_t is None else self.const(b_t)
+        if w_np is None or (b_t is not None and b_np is None):
+            return None, None
+        weight = self._torch(w_np)
+        bias = None if b_np is None else self._torch(b_np)
+        if weight is None or (b_np is not None and bias is None):
+            return None, f"{self._name(node)}: weight dtype {w_np.dtype} is not a float type the fold supports"
+        if bias is not None and bias.shape != (weight.shape[0],):
+            return None, f"{self._name(node)}: bias shape {tuple(bias.shape)} does not match the weight"
+        x_shape = self._shape(x)
+        spatial = None if x_shape is None or len(x_shape) < 3 else x_shape[2:]
+        geometry, why = conv_geometry_from_onnx(node.attrs, tuple(weight.shape), spatial)
+        if geometry is None:
+            return None, f"{self._name(node)}: {why}"
+        info = self._interleaved.get(x.name)
+        if info is not None and info.groups == geometry.groups and sum(info.channels) == geometry.in_channels:
+            inputs, channels = info.keys, info.channels
+        else:
+            inputs, channels = (x.name,), (geometry.in_channels,)
+        return Branch(inputs, channels, geometry, weight, bias), None
+
+    def _bn_params(self, node: gs.Node) -> tuple[BatchNormParams | None, str | None]:
+        if int(node.attrs.get("training_mode", 0)):
+            return None, f"{self._name(node)}: BatchNormalization in training mode (training_mode=1)"
+        if any(o.outputs for o in node.outputs[1:]):
+            return None, f"{self._name(node)}: BatchNormalization running-statistics outputs are used"
+        values = [self.const(t) if t.name else None for t in node.inputs[1:5]]
+        if len(values) != 4 or any(v is None for v in values):
+            return None, None
+        tensors = [self._torch(v) for v in values]  # type: ignore[arg-type]
+        if any(t is None for t in tensors):
+            return None, f"{self._name(node)}: BatchNormalization parameters are not float"
+        scale, bias, mean, var = tensors
+        eps = float(node.attrs.get("epsilon", 1e-5))
+        return BatchNormParams(running_mean=mean, running_var=var, weight=scale, bias=bias, eps=eps), None
+
+    def _spatial(self, t: gs.Tensor) -> int | None:
+        shape = self._shape(t)
+        if shape is None or len(shape) < 3 or not all(isinstance(d, int) for d in shape[2:]):
+            return None
+        return math.prod(int(d) for d in shape[2:])
+
+    def _users(self, t: gs.Tensor, outputs: set[int]) -> int:
+        consumers = {id(n) for n in t.outputs}
+        return len(consumers) + (1 if id(t) in outputs else 0)
+
+    def _add_refusal(self, node: gs.Node) -> str | None:
+        shapes = [self._shape(t) for t in node.inputs]
+        if any(s is None for s in shapes):
+            return None
+        a, b = shapes
+        if len(a) != len(b) or any(isinstance(x, int) and isinstance(y, int) and x != y  # type: ignore[arg-type]
+                                   for x, y in zip(a, b, strict=True)):  # type: ignore[arg-type]
+            return f"{self._name(node)}: Add broadcasts {list(a)} with {list(b)}"  # type: ignore[arg-type]
+        return None
+
+    def view(self) -> nx.DiGraph:
+        graph = self.graph
+        view = nx.DiGraph()
+        self._tensors = {}
+        outputs = {id(t) for t in graph.outputs}
+        for t in graph.inputs:
+            if isinstance(t, gs.Constant):
+                continue
+            self._tensors[t.name] = t
+            view.add_node(t.name, kind="input", name=t.name, users=self._users(t, outputs), refusal=None,
+                          spatial=self._spatial(t))
+        for node in graph.nodes:
+            live_outputs = [o for o in node.outputs if o.name and o.name not in self._hidden]
+            if not live_outputs or (len(node.outputs) == 1 and self._is_const(node.outputs[0])):
+                continue
+            attrs: dict[str, object] = {"kind": "other", "refusal": None, "name": self._name(node)}
+            op = node.op if node.domain in (None, "", "ai.onnx") else f"{node.domain}.{node.op}"
+            if op == "Conv":
+                if len(node.inputs) > 1 and not self._is_const(node.inputs[0]):
+                    branch, refusal = self._conv_branch(node)
+                    attrs.update(kind="conv", branch=branch, refusal=refusal)
+            elif op == "BatchNormalization":
+                bn, refusal = self._bn_params(node)
+                attrs.update(kind="bn", bn=bn, refusal=refusal)
+            elif op == "Add" and len(node.inputs) == 2:
+                attrs.update(kind="add", refusal=self._add_refusal(node))
+            elif op == "Softmax" or op == "LogSoftmax":
+                attrs["kind"] = "softmax"
+            elif node.op in _CONV_LIKE:
+                attrs["kind"] = "conv_like"
+            elif node.op in _ATTENTION:
+                attrs["kind"] = "global_attention"
+            sources = self._sources(node)
+            for out in live_outputs:
+                self._tensors[out.name] = out
+                view.add_node(out.name, **attrs, users=self._users(out, outputs), spatial=self._spatial(out))
+                for src in sources:
+                    view.add_edge(src, out.name)
+        # A source missing from the view (an outer-scope or unnamed tensor) is an opaque input.
+        for key in list(view.nodes):
+            if "kind" not in view.nodes[key]:
+                view.nodes[key].update(kind="input", name=str(key), users=1, refusal=None, spatial=None)
+        return view
+
+    def _sources(self, node: gs.Node) -> list[str]:
+        """The activation tensors a node reads (the interleaved originals for our convs)."""
+        if node.op == "Conv" and node.inputs and node.inputs[0].name in self._interleaved:
+            branch, _ = self._conv_branch(node)
+            first = list(branch.inputs) if branch is not None else [node.inputs[0].name]
+            rest = [t.name for t in node.inputs[1:] if t.name and not self._is_const(t)]
+            return list(dict.fromkeys([*first, *rest]))  # type: ignore[list-item]
+        names = [t.name for t in node.inputs if t.name and not self._is_const(t)]
+        return list(dict.fromkeys(names))
+
+    # ------------------------------------------------------------------ rewriting
+
+    def _fresh(self, base: str) -> str:
+        base = re.sub(r"(__xvol\d*)+$", "", base) or "xvol"
+        name = f"{base}__xvol"
+        n = 1
+        while name in self._names:
+            n += 1
+            name = f"{base}__xvol{n}"
+        self._names.add(name)
+        return name
+
+    def _int64(self, base: str, values: Sequence[int]) -> gs.Constant:
+        return gs.Constant(self._fresh(base), np.asarray(list(values), dtype=np.int64))
+
+    def _interleave(
+        self, keys: Sequence[str], channels: Sequence[int], groups: int, ndim: int, base: str, nodes: list[gs.Node]
+    ) -> gs.Tensor:
+        tensors = [self._tensors[k] for k in keys]
+        if len(tensors) == 1:
+            return tensors[0]
+        cache_key = (tuple(keys), groups)
+        cached = self._interleave_cache.get(cache_key)
+        if cached is not None and cached.inputs and cached.outputs:
+            return cached
+        dtype = next((t.dtype for t in tensors if t.dtype is not None), None)
+        out = gs.Variable(self._fresh(f"{base}/interleave"), dtype=dtype)
+        total = sum(channels)
+        if groups == 1:
+            nodes.append(gs.Node("Concat", self._fresh(f"{base}/Concat"), {"axis": 1}, list(tensors), [out]))
+        elif self.interleave_mode == "gather":
+            cat = gs.Variable(self._fresh(f"{base}/concat"), dtype=dtype)
+            nodes.append(gs.Node("Concat", self._fresh(f"{base}/Concat"), {"axis": 1}, list(tensors), [cat]))
+            offsets = np.cumsum([0, *channels[:-1]])
+            perm = [
+                int(off + g * (c // groups) + i)
+                for g in range(groups)
+                for off, c in zip(offsets, channels, strict=True)
+                for i in range(c // groups)
+            ]
+            index = self._int64(f"{base}/interleave_index", perm)
+            nodes.append(gs.Node("Gather", self._fresh(f"{base}/Gather"), {"axis": 1}, [cat, index], [out]))
+            self._hidden.add(cat.name)
+        else:
+            # (N, C, S1, ..., Sn) -> (N, g, C/g*S1, S2, ..., Sn): each group's channels stay contiguous,
+            # concatenating on axis 2 interleaves the inputs group by group; only the Concat copies.
+            split = self._int64(f"{base}/group_shape", [0, groups, -1] + [0] * (ndim - 1))
+            merged = self._int64(f"{base}/interleave_shape", [0, total, -1] + [0] * (ndim - 1))
+            parts = []
+            for t in tensors:
+                part = gs.Variable(self._fresh(f"{base}/{t.name}/grouped"), dtype=dtype)
+                nodes.append(gs.Node("Reshape", self._fresh(f"{base}/Reshape"), None, [t, split], [part]))
+                parts.append(part)
+                self._hidden.add(part.name)
+            cat = gs.Variable(self._fresh(f"{base}/concat"), dtype=dtype)
+            nodes.append(gs.Node("Concat", self._fresh(f"{base}/Concat"), {"axis": 2}, parts, [cat]))
+            nodes.append(gs.Node("Reshape", self._fresh(f"{base}/Reshape"), None, [cat, merged], [out]))
+            self._hidden.add(cat.name)
+        self._hidden.add(out.name)
+        self._interleaved[out.name] = _Interleaved(tuple(keys), tuple(channels), groups)
+        self._interleave_cache[cache_key] = out
+        return out
+
+    def apply(self, rewrite: Rewrite) -> None:
+        """Replace ``rewrite.replaced`` by one Conv producing ``rewrite.output``'s tensor."""
+        anchor_t = self._tensors[str(rewrite.anchor)]
+        out_t = self._tensors[str(rewrite.output)]
+        if len(anchor_t.inputs) != 1 or len(out_t.inputs) != 1:
+            raise RuntimeError(f"rewrite {rewrite.name}: its anchor or output has no producer")
+        anchor, old = anchor_t.inputs[0], out_t.inputs[0]
+        branch = rewrite.branch
+        g = branch.geometry
+        base = anchor.name or out_t.name
+        new_nodes: list[gs.Node] = []
+        x = self._interleave([str(k) for k in branch.inputs], branch.channels, g.groups, g.ndim, base, new_nodes)
+        w_old = anchor.inputs[1]
+        w_np = self.const(w_old)
+        dtype = np.dtype(np.float32) if w_np is None else w_np.dtype
+        weight = gs.Constant(self._fresh(w_old.name or f"{base}.weight"),
+                             np.ascontiguousarray(branch.weight.detach().cpu().numpy().astype(dtype)))
+        bias_values = torch.zeros(g.out_channels) if branch.bias is None else branch.bias
+        b_old = anchor.inputs[2] if len(anchor.inputs) > 2 and anchor.inputs[2].name else None
+        if isinstance(b_old, gs.Constant):
+            bias_name = b_old.name
+        elif w_old.name.endswith("weight"):
+            bias_name = w_old.name[: -len("weight")] + "bias"
+        else:
+            bias_name = f"{w_old.name or base}.bias"
+        bias = gs.Constant(self._fresh(bias_name),
+                           np.ascontiguousarray(bias_values.detach().cpu().numpy().astype(dtype)))
+        pads = g.pads()
+        attrs = {
+            "dilations": list(g.dilation),
+            "group": int(g.groups),
+            "kernel_shape": list(g.kernel_size),
+            "pads": [p for p, _ in pads] + [p for _, p in pads],
+            "strides": list(g.stride),
+        }
+        old.outputs.remove(out_t)
+        conv = gs.Node("Conv", anchor.name or self._fresh(f"{base}/Conv"), attrs, [x, weight, bias], [out_t])
+        new_nodes.append(conv)
+        anchor_metadata = self._metadata_of(anchor)
+        metadata = [(k, v) for k, v in anchor_metadata.items()
+                    if k in ("namespace", "pkg.torch.onnx.name_scopes", "pkg.torch.onnx.class_hierarchy")]
+        done = [anchor_metadata[ADAPTER_METADATA_KEY]] if ADAPTER_METADATA_KEY in anchor_metadata else []
+        metadata.append((ADAPTER_METADATA_KEY, ", ".join([*done, rewrite.kind])))
+        self._new_metadata[id(conv)] = metadata
+        index = next(i for i, n in enumerate(self.graph.nodes) if n is old)
+        self.graph.nodes[index:index] = new_nodes
+        self._remove_dead([old])
+        self.rewrites.append(rewrite)
+
+    def _remove_dead(self, candidates: Iterable[gs.Node]) -> None:
+        """Remove the candidates and their producers, transitively, once nothing reads their outputs."""
+        outputs = {id(t) for t in self.graph.outputs}
+        removed: set[int] = set()
+        stack = list(candidates)
+        while stack:
+            node = stack.pop()
+            if id(node) in removed or any(o.outputs or id(o) in outputs for o in node.outputs):
+                continue
+            inputs = list(node.inputs)
+            node.inputs.clear()
+            node.outputs.clear()
+            removed.add(id(node))
+            self._branch_cache.pop(id(node), None)
+            for t in inputs:
+                if len(t.inputs) == 1 and not t.outputs:
+                    stack.append(t.inputs[0])
+        if removed:
+            self.graph.nodes = [n for n in self.graph.nodes if id(n) not in removed]
+
+    # ------------------------------------------------------------------ export
+
+    def to_model(self) -> onnx.ModelProto:
+        """The edited model; model-level fields and untouched nodes' metadata as in the original."""
+        self.graph.toposort()
+        exported = gs.export_onnx(self.graph, do_type_check=False)
+        src = self.model
+        model = onnx.ModelProto()
+        model.CopyFrom(exported)
+        model.ir_version = src.ir_version
+        del model.opset_import[:]
+        model.opset_import.extend(src.opset_import)
+        model.producer_name, model.producer_version = src.producer_name, src.producer_version
+        model.domain, model.model_version, model.doc_string = src.domain, src.model_version, src.doc_string
+        del model.metadata_props[:]
+        model.metadata_props.extend(src.metadata_props)
+        for proto, node in zip(model.graph.node, self.graph.nodes, strict=True):
+            for key, value in self._metadata_of(node).items():
+                proto.metadata_props.add(key=key, value=value)
+        by_name = {n.name: n for n in src.graph.node if n.name}
+        for proto in model.graph.node:
+            original = by_name.get(proto.name)
+            if original is not None and original.op_type == proto.op_type and original.doc_string:
+                proto.doc_string = original.doc_string
+        return model

@@ -1,0 +1,301 @@
+"""Loading, saving and exporting ONNX files safely.
+
+- ``load_onnx`` rejects empty, truncated, random or non-ONNX files with a
+  one-line ``OnnxFileError`` before anything else happens, and loads external
+  data (``model.onnx`` + ``model.onnx.data``) so no weight is lost.
+- ``save_onnx`` writes atomically (temporary files in the destination folder,
+  then ``os.replace``), never overwrites an existing file unless ``force`` is
+  given, and writes external data when asked or when the model is over 2 GiB.
+- ``export_onnx`` wraps ``torch.onnx.export`` (dynamo or TorchScript exporter)
+  and saves its result with ``save_onnx``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+__all__ = [
+    "PROTOBUF_LIMIT",
+    "LoadedModel",
+    "OnnxError",
+    "OnnxFileError",
+    "OutputExistsError",
+    "check_output_path",
+    "export_onnx",
+    "external_data_path",
+    "load_onnx",
+    "model_data_bytes",
+    "save_onnx",
+    "uses_external_data",
+]
+
+PROTOBUF_LIMIT = 2**31 - 1  # a serialized ModelProto cannot exceed 2 GiB
+
+
+class OnnxError(ValueError):
+    """Base of the ONNX errors of this package; the message is one line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+class OnnxFileError(OnnxError):
+    """The file is not a usable ONNX model (empty, truncated, not ONNX, missing external data)."""
+
+
+class OutputExistsError(OnnxError, FileExistsError):
+    """The output file exists and ``force`` was not given."""
+
+
+@dataclass
+class LoadedModel:
+    """A model with all its weights in memory, and how it was stored."""
+
+    model: onnx.ModelProto
+    external_data: bool  # the file kept (some of) its weights in external data files
+    path: Path | None = None
+
+
+def external_data_path(path: str | os.PathLike[str]) -> Path:
+    """Where ``save_onnx`` puts the external data of ``path``: ``<name>.data`` next to it."""
+    p = Path(path)
+    return p.with_name(p.name + ".data")
+
+
+def uses_external_data(model: onnx.ModelProto) -> bool:
+    """Whether any initializer (or Constant attribute) of the model refers to an external file."""
+    return any(
+        external_data_helper.uses_external_data(t) for t in external_data_helper._get_all_tensors(model)
+    )
+
+
+def model_data_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of tensor data held in memory by the model (initializers, Constant attributes)."""
+    total = 0
+    for t in external_data_helper._get_all_tensors(model):
+        if t.HasField("raw_data"):
+            total += len(t.raw_data)
+        else:
+            total += 8 * (len(t.float_data) + len(t.int32_data) + len(t.int64_data) + len(t.double_data)
+                          + len(t.uint64_data)) + sum(len(s) for s in t.string_data)
+    return total
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _validate(model: onnx.ModelProto, where: str) -> None:
+    if model.ir_version <= 0 or not model.opset_import or not model.HasField("graph"):
+        raise OnnxFileError(f"{where} is not an ONNX model (no IR version, opset or graph)")
+    if not model.graph.output:
+        raise OnnxFileError(f"{where} is not a usable ONNX model: the graph has no outputs")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as err:
+        raise OnnxFileError(f"{where} is not a valid ONNX model: {_one_line(err)}") from err
+
+
+def load_onnx(source: str | os.PathLike[str] | bytes | onnx.ModelProto) -> LoadedModel:
+    """Load and validate an ONNX model with all its external data.
+
+    ``source`` is a path, the serialized bytes, or a ``ModelProto`` (copied,
+    never modified). Raises ``OnnxFileError`` with a one-line message for a
+    missing, empty, truncated, random or non-ONNX file and for missing
+    external data.
+    """
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+        if uses_external_data(model):
+            raise OnnxFileError(
+                "the model refers to external data files that are not loaded: pass its path instead"
+            )
+        _validate(model, "the model")
+        return LoadedModel(model, external_data=False)
+    if isinstance(source, (bytes, bytearray)):
+        where, data, path = "the given bytes", bytes(source), None
+    else:
+        path = Path(source)
+        where = str(path)
+        if not path.exists():
+            raise OnnxFileError(f"{where}: no such file")
+        if not path.is_file():
+            raise OnnxFileError(f"{where}: not a file")
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise OnnxFileError(f"{where}: cannot read: {_one_line(err)}") from err
+    if not data:
+        raise OnnxFileError(f"{where} is empty, not an ONNX model")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as err:
+        raise OnnxFileError(f"{where} is not an ONNX model (truncated or not a protobuf file): "
+                            f"{_one_line(err)}") from err
+    external = uses_external_data(model)
+    if external:
+        if path is None:
+            raise OnnxFileError("the model refers to external data files: load it from its path")
+        try:
+            external_data_helper.load_external_data_for_model(model, str(path.parent))
+        except (OSError, ValueError, onnx.checker.ValidationError) as err:
+            raise OnnxFileError(f"{where}: cannot load its external data: {_one_line(err)}") from err
+    _validate(model, where)
+    return LoadedModel(model, external_data=external, path=path)
+
+
+def check_output_path(path: str | os.PathLike[str], *, force: bool, external_data: bool = False) -> Path:
+    """Fail early (before any work) when ``path`` exists and may not be overwritten."""
+    out = Path(path)
+    if out.is_dir():
+        raise OutputExistsError(f"{out} is a directory")
+    if not force:
+        for p in (out, external_data_path(out)) if external_data else (out,):
+            if p.exists():
+                raise OutputExistsError(f"{p} already exists: pass force=True (--force) to overwrite it")
+    if not out.parent.exists():
+        raise OnnxFileError(f"{out.parent}: no such directory")
+    return out
+
+
+def save_onnx(
+    model: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+    force: bool = False,
+) -> Path:
+    """Write ``model`` to ``path`` atomically; external data goes to ``<path>.data``.
+
+    ``external_data=None`` chooses external data only when the model is too
+    large for one protobuf file. The model passed in is not modified. Nothing
+    is written when ``path`` exists and ``force`` is False.
+    """
+    out = Path(path)
+    size = model_data_bytes(model)
+    external = size > PROTOBUF_LIMIT - 2**26 if external_data is None else external_data
+    if not external and size > PROTOBUF_LIMIT - 2**26:
+        raise OnnxError(f"the model holds {size / 2**30:.2f} GiB of weights: save it with external data")
+    check_output_path(out, force=force, external_data=external)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        tmp_model = Path(tmp) / out.name
+        if external:
+            data = external_data_path(out)
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            # (convert_model_to_external_data edits the copy: the caller's model keeps its data in memory.)
+            external_data_helper.convert_model_to_external_data(
+                copy, all_tensors_to_one_file=True, location=data.name, size_threshold=1024
+            )
+            onnx.save_model(copy, str(tmp_model))
+            tmp_data = Path(tmp) / data.name
+            if tmp_data.exists():
+                os.replace(tmp_data, data)
+        else:
+            tmp_model.write_bytes(model.SerializeToString())
+        os.replace(tmp_model, out)
+    return out
+
+
+def _tensor_args(args: Any) -> list[Any]:
+    import torch
+
+    items = args if isinstance(args, (tuple, list)) else (args,)
+    return [a for a in items if isinstance(a, torch.Tensor)]
+
+
+def export_onnx(
+    model: Any,
+    path: str | os.PathLike[str] | None,
+    example_inputs: Any,
+    *,
+    dynamo: bool = True,
+    optimize: bool = True,
+    opset: int | None = None,
+    dynamic_batch: bool = True,
+    external_data: bool = False,
+    force: bool = False,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+) -> onnx.ModelProto:
+    """Export a ``torch.nn.Module`` to ONNX and (when ``path`` is given) save it with ``save_onnx``.
+
+    ``dynamo=True`` uses the ``torch.export`` based exporter (``optimize`` runs
+    its graph optimizer, which folds BatchNorm into Conv); ``dynamo=False`` the
+    TorchScript exporter. ``dynamic_batch`` makes dimension 0 of every tensor
+    input (and output) dynamic; a batch-1 example is repeated to batch 2 for
+    the dynamo exporter, which would otherwise specialise on the size 1.
+    Inputs are named ``input`` (``input_0``, ``input_1``, ... for several) and
+    outputs ``output`` (``output_0``, ...) unless names are given. Returns the
+    exported ``ModelProto`` (weights in memory).
+    """
+    import torch
+
+    if path is not None:
+        check_output_path(path, force=force, external_data=external_data)
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    tensors = _tensor_args(args)
+    if input_names is None:
+        input_names = ["input"] if len(tensors) == 1 else [f"input_{i}" for i in range(len(tensors))]
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if dynamo:
+                dynamic_shapes = None
+                if dynamic_batch:
+                    batch = torch.export.Dim("batch", min=1)
+                    args = tuple(
+                        a.expand(2, *a.shape[1:]).contiguous() if isinstance(a, torch.Tensor) and a.dim() > 0
+                        and a.shape[0] == 1 else a
+                        for a in args
+                    )
+                    dynamic_shapes = tuple(
+                        {0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args
+                    )
+                program = torch.onnx.export(
+                    model, args, None, dynamo=True, optimize=optimize, opset_version=opset, verbose=False,
+                    input_names=list(input_names), output_names=None if output_names is None else list(output_names),
+                    dynamic_shapes=dynamic_shapes,
+                )
+                if program is None:  # pragma: no cover - torch returns the program when f is None
+                    raise OnnxError("torch.onnx.export returned no program")
+                proto = program.model_proto
+            else:
+                buffer = io.BytesIO()
+                outputs = list(output_names) if output_names is not None else None
+                dynamic_axes: Mapping[str, Mapping[int, str]] | None = None
+                if dynamic_batch:
+                    if outputs is None:
+                        with torch.no_grad():
+                            result = model(*args)
+                        n_out = len(result) if isinstance(result, (tuple, list)) else 1
+                        outputs = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+                    dynamic_axes = {name: {0: "batch"} for name in [*input_names, *outputs]}
+                torch.onnx.export(
+                    model, args, buffer, dynamo=False, opset_version=opset, input_names=list(input_names),
+                    output_names=outputs, dynamic_axes=dynamic_axes, do_constant_folding=True,
+                )
+                proto = onnx.load_from_string(buffer.getvalue())
+    finally:
+        if hasattr(model, "train"):
+            model.train(was_training)
+    if path is not None:
+        save_onnx(proto, path, external_data=external_data, force=force)
+    return proto
