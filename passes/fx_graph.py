@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from xvol_compiler.fold import Branch, ConvGeometry, FoldError
-from xvol_compiler.ops import CONV_TYPES, bn_params, conv_geometry, interleave_groups, pssa_transform
+from xvol_compiler.ops import CONV_TYPES, bn_params, conv_geometry, interleave_groups, padded_conv, pssa_transform
 from xvol_compiler.rules import Rewrite
 
 __all__ = ["FxAdapter"]
@@ -63,6 +63,8 @@ class FxAdapter:
         # Inputs of the interleaved convs this adapter created: (sources, channels).
         self.created: dict[fx.Node, tuple[tuple[fx.Node, ...], tuple[int, ...]]] = {}
         self.replaced_targets: set[str] = set()
+        # Module path each created conv stands for (its site), while it may live under a temporary name.
+        self.origin: dict[fx.Node, str] = {}
 
     # ------------------------------------------------------------------ view
 
@@ -82,9 +84,11 @@ class FxAdapter:
         return view
 
     def _name(self, node: fx.Node) -> str:
+        if node in self.origin:
+            return self.origin[node]
         if node.op == "call_module":
             return str(node.target)
-        if node.op == "call_function" and node.target in _CONV_FUNCTIONS:
+        if node.op == "call_function" and (node.target in _CONV_FUNCTIONS or node.target is padded_conv):
             w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
             if isinstance(w, fx.Node) and w.op == "get_attr":
                 return str(w.target).rsplit(".", 1)[0] if "." in str(w.target) else "<root>"
@@ -120,8 +124,8 @@ class FxAdapter:
             return "other", data_inputs
         if node.op == "call_function":
             target = node.target
-            if target in _CONV_FUNCTIONS:
-                return self._conv_function(node, _CONV_FUNCTIONS[target], calls, attrs)
+            if target in _CONV_FUNCTIONS or target is padded_conv:
+                return self._conv_function(node, calls, attrs)
             if target in _ADD_FUNCTIONS and self._is_plain_add(node):
                 return "add", data_inputs
             if target is pssa_transform:
@@ -176,11 +180,10 @@ class FxAdapter:
                                  None if module.bias is None else module.bias.detach())
         return "conv", sources
 
-    def _conv_function(
-        self, node: fx.Node, ndim: int, calls: Counter, attrs: dict[str, object]
-    ) -> tuple[str, Sequence[fx.Node]]:
-        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-        defaults: dict[str, object] = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+    def _conv_function(self, node: fx.Node, calls: Counter, attrs: dict[str, object]) -> tuple[str, Sequence[fx.Node]]:
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups", "padding_mode")
+        defaults: dict[str, object] = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1,
+                                       "padding_mode": "zeros"}
         args = dict(zip(names, node.args, strict=False))
         args.update(node.kwargs)
         for key, value in defaults.items():
@@ -195,11 +198,12 @@ class FxAdapter:
                 attrs["refusal"] = f"parameter {v.target} is read by {calls[v.target]} nodes"
         w = self._fetch(str(weight.target))
         b = None if bias is None else self._fetch(str(bias.target))
+        ndim = w.dim() - 2
         padding = args["padding"] if isinstance(args["padding"], str) else _tuple(args["padding"], ndim)
         geometry = ConvGeometry(
             in_channels=w.shape[1] * int(args["groups"]), out_channels=w.shape[0], kernel_size=tuple(w.shape[2:]),
             stride=_tuple(args["stride"], ndim), padding=padding, dilation=_tuple(args["dilation"], ndim),
-            groups=int(args["groups"]),
+            groups=int(args["groups"]), padding_mode=str(args["padding_mode"]),
         )
         sources, channels = self._sources(node, geometry.in_channels)
         attrs["branch"] = Branch(sources, channels, geometry, w.detach(), None if b is None else b.detach())
@@ -234,12 +238,15 @@ class FxAdapter:
             conv.weight.copy_(weight)
             conv.bias.copy_(branch.bias)
         conv.eval()
-        owner = self._owned_target(rewrite.anchor)  # type: ignore[arg-type]
+        anchor: fx.Node = rewrite.anchor  # type: ignore[assignment]
+        owner = self.origin.get(anchor) or self._owned_target(anchor)
         sources = tuple(branch.inputs)
         with graph.inserting_before(output):
             inp = sources[0] if len(sources) == 1 else graph.call_function(
                 interleave_groups, (list(sources), g.groups)
             )
+            if inp.op == "call_function":
+                inp.meta["is_wrapped"] = True  # codegen emits fx.wrap, so the result traces again as one node
             name = (owner or "fused_conv").replace(".", "_")
             new = graph.create_node("call_module", "__pending__", (inp,), name=name)
         new.meta = {k: v for k, v in output.meta.items() if k in ("tensor_meta", "nn_module_stack", "val")}
@@ -248,6 +255,7 @@ class FxAdapter:
         # The new conv takes the anchor's module path once nothing else uses it.
         new.target = self._free_target(owner)
         self.gm.add_submodule(str(new.target), conv)
+        self.origin[new] = owner
         if len(sources) > 1:
             self.created[new] = (sources, branch.channels)  # type: ignore[assignment]
 
@@ -282,6 +290,7 @@ class FxAdapter:
                 self.replaced_targets.add(str(node.target))
             graph.erase_node(node)
             self.created.pop(node, None)
+            self.origin.pop(node, None)
             for inp in inputs:
                 dead_helper = inp.op == "get_attr" or (
                     inp.op == "call_function" and inp.target is interleave_groups
@@ -292,7 +301,14 @@ class FxAdapter:
                     graph.erase_node(inp)
 
     def finalize(self) -> fx.GraphModule:
-        """Drop modules nothing calls any more, re-check and recompile."""
+        """Give fused convs their site's path where it is free, drop modules nothing calls, recompile."""
+        for node, owner in self.origin.items():
+            if node.target != owner and owner and self._free_target(owner) == owner:
+                module = self.gm.get_submodule(str(node.target))
+                self.gm.delete_submodule(str(node.target))
+                self.replaced_targets.add(str(node.target))
+                node.target = owner
+                self.gm.add_submodule(owner, module)
         self.gm.delete_all_unused_submodules()
         self.gm.graph.lint()
         self.gm.recompile()

@@ -149,9 +149,32 @@ def interleave_groups(tensors: Sequence[Tensor], groups: int) -> Tensor:
     return torch.cat(parts, dim=2).reshape(n, -1, *spatial)
 
 
+def padded_conv(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, ...],
+    padding: tuple[int, ...] | str,
+    dilation: tuple[int, ...],
+    groups: int,
+    padding_mode: str,
+) -> Tensor:
+    """``F.conv{1,2,3}d`` with a torch padding mode ('zeros', 'reflect', 'replicate', 'circular')."""
+    ndim = weight.dim() - 2
+    if padding_mode == "zeros":
+        return CONV_FNS[ndim](x, weight, bias, stride, padding, dilation, groups)
+    geometry = ConvGeometry(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride,
+                            padding, dilation, groups, padding_mode)
+    pad: list[int] = []
+    for pl, pr in reversed(geometry.pads()):
+        pad += [pl, pr]
+    return CONV_FNS[ndim](F.pad(x, pad, mode=padding_mode), weight, bias, stride, 0, dilation, groups)
+
+
 # Each is one call_function node in an FX trace, so passes can recognise it.
 torch.fx.wrap("pssa_transform")
 torch.fx.wrap("interleave_groups")
+torch.fx.wrap("padded_conv")
 
 
 def conv_geometry(conv: nn.Module) -> ConvGeometry:
@@ -315,11 +338,8 @@ class XVolution(nn.Module):
 
     def _conv(self, x: Tensor) -> Tensor:
         if self.padding_mode != "zeros":
-            pad: list[int] = []
-            for pl, pr in reversed(self.geometry.pads()):
-                pad += [pl, pr]
-            x = F.pad(x, pad, mode=self.padding_mode)
-            return CONV_FNS[self.ndim](x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+            return padded_conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+                               self.padding_mode)
         return CONV_FNS[self.ndim](x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x: Tensor) -> Tensor:
