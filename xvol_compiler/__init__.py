@@ -1,8 +1,10 @@
 """xvol-compiler: insert X-volution into CNNs for training, fuse it into single convolutions for deployment."""
 
 from xvol_compiler.fold import FoldError
+from xvol_compiler.fusion_report import FusionReport
 from xvol_compiler.global_attention import GlobalAttentionXVolution
 from xvol_compiler.ops import XVolution, XVolutionDeploy, interleave_groups, pssa_transform
+from xvol_compiler.passes.fuse_fx import FusionError, FusionVerificationError, fuse, fuse_graph, fuse_with_report
 from xvol_compiler.passes.xvolify import xvolify, xvolify_with_report
 from xvol_compiler.report import SiteReport, TableReport, XvolifyReport, render_table
 from xvol_compiler.sites import ConvInfo, SiteSelection, SiteSelectionError, analyze_model
@@ -10,6 +12,9 @@ from xvol_compiler.sites import ConvInfo, SiteSelection, SiteSelectionError, ana
 __all__ = [
     "ConvInfo",
     "FoldError",
+    "FusionError",
+    "FusionReport",
+    "FusionVerificationError",
     "GlobalAttentionXVolution",
     "SiteReport",
     "SiteSelection",
@@ -19,6 +24,9 @@ __all__ = [
     "XVolutionDeploy",
     "XvolifyReport",
     "analyze_model",
+    "fuse",
+    "fuse_graph",
+    "fuse_with_report",
     "interleave_groups",
     "pssa_transform",
     "render_table",
