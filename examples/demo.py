@@ -103,6 +103,7 @@ def _ort_session(path: Path) -> Any:
 def run(args: argparse.Namespace, console: Console) -> int:
     for name in ARTIFACTS:
         check_writable(args.out / name, force=args.force)
+    args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     kwargs = NO_AUX.get(args.model, {})
     original = torchvision_model(args.model, num_classes=10, **kwargs).eval()

@@ -8,6 +8,8 @@
 - Checkpoints are read with ``torch.load(weights_only=True)`` only (through
   :func:`xvol_compiler.checkpoint.read_checkpoint`) and written with
   :func:`xvol_compiler.checkpoint.save_checkpoint`.
+- ONNX files are read and written by :mod:`xvol_compiler.onnx_io` (``load_onnx``,
+  ``save_onnx``: also atomic, also refusing to overwrite).
 - Models are torchvision classification models built by name with
   ``weights=None`` (nothing is downloaded), or checkpoints written by this
   package, which record how to rebuild their model (:data:`META_KEY`).
@@ -38,8 +40,9 @@ __all__ = [
     "atomic_write_text",
     "check_writable",
     "classification_model_names",
+    "is_classification",
     "load_model",
-    "load_onnx",
+    "model_names",
     "save_model",
     "torchvision_model",
 ]
@@ -85,6 +88,11 @@ def atomic_path(path: str | os.PathLike[str], *, force: bool = False, suffix: st
         yield tmp
         with contextlib.suppress(OSError), open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        # mkstemp creates 0600; give the file the permissions a plain open() would (umask applied).
+        umask = os.umask(0)
+        os.umask(umask)
+        with contextlib.suppress(OSError):
+            os.chmod(tmp, 0o666 & ~umask)
         if force:
             os.replace(tmp, path)
         else:
@@ -130,24 +138,46 @@ def classification_model_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def torchvision_model(name: str, *, num_classes: int = 1000, **kwargs: Any) -> nn.Module:
-    """A torchvision classification model with ``weights=None``; a bad name says which names are close.
+def model_names() -> list[str]:
+    """Every torchvision model name: classification, segmentation, detection, video, optical flow."""
+    import torchvision
 
-    ``kwargs`` go to the model's builder (e.g. ``aux_logits=False`` for googlenet).
+    return sorted(torchvision.models.list_models())
+
+
+def torchvision_model(name: str, *, num_classes: int | None = 1000, **kwargs: Any) -> nn.Module:
+    """A torchvision model by name with ``weights=None`` (and no backbone weights): nothing is downloaded.
+
+    ``num_classes`` applies to classification models (None: the builder's
+    default); ``kwargs`` go to the builder (e.g. ``aux_logits=False`` for
+    googlenet). A bad name raises :class:`InputError` naming the close ones.
     """
     import torchvision
 
-    names = classification_model_names()
-    if name not in names:
-        close = difflib.get_close_matches(name.lower(), names, n=3, cutoff=0.5)
+    if name not in model_names():
+        close = difflib.get_close_matches(name.lower(), model_names(), n=3, cutoff=0.5)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else (
-            "; `python -c 'import torchvision; print(torchvision.models.list_models(module=torchvision.models))'` "
-            "lists them")
-        raise InputError(f"unknown torchvision classification model {name!r}{hint}")
+            "; torchvision.models.list_models() lists them")
+        raise InputError(f"unknown torchvision model {name!r}{hint}")
+    if name in classification_model_names():
+        if num_classes is not None:
+            kwargs.setdefault("num_classes", num_classes)
+    else:
+        kwargs.setdefault("weights_backbone", None)
     try:
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+        try:
+            return torchvision.models.get_model(name, weights=None, **kwargs)
+        except TypeError as err:
+            if "weights_backbone" not in str(err):
+                raise
+            kwargs.pop("weights_backbone")
+            return torchvision.models.get_model(name, weights=None, **kwargs)
     except (ValueError, TypeError) as err:
-        raise InputError(f"cannot build {name} with num_classes={num_classes}: {err}") from err
+        raise InputError(f"cannot build {name} with {kwargs}: {err}") from err
+
+
+def is_classification(name: str) -> bool:
+    return name in classification_model_names()
 
 
 # ---------------------------------------------------------------------------
@@ -190,8 +220,13 @@ class ModelSpec:
             raise InputError(f"{source}: unknown stage {spec.stage!r} (expected one of {STAGES})")
         return spec
 
-    def example_inputs(self, batch: int = 1) -> tuple[torch.Tensor]:
-        return (torch.randn(batch, *self.input_size),)
+    def example_inputs(self, model: nn.Module | None = None, batch: int = 1) -> tuple[Any, ...]:
+        """A random batch of ``input_size`` for classification models; the kind's default input otherwise."""
+        if is_classification(self.model) or model is None:
+            return (torch.randn(batch, *self.input_size),)
+        from xvol_compiler.sites import as_args, default_example_inputs
+
+        return as_args(default_example_inputs(model))
 
 
 def save_model(
@@ -211,7 +246,7 @@ def _rebuild(spec: ModelSpec) -> nn.Module:
         return model
     from xvol_compiler._pending import fuse, xvolify
 
-    example = spec.example_inputs()
+    example = spec.example_inputs(model)
     model = xvolify(model, sites=list(spec.sites), example_inputs=example, **spec.xvolify)
     if spec.stage == "fused":
         # Only the structure matters here: the weights are overwritten by the checkpoint.
@@ -255,19 +290,3 @@ def load_model(
     model = _rebuild(spec)
     load_checkpoint(model, obj, strict=True)
     return model.eval(), spec
-
-
-def load_onnx(path: str | os.PathLike[str]) -> Any:
-    """An ``onnx.ModelProto`` from a file, checked; a missing or corrupt file raises :class:`InputError`."""
-    import onnx
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    try:
-        model = onnx.load(str(path))
-        onnx.checker.check_model(model)
-    except Exception as err:  # protobuf DecodeError, onnx ValidationError ...: all mean "not a usable ONNX file"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"{path} is not a valid ONNX model: {first}") from err
-    return model

@@ -1,0 +1,196 @@
+"""The benchmark behind ``xvol bench`` and ``benchmarks/run.py``: original vs unfused vs fused, per backend.
+
+For one torchvision model: build it (``weights=None``), xvolify it (default
+sites), give every attention BatchNorm a small non-zero scale (so the
+attention branch contributes, as after training: with the gamma = 0 start
+fusion would be checked against a branch that adds nothing), fuse it in FX
+and, for onnxruntime, export the original and the unfused model and fuse
+the latter with ``fuse_onnx``. Wall times and peak memory of the passes are
+recorded; latency is measured interleaved (:func:`measure.interleaved_latency`).
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from xvol_compiler._pending import export_onnx, fuse, fuse_onnx, xvolify
+from xvol_compiler.io import torchvision_model
+from xvol_compiler.measure import Latency, PeakMemory, count_macs, count_params, interleaved_latency, max_error
+from xvol_compiler.ops import XVolution
+
+__all__ = ["BACKENDS", "VARIANTS", "Prepared", "prepare", "prepare_onnx", "time_backend"]
+
+BACKENDS = ("eager", "compile", "onnxruntime")
+VARIANTS = ("original", "unfused", "fused")
+
+
+@dataclass
+class Prepared:
+    """The three variants of one model, and what making them cost."""
+
+    name: str
+    device: torch.device
+    input_size: tuple[int, int, int]
+    models: dict[str, nn.Module]
+    sites: list[str]
+    selection: str
+    params: dict[str, int]
+    macs: dict[str, int]
+    wall_s: dict[str, float] = field(default_factory=dict)
+    peak_bytes: dict[str, int | None] = field(default_factory=dict)
+    errors: dict[str, tuple[float, float]] = field(default_factory=dict)
+    reports: dict[str, Any] = field(default_factory=dict)
+    onnx_paths: dict[str, Path] = field(default_factory=dict)
+    workdir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def mac_floor(self) -> float:
+        """Fused MACs / original MACs: the arithmetic lower bound of the fused latency ratio (SPEC section 4)."""
+        return self.macs["fused"] / self.macs["original"]
+
+    def example(self, batch: int = 1) -> tuple[torch.Tensor]:
+        return (torch.randn(batch, *self.input_size, device=self.device),)
+
+    def close(self) -> None:
+        if self.workdir is not None:
+            self.workdir.cleanup()
+            self.workdir = None
+
+
+def _perturb_attention(model: nn.Module, seed: int = 0) -> None:
+    """Small random scales and statistics on every attention BN, as a trained model would have."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, XVolution):
+                bn = m.attn_bn
+                n = bn.num_features
+                bn.weight.copy_(0.05 * torch.randn(n, generator=gen))
+                bn.bias.copy_(0.01 * torch.randn(n, generator=gen))
+                bn.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
+                bn.running_var.copy_(1 + 0.2 * torch.rand(n, generator=gen))
+
+
+def _peak(mem: PeakMemory) -> int | None:
+    return mem.cuda_bytes if mem.cuda_bytes is not None else mem.host_bytes
+
+
+def prepare(
+    name: str,
+    *,
+    sites: Any = "os16",
+    input_size: Sequence[int] = (3, 224, 224),
+    num_classes: int = 1000,
+    device: str | torch.device = "cpu",
+    rtol: float = 1e-4,
+    seed: int = 0,
+) -> Prepared:
+    """Original, unfused (xvolified, eval) and fused (FX) forms of a torchvision model, on ``device``."""
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    size = tuple(int(v) for v in input_size)
+    original = torchvision_model(name, num_classes=num_classes).eval().to(dev)
+    example = (torch.randn(1, *size, device=dev),)
+    t0 = time.perf_counter()
+    unfused = xvolify(original, sites=sites, example_inputs=example)
+    wall = {"xvolify": time.perf_counter() - t0}
+    report = unfused.xvol_report
+    _perturb_attention(unfused, seed)
+    unfused.eval()
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        fused = fuse(unfused, example_inputs=example, verify=True, rtol=rtol)
+        wall["fuse_fx"] = time.perf_counter() - t0
+    models = {"original": original, "unfused": unfused, "fused": fused}
+    with torch.no_grad():
+        err = max_error(unfused(*example), fused(*example))
+    return Prepared(
+        name=name, device=dev, input_size=size, models=models, sites=list(report.selected_names),
+        selection=report.selection, params={k: count_params(m) for k, m in models.items()},
+        macs={k: count_macs(m, example) for k, m in models.items()}, wall_s=wall,
+        peak_bytes={"fuse_fx": _peak(mem)}, errors={"fx": err},
+        reports={"xvolify": report, "fx": fused.xvol_fusion_report},
+    )
+
+
+def prepare_onnx(p: Prepared, *, rtol: float = 1e-4, opset: int | None = None) -> None:
+    """Export the original and the unfused model, fuse the latter with ``fuse_onnx``; paths in ``p.onnx_paths``."""
+    if p.workdir is None:
+        p.workdir = tempfile.TemporaryDirectory(prefix="xvol-bench-")
+    out = Path(p.workdir.name)
+    example = tuple(t.cpu() for t in p.example())
+    t0 = time.perf_counter()
+    for variant in ("original", "unfused"):
+        model = copy.deepcopy(p.models[variant]).cpu().eval()
+        export_onnx(model, out / f"{variant}.onnx", example, opset=opset, force=True)
+    p.wall_s["export_onnx_x2"] = time.perf_counter() - t0
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        _, report = fuse_onnx(str(out / "unfused.onnx"), verify=True, rtol=rtol, output_path=str(out / "fused.onnx"),
+                              force=True)
+        p.wall_s["fuse_onnx"] = time.perf_counter() - t0
+    p.peak_bytes["fuse_onnx"] = mem.host_bytes
+    p.reports["onnx"] = report
+    p.onnx_paths = {v: out / f"{v}.onnx" for v in VARIANTS}
+
+
+def _ort_session(path: Path, device: torch.device) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.log_severity_level = 3
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(str(path), opts, providers=providers)
+
+
+def time_backend(
+    p: Prepared, backend: str, batch: int, *, repeats: int = 20, warmup: int = 2, check: bool = True,
+) -> tuple[Latency, dict[str, float]]:
+    """Interleaved latency of the three variants on ``backend``; also their max error vs unfused eager.
+
+    ``backend``: ``"eager"``, ``"compile"`` (``torch.compile``, default mode;
+    compilation happens before timing) or ``"onnxruntime"`` (needs
+    :func:`prepare_onnx` first). Returns the latency and, when ``check``, the
+    max relative error of each variant's output against the eager unfused one
+    (the original differs from it by the attention branch: that number is not an error).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+    (x,) = p.example(batch)
+    sync: Callable[[], None] | None = torch.cuda.synchronize if p.device.type == "cuda" else None
+    fns: dict[str, Callable[[], Any]] = {}
+    if backend == "eager":
+        for v in VARIANTS:
+            fns[v] = lambda m=p.models[v]: m(x)
+    elif backend == "compile":
+        for v in VARIANTS:
+            compiled = torch.compile(p.models[v])
+            fns[v] = lambda m=compiled: m(x)
+    else:
+        if not p.onnx_paths:
+            raise ValueError("onnxruntime timing needs prepare_onnx() first")
+        xn = x.cpu().numpy()
+        for v in VARIANTS:
+            session = _ort_session(p.onnx_paths[v], p.device)
+            name = session.get_inputs()[0].name
+            fns[v] = lambda s=session, n=name: s.run(None, {n: xn})[0]
+    errors: dict[str, float] = {}
+    with torch.inference_mode():
+        outs = {v: fn() for v, fn in fns.items()}  # also the first (compiling) call
+        if check:
+            ref = p.models["unfused"](x)
+            errors = {v: max_error(ref, outs[v])[1] for v in ("unfused", "fused")}
+        latency = interleaved_latency(fns, repeats=repeats, warmup=warmup, synchronize=sync)
+    return latency, errors
