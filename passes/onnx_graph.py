@@ -38,6 +38,7 @@ from __future__ import annotations
 import ast
 import math
 import re
+import warnings
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -47,10 +48,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import torch
-from onnx import helper
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from xvol_compiler.fold import BatchNormParams, Branch, ConvGeometry
+from xvol_compiler.onnx_io import model_skeleton
 from xvol_compiler.rules import Rewrite
 
 __all__ = ["ADAPTER_METADATA_KEY", "OnnxGraphAdapter", "conv_geometry_from_onnx", "infer_shapes"]
@@ -70,6 +71,8 @@ _FOLDABLE = {
     "Abs", "ConstantOfShape", "Range", "Tile",
 }
 _SHAPE_ONLY = {("Shape", 0), ("Size", 0), ("CastLike", 1)}  # (op, input): only the tensor's type/shape is read
+_PAD_MODES = {"constant": "zeros", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
+_ONNX_PAD_MODES = {v: k for k, v in _PAD_MODES.items() if k != "constant"}
 _FLOAT_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
                  np.dtype(np.float64): torch.float64}
 _FOLD_ELEMENT_LIMIT = 1 << 26  # do not evaluate constant subgraphs larger than this (elements)
@@ -85,22 +88,7 @@ class _Interleaved:
 def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | str | None, ...]]:
     """Tensor name -> shape by ONNX shape inference, run on a weight-free skeleton of the model
     (large initializers become typed graph inputs), so it is fast and works past 2 GiB."""
-    skeleton = onnx.ModelProto()
-    skeleton.ir_version = model.ir_version
-    skeleton.opset_import.extend(model.opset_import)
-    skeleton.functions.extend(model.functions)
-    graph = skeleton.graph
-    src = model.graph
-    graph.node.extend(src.node)
-    graph.input.extend(src.input)
-    graph.output.extend(src.output)
-    graph.value_info.extend(src.value_info)
-    input_names = {i.name for i in src.input}
-    for init in src.initializer:
-        if math.prod(init.dims) <= 64 and init.data_location != onnx.TensorProto.EXTERNAL:
-            graph.initializer.append(init)
-        elif init.name not in input_names:
-            graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    skeleton = model_skeleton(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
     except Exception:  # shapes are optional information (MAC counts, auto_pad)
@@ -127,11 +115,19 @@ def _ints(value: object, n: int, default: int) -> tuple[int, ...]:
 
 
 def conv_geometry_from_onnx(
-    attrs: Mapping[str, object], weight_shape: Sequence[int], input_spatial: Sequence[int | str | None] | None = None
+    attrs: Mapping[str, object],
+    weight_shape: Sequence[int],
+    input_spatial: Sequence[int | str | None] | None = None,
+    *,
+    extra_pads: Sequence[tuple[int, int]] | None = None,
+    padding_mode: str = "zeros",
 ) -> tuple[ConvGeometry | None, str | None]:
     """ConvGeometry of an ONNX ``Conv`` (attributes + weight shape), or (None, why) when its
     padding cannot be expressed exactly (asymmetric pads other than torch's 'same' split,
-    SAME_LOWER with an odd total, auto_pad with stride > 1 on an unknown input size)."""
+    SAME_LOWER with an odd total, auto_pad with stride > 1 on an unknown input size).
+
+    ``extra_pads``/``padding_mode`` describe a ``Pad`` node the conv reads through (absorbed
+    into the geometry): zero pads add to the conv's own, other modes need the conv's own to be 0."""
     ndim = len(weight_shape) - 2
     if ndim < 1:
         return None, f"Conv weight of rank {len(weight_shape)}"
@@ -163,6 +159,10 @@ def conv_geometry_from_onnx(
             pairs.append((small, big) if auto_pad == "SAME_UPPER" else (big, small))
     else:
         return None, f"unknown auto_pad {auto_pad!r}"
+    if extra_pads is not None:
+        if padding_mode != "zeros" and any(p != (0, 0) for p in pairs):
+            return None, f"zero padding on top of a {padding_mode} Pad"
+        pairs = [(a + c, b + d) for (a, b), (c, d) in zip(pairs, extra_pads, strict=True)]
     padding: tuple[int, ...] | str
     if all(a == b for a, b in pairs):
         padding = tuple(a for a, _ in pairs)
@@ -173,7 +173,7 @@ def conv_geometry_from_onnx(
         return None, f"asymmetric pads {[list(p) for p in pairs]} cannot be folded exactly"
     geometry = ConvGeometry(
         in_channels=int(weight_shape[1]) * group, out_channels=int(weight_shape[0]), kernel_size=kernel,
-        stride=stride, padding=padding, dilation=dilation, groups=group,
+        stride=stride, padding=padding, dilation=dilation, groups=group, padding_mode=padding_mode,
     )
     return geometry, None
 
@@ -217,6 +217,8 @@ class OnnxGraphAdapter:
         self._interleave_cache: dict[tuple[tuple[str, ...], int], gs.Variable] = {}
         self._hidden: set[str] = set()  # tensors of our interleave constructions: not in the view
         self._const_cache: dict[str, np.ndarray | None] = {}
+        self._is_const_cache: dict[str, bool] = {}  # tensor names are never reused (see _fresh)
+        self._name_cache: dict[int, tuple[gs.Node, str]] = {}
         self._branch_cache: dict[int, tuple[gs.Node, Branch | None, str | None]] = {}
         self._names: set[str] = set()
         for t in self.graph.tensors().values():
@@ -234,6 +236,12 @@ class OnnxGraphAdapter:
             return True
         if not t.name or len(t.inputs) != 1 or depth > 32:
             return False
+        cached = self._is_const_cache.get(t.name)
+        if cached is None:
+            cached = self._is_const_cache[t.name] = self._compute_is_const(t, depth)
+        return cached
+
+    def _compute_is_const(self, t: gs.Tensor, depth: int) -> bool:
         node = t.inputs[0]
         if node.domain not in (None, "", "ai.onnx"):
             return False
@@ -321,12 +329,21 @@ class OnnxGraphAdapter:
         return dict(props)
 
     def _name(self, node: gs.Node) -> str:
-        return _scope_name(node, self._metadata_of(node))
+        cached = self._name_cache.get(id(node))
+        if cached is None or cached[0] is not node:
+            cached = self._name_cache[id(node)] = (node, _scope_name(node, self._metadata_of(node)))
+        return cached[1]
 
     def _torch(self, value: np.ndarray) -> torch.Tensor | None:
         if value.dtype not in _FLOAT_DTYPES:
             return None
-        return torch.from_numpy(np.array(value, copy=True))
+        if not value.flags.writeable:
+            # Weights loaded from the model are read-only views of its bytes; the fold math never
+            # writes into its inputs, so share them instead of copying (torch only warns about it).
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.from_numpy(np.ascontiguousarray(value))
+        return torch.from_numpy(np.ascontiguousarray(value))
 
     def _conv_branch(self, node: gs.Node) -> tuple[Branch | None, str | None]:
         cached = self._branch_cache.get(id(node))
@@ -352,7 +369,16 @@ class OnnxGraphAdapter:
             return None, f"{self._name(node)}: bias shape {tuple(bias.shape)} does not match the weight"
         x_shape = self._shape(x)
         spatial = None if x_shape is None or len(x_shape) < 3 else x_shape[2:]
-        geometry, why = conv_geometry_from_onnx(node.attrs, tuple(weight.shape), spatial)
+        geometry, why = None, None
+        absorbed = self._absorbable_pad(x, weight.dim() - 2)
+        if absorbed is not None:
+            extra, mode, source = absorbed
+            geometry, _ = conv_geometry_from_onnx(node.attrs, tuple(weight.shape), spatial, extra_pads=extra,
+                                                  padding_mode=mode)
+            if geometry is not None:
+                x = source
+        if geometry is None:
+            geometry, why = conv_geometry_from_onnx(node.attrs, tuple(weight.shape), spatial)
         if geometry is None:
             return None, f"{self._name(node)}: {why}"
         info = self._interleaved.get(x.name)
@@ -361,6 +387,46 @@ class OnnxGraphAdapter:
         else:
             inputs, channels = (x.name,), (geometry.in_channels,)
         return Branch(inputs, channels, geometry, weight, bias), None
+
+    def _absorbable_pad(self, x: gs.Tensor, ndim: int) -> tuple[list[tuple[int, int]], str, gs.Tensor] | None:
+        """(spatial pads, torch padding_mode, source) when ``x`` is a spatial-only ``Pad`` of an
+        activation with constant pads (zero value in constant mode): a conv reading it is a conv
+        with that padding over the source."""
+        if len(x.inputs) != 1:
+            return None
+        pad = x.inputs[0]
+        if pad.op != "Pad" or pad.domain not in (None, "", "ai.onnx") or len(pad.inputs) < 2:
+            return None
+        source = pad.inputs[0]
+        if self._is_const(source):
+            return None
+        mode = pad.attrs.get("mode", "constant")
+        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        if mode not in _PAD_MODES:
+            return None
+        pads = self.const(pad.inputs[1]) if pad.inputs[1].name else None
+        if pads is None:
+            return None
+        if mode == "constant" and len(pad.inputs) > 2 and pad.inputs[2].name:
+            value = self.const(pad.inputs[2])
+            if value is None or bool(np.any(value != 0)):
+                return None
+        rank = ndim + 2
+        pads = [int(p) for p in np.asarray(pads).reshape(-1)]
+        axes = list(range(rank))
+        if len(pad.inputs) > 3 and pad.inputs[3].name:
+            axes_value = self.const(pad.inputs[3])
+            if axes_value is None:
+                return None
+            axes = [int(a) % rank for a in np.asarray(axes_value).reshape(-1)]
+        if len(pads) != 2 * len(axes):
+            return None
+        begin, end = [0] * rank, [0] * rank
+        for i, axis in enumerate(axes):
+            begin[axis], end[axis] = pads[i], pads[len(axes) + i]
+        if begin[:2] != [0, 0] or end[:2] != [0, 0] or min(begin + end) < 0:
+            return None
+        return list(zip(begin[2:], end[2:], strict=True)), _PAD_MODES[mode], source
 
     def _bn_params(self, node: gs.Node) -> tuple[BatchNormParams | None, str | None]:
         if int(node.attrs.get("training_mode", 0)):
@@ -443,11 +509,10 @@ class OnnxGraphAdapter:
 
     def _sources(self, node: gs.Node) -> list[str]:
         """The activation tensors a node reads (the interleaved originals for our convs)."""
-        if node.op == "Conv" and node.inputs and node.inputs[0].name in self._interleaved:
+        if node.op == "Conv" and node.domain in (None, "", "ai.onnx") and len(node.inputs) > 1:
             branch, _ = self._conv_branch(node)
-            first = list(branch.inputs) if branch is not None else [node.inputs[0].name]
-            rest = [t.name for t in node.inputs[1:] if t.name and not self._is_const(t)]
-            return list(dict.fromkeys([*first, *rest]))  # type: ignore[list-item]
+            if branch is not None:  # (weights are constants: the branch's inputs are all it reads)
+                return [str(k) for k in branch.inputs]
         names = [t.name for t in node.inputs if t.name and not self._is_const(t)]
         return list(dict.fromkeys(names))
 
@@ -530,7 +595,7 @@ class OnnxGraphAdapter:
         w_np = self.const(w_old)
         dtype = np.dtype(np.float32) if w_np is None else w_np.dtype
         weight = gs.Constant(self._fresh(w_old.name or f"{base}.weight"),
-                             np.ascontiguousarray(branch.weight.detach().cpu().numpy().astype(dtype)))
+                             np.ascontiguousarray(branch.weight.detach().cpu().numpy().astype(dtype, copy=False)))
         bias_values = torch.zeros(g.out_channels) if branch.bias is None else branch.bias
         b_old = anchor.inputs[2] if len(anchor.inputs) > 2 and anchor.inputs[2].name else None
         if isinstance(b_old, gs.Constant):
@@ -540,8 +605,16 @@ class OnnxGraphAdapter:
         else:
             bias_name = f"{w_old.name or base}.bias"
         bias = gs.Constant(self._fresh(bias_name),
-                           np.ascontiguousarray(bias_values.detach().cpu().numpy().astype(dtype)))
+                           np.ascontiguousarray(bias_values.detach().cpu().numpy().astype(dtype, copy=False)))
         pads = g.pads()
+        if g.padding_mode != "zeros":
+            # reflect / replicate / circular: an explicit Pad of the (interleaved) input, as the exporters emit.
+            padded = gs.Variable(self._fresh(f"{base}/padded"), dtype=x.dtype)
+            amounts = self._int64(f"{base}/pads", [0, 0, *(p for p, _ in pads), 0, 0, *(p for _, p in pads)])
+            new_nodes.append(gs.Node("Pad", self._fresh(f"{base}/Pad"), {"mode": _ONNX_PAD_MODES[g.padding_mode]},
+                                     [x, amounts], [padded]))
+            self._hidden.add(padded.name)
+            x, pads = padded, tuple((0, 0) for _ in pads)
         attrs = {
             "dilations": list(g.dilation),
             "group": int(g.groups),

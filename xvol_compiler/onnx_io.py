@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import tempfile
 import warnings
@@ -36,6 +37,7 @@ __all__ = [
     "external_data_path",
     "load_onnx",
     "model_data_bytes",
+    "model_skeleton",
     "save_onnx",
     "uses_external_data",
 ]
@@ -92,6 +94,32 @@ def model_data_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
+def model_skeleton(model: onnx.ModelProto, keep_elements: int = 64) -> onnx.ModelProto:
+    """The model without its large weights: initializers over ``keep_elements`` elements (or stored
+    externally) become typed graph inputs. Checking and shape inference on it are fast and work
+    for models over 2 GiB; small (shape-like) initializers are kept so shapes still propagate."""
+    skeleton = onnx.ModelProto()
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(skeleton, field, getattr(model, field))
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    src, graph = model.graph, skeleton.graph
+    graph.name = src.name
+    graph.node.extend(src.node)
+    graph.input.extend(src.input)
+    graph.output.extend(src.output)
+    graph.value_info.extend(src.value_info)
+    graph.sparse_initializer.extend(src.sparse_initializer)
+    input_names = {i.name for i in src.input}
+    for init in src.initializer:
+        small = math.prod(init.dims) <= keep_elements and init.data_location != onnx.TensorProto.EXTERNAL
+        if small:
+            graph.initializer.append(init)
+        elif init.name not in input_names:
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return skeleton
+
+
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
     return text if len(text) <= 300 else text[:297] + "..."
@@ -103,7 +131,7 @@ def _validate(model: onnx.ModelProto, where: str) -> None:
     if not model.graph.output:
         raise OnnxFileError(f"{where} is not a usable ONNX model: the graph has no outputs")
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(model_skeleton(model))
     except onnx.checker.ValidationError as err:
         raise OnnxFileError(f"{where} is not a valid ONNX model: {_one_line(err)}") from err
 
