@@ -45,15 +45,16 @@ def build_model(name: str = "resnet18", policy: str = "os16", *, num_classes: in
 
 
 @torch.no_grad()
-def fuse_for_deploy(model: nn.Module, example_inputs: torch.Tensor) -> nn.Module:
+def fuse_for_deploy(model: nn.Module, example_inputs: torch.Tensor, *, verify: bool = True) -> nn.Module:
     """Deploy form of an eval-mode model (a copy): ``xvol_compiler.fuse`` when the package has it.
 
     Otherwise every X-volution site is replaced by ``XVolution.fuse()`` (module
-    level; the rest of the network is left as it is).
+    level; the rest of the network is left as it is). ``verify`` is passed to
+    ``xvol_compiler.fuse`` (compare fused and unfused on ``example_inputs``).
     """
     fuse = getattr(xvol_compiler, "fuse", None)
     if fuse is not None:
-        return fuse(model, example_inputs=(example_inputs,))
+        return fuse(model, example_inputs=(example_inputs,), verify=verify)
     fused = copy.deepcopy(model).eval()
     for name in site_names(fused):
         parent_name, _, attr = name.rpartition(".")

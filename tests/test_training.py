@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tests.strategies import randomize_bn, rel_err
-from xvol_compiler import XVolution, pssa_transform, xvolify
+from xvol_compiler import XVolution, fuse, pssa_transform, xvolify
 from xvol_compiler.checkpoint import (
     CheckpointError,
     convert_sync_batchnorm,
@@ -23,7 +23,6 @@ from xvol_compiler.checkpoint import (
     strip_wrapper_prefixes,
     sync_batchnorm_supported,
 )
-from xvol_compiler.passes.fuse_fx import fuse
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from classifiers import build_model, fuse_for_deploy, parameter_checksum, site_names
