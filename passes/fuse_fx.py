@@ -50,7 +50,9 @@ def fuse_graph(
 
 
 def _has_foldable(module: nn.Module) -> bool:
-    return any(isinstance(m, (nn.modules.batchnorm._BatchNorm, XVolution)) for m in module.modules())
+    """Whether tracing can find anything: a BatchNorm, an X-volution site or convs (branch sums)."""
+    kinds = (nn.modules.batchnorm._BatchNorm, XVolution, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    return any(isinstance(m, kinds) for m in module.modules())
 
 
 def _set_path(root: nn.Module, path: str, value: nn.Module | torch.Tensor | None) -> None:

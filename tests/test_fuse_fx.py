@@ -29,7 +29,7 @@ def _simulate_training(model: nn.Module, seed: int) -> nn.Module:
     randomize_bn(model, seed)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() > 1:  # conv kernels, scaled so activations stay O(1)
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) / p[0].numel() ** 0.5)
     return model.eval()
@@ -146,16 +146,6 @@ class ConvUsedTwice(nn.Module):
         return self.bn(y) * y
 
 
-class StrideMismatch(nn.Module):
-    def __init__(self, stride: int, padding: int) -> None:
-        super().__init__()
-        self.a = nn.Conv2d(4, 4, 3, padding=1)
-        self.b = nn.Conv2d(4, 4, 1, stride=stride, padding=padding)
-
-    def forward(self, x):
-        return self.a(x) + self.b(x)
-
-
 def _unchanged(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, object]:
     fused, report = fuse_with_report(_simulate_training(model, 0), example_inputs=(x,))
     assert rel_err(fused(x), model(x)) <= 1e-5
@@ -174,16 +164,28 @@ def test_fuse_refuses_conv_output_used_elsewhere():
     assert any("also used elsewhere" in o.reason for o in report.refused), str(report)
 
 
-@pytest.mark.parametrize(("stride", "padding", "reason"), [(2, 0, "stride mismatch"), (1, 1, "misaligned")])
-def test_fuse_refuses_misaligned_branches(stride, padding, reason):
-    x = torch.randn(1, 4, 9, 9)
-    model = StrideMismatch(stride, padding)
-    if stride == 2:
-        # shapes differ: the sum itself is not computable, so use matching shapes via the 3x3 stride
-        model.a = nn.Conv2d(4, 4, 3, stride=2, padding=1)
-        model.b = nn.Conv2d(4, 4, 1, stride=1, padding=0)
-        x = torch.randn(1, 4, 1, 1)
-    fused, report = _unchanged(model, x)
+class TwoBranches(nn.Module):
+    def __init__(self, a: nn.Conv2d, b: nn.Conv2d) -> None:
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+# Pairs whose outputs have equal shapes but which are not one convolution.
+MISMATCHED = {
+    "stride mismatch": (nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.Conv2d(4, 4, 1), 1),
+    "dilation mismatch": (nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=2, dilation=2), 9),
+    "misaligned": (nn.Conv2d(4, 4, 3, stride=3), nn.Conv2d(4, 4, 1, stride=3), 6),
+}
+
+
+@pytest.mark.parametrize("reason", sorted(MISMATCHED))
+def test_fuse_refuses_mismatched_branches(reason):
+    a, b, size = MISMATCHED[reason]
+    x = torch.randn(1, 4, size, size)
+    fused, report = _unchanged(TwoBranches(copy.deepcopy(a), copy.deepcopy(b)), x)
     assert len(_convs(fused)) == 2
     assert any(reason in o.reason for o in report.refused), str(report)
 
@@ -214,6 +216,21 @@ def test_fuse_graph_module_in_graph_module_out():
     assert isinstance(gm, fx.GraphModule)
     assert report.count("x-volution") == 1 and report.count("conv+bn") == 2
     assert rel_err(gm(x), model(x)) <= 1e-5
+
+
+@torch.no_grad()
+def _move_bn_statistics(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Training-mode forwards move the running statistics; affine values and BN_a gammas get random values."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = 0.5
+            m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    model.train()
+    for _ in range(3):
+        model(torch.randn(x.shape, generator=g))
+    return model.eval()
 
 
 def _train_briefly(model: nn.Module, size: int, steps: int = 2) -> nn.Module:
@@ -265,7 +282,8 @@ def test_fuse_resnet50_all_sites_and_bns():
     model = _train_briefly(_xvolify_os16(torchvision.models.resnet50(), 64), 64)
     x = torch.randn(1, 3, 64, 64)
     fused, report = fuse_with_report(model, example_inputs=(x,))
-    assert report.count("x-volution") == 6 and report.count("conv+bn") == 53
+    # 53 BatchNorms of ResNet-50 and the 6 attention-branch BNs
+    assert report.count("x-volution") == 6 and report.count("conv+bn") == 53 + 6
     assert not _bns(fused)
     assert rel_err(fused(x), model(x)) <= 1e-4
 
@@ -282,10 +300,9 @@ def test_fuse_segmentation_and_detection_backbones(part):
 
     x = torch.randn(1, 3, 96, 96)
     model = xvolify(backbone, sites="all", example_inputs=(x,))
-    _simulate_training(model, 1)
-    randomize_bn(model, 1)
+    _move_bn_statistics(model, x)
     ref = model(x)
-    fused, report = fuse_with_report(model, example_inputs=(x,), rtol=1e-3)
+    fused, report = fuse_with_report(model, example_inputs=(x,))
     assert report.count("x-volution") >= 1
     assert rel_err(torch.cat([t.flatten() for t in fused(x).values()]),
                    torch.cat([t.flatten() for t in ref.values()])) <= 1e-4
