@@ -199,8 +199,11 @@ def run(args: argparse.Namespace, rank: int, world_size: int, device: torch.devi
         metadata = {**settings, "autocast": bool(args.autocast), "sync_bn": sync, "torch": str(torch.__version__),
                     "sites_list": site_names(model)}
         save_checkpoint(ckpt_path, ddp, optimizer, step=args.steps, metadata=metadata, force=args.force)
-        (args.out / CHECKSUMS_NAME).write_text(json.dumps(
-            {"step": args.steps, "agree": agree, "ranks": gathered, "elapsed_s": elapsed}, indent=1))
+        sums = args.out / CHECKSUMS_NAME
+        tmp = sums.with_name(f".{sums.name}.tmp")
+        tmp.write_text(json.dumps({"step": args.steps, "agree": agree, "ranks": gathered, "elapsed_s": elapsed},
+                                  indent=1))
+        os.replace(tmp, sums)
         log.info("wrote %s", ckpt_path)
     dist.barrier()
     return status

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -210,6 +212,9 @@ def test_save_checkpoint_is_atomic_and_refuses_to_overwrite(tmp_path: Path, monk
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     path = save_checkpoint(tmp_path / "sub" / "ckpt.pt", net, opt, step=4, metadata={"name": "x", "sizes": [1, 2]})
     before = path.read_bytes()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600
     ckpt = read_checkpoint(path)
     assert ckpt["format"] == "xvol-checkpoint/1" and ckpt["step"] == 4
     assert ckpt["metadata"] == {"name": "x", "sizes": [1, 2]}

@@ -231,6 +231,19 @@ def _check_plain(obj: Any, where: str) -> None:
     )
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask is a set-and-get)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_checkpoint(
     path: str | os.PathLike[str],
     model: nn.Module | Mapping[str, Tensor],
@@ -272,6 +285,7 @@ def save_checkpoint(
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         if force:
             os.replace(tmp, path)
         else:
