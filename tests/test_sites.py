@@ -342,7 +342,7 @@ def test_fx_and_hook_analysis_agree(plan: NetPlan) -> None:
     model, x = _make(plan)
     fx = analyze_model(model, x, analysis="fx")
     hooks = analyze_model(model, x, analysis="hooks")
-    assert fx.path == "fx-shapeprop" and hooks.path == "hooks"
+    assert fx.path == "fx+hooks" and hooks.path == "hooks"
     assert fx.total_macs == hooks.total_macs
     for name in plan.convs:
         assert fx.convs[name].calls == hooks.convs[name].calls
@@ -423,7 +423,7 @@ def test_functional_and_custom_convs_are_reported() -> None:
 
     model = Net().eval()
     found = analyze_model(model, torch.randn(1, 3, 16, 16))
-    assert found.path == "fx-shapeprop"
+    assert found.path == "fx+hooks"
     assert len(found.functional_convs) == 1 and "output stride 2" in found.functional_convs[0]
     assert found.convs["ws"].calls, "a conv subclass is a leaf: its calls are recorded"
     decisions = {d.info.name: d for d in select_sites(model, found, "all")}

@@ -5,9 +5,11 @@ Analysis (:func:`analyze_model`) runs the model once in eval mode under
 convolution and linear module. Hooks see every call of every module, also
 modules called from Python loops (detection heads) and models that do not
 trace. When the whole model traces with ``torch.fx`` (convolutions kept as
-leaf modules), that forward runs through an FX interpreter instead, which
-also records functional convolutions (``F.conv2d`` outside a module: cannot
-be swapped, so reported); FX is never required.
+leaf modules; analysis path ``"fx+hooks"``), the graph is searched for
+functional convolutions (``F.conv2d`` outside a module: they cannot be
+swapped, so they are reported, with their output strides from running the
+graph through an FX interpreter); FX is never required: a model that does
+not trace is analysed by hooks alone (path ``"hooks"``).
 
 Definitions (documented in README, section "xvolify"):
 
@@ -81,6 +83,7 @@ Stride = float | tuple[float, ...]
 ModelKind = Literal["classification", "segmentation", "detection", "video", "optical_flow", "image", "sequence"]
 KINDS: tuple[str, ...] = ("classification", "segmentation", "detection", "video", "optical_flow", "image", "sequence")
 AnalysisMode = Literal["auto", "hooks", "fx"]
+_FULL_SIZE_VIDEO = {"S3D", "MViT"}
 
 
 class SiteSelectionError(ValueError):
@@ -121,7 +124,8 @@ def default_example_inputs(model: nn.Module, kind: str | None = None) -> Tensor 
     """Default inputs per kind, on the model's device and dtype.
 
     classification/segmentation/image: 1x3x224x224; detection: ``[3x224x224]``
-    (a list with one image); video: 1x3x8x112x112; optical flow: two
+    (a list with one image); video: 1x3x8x112x112 (torchvision's S3D and
+    MViT, whose pools/reshapes are sized for it: 1x3x16x224x224); optical flow: two
     1x3x224x224 images; sequence (Conv1d): 1xCx224. For models outside
     torchvision C is the first conv's ``in_channels``, else 3.
     """
@@ -140,6 +144,8 @@ def default_example_inputs(model: nn.Module, kind: str | None = None) -> Tensor 
     if kind == "detection":
         return [rand(c, 224, 224)]
     if kind == "video":
+        if type(model).__name__ in _FULL_SIZE_VIDEO:  # pools/reshapes sized for 16x224x224 clips
+            return rand(1, c, 16, 224, 224)
         return rand(1, c, 8, 112, 112)
     if kind == "optical_flow":
         return (rand(1, c, 224, 224), rand(1, c, 224, 224))
@@ -406,18 +412,19 @@ def analyze_model(
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         graph = _LeafTracer().trace(model)
-                    gm = torch.fx.GraphModule(model, graph)
-                    recorder = _FxRecorder(gm)
-                    recorder.run(*args)
-                    functional = recorder.functional
-                    ran, path = True, "fx-shapeprop"
+                    path = "fx+hooks"
+                    if any(n.op == "call_function" and n.target in _FUNCTIONAL_CONVS for n in graph.nodes):
+                        # Only then is the (slower) interpreter needed: it records the functional calls' shapes.
+                        recorder = _FxRecorder(torch.fx.GraphModule(model, graph))
+                        recorder.run(*args)
+                        functional, ran = recorder.functional, True
                 except Exception as err:  # any tracing failure falls back to plain hooks
                     if analysis == "fx":
                         raise SiteSelectionError(
                             f"analysis='fx' but the model does not trace or run under torch.fx: "
                             f"{type(err).__name__}: {err}; use analysis='auto' or 'hooks'"
                         ) from err
-                    note = f"fx trace failed ({type(err).__name__}), forward hooks used"
+                    path, note = "hooks", f"fx trace failed ({type(err).__name__}), forward hooks used"
                     for lst in calls.values():
                         lst.clear()
                     first_input.clear()
