@@ -19,6 +19,7 @@ command that produced it.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import statistics
 import sys
@@ -103,7 +104,17 @@ def mean_std(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
-def table(args: argparse.Namespace, runs: list[Run], command: str, wall_s: float) -> str:
+def paired_t(diffs: list[float]) -> tuple[float, float]:
+    """(t statistic of the mean paired difference, two-sided 95% critical value for len - 1 degrees of freedom)."""
+    from scipy.stats import t as student_t  # scipy comes with scikit-learn
+
+    n = len(diffs)
+    sd = statistics.stdev(diffs)
+    t = statistics.mean(diffs) / (sd / n**0.5) if sd > 0 else float("inf")
+    return t, float(student_t.ppf(0.975, n - 1))
+
+
+def table(args: argparse.Namespace, runs: list[Run], command: str, wall_s: float, load: float) -> str:
     by_policy = {q: [r for r in runs if r.policy == q] for q in args.policies}
     base = {r.seed: r.accuracy for r in by_policy.get("none", [])}
     fuse_path = "xvol_compiler.fuse (whole model)" if hasattr(xvol_compiler, "fuse") else \
@@ -112,8 +123,8 @@ def table(args: argparse.Namespace, runs: list[Run], command: str, wall_s: float
     lines = [
         f"# Accuracy study: {args.model} on the scikit-learn digits set",
         "",
-        f"Produced by `{command}` (torch {torch.__version__}, {args.threads} CPU threads, "
-        f"{wall_s / 60:.1f} min wall).",
+        f"Produced by `{command}` (torch {torch.__version__}, {args.threads} CPU thread(s), "
+        f"{wall_s / 60:.1f} min wall; load average {load:.1f} when it started).",
         "",
         f"Budget, fixed before looking at results: {args.image_size} px images, batch {args.batch_size}, "
         f"{args.epochs} epochs ({steps} SGD steps: lr {args.lr}, momentum 0.9, weight decay 1e-4), no augmentation; "
@@ -122,16 +133,20 @@ def table(args: argparse.Namespace, runs: list[Run], command: str, wall_s: float
         "network weights and sees the same batches. Test accuracy in %, mean ± sample std over seeds; "
         "Δ is the per-seed difference to the baseline (paired), mean ± std.",
         "",
-        "| policy | sites | params | test accuracy % | Δ vs baseline (pp) | per seed | fused accuracy % "
-        "| differing fused predictions | max fused/unfused logit rel. diff |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| policy | sites | params | test accuracy % | Δ vs baseline (pp) | paired t (95%) | per seed "
+        "| fused accuracy % | differing fused predictions | max fused/unfused logit rel. diff |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for q, rs in by_policy.items():
         accs = [r.accuracy for r in rs]
-        delta = "—"
+        delta, tstat = "—", "—"
         if q != "none" and base:
             d = [r.accuracy - base[r.seed] for r in rs if r.seed in base]
-            delta = f"{100 * statistics.mean(d):+.2f} ± {100 * statistics.stdev(d):.2f}" if len(d) > 1 else "—"
+            if len(d) > 2:
+                delta = f"{100 * statistics.mean(d):+.2f} ± {100 * statistics.stdev(d):.2f}"
+                t, crit = paired_t(d)
+                verdict = "significant" if abs(t) > crit else "not significant"
+                tstat = f"{t:+.2f} ({verdict}: needs t beyond ±{crit:.2f})"
         if rs[0].sites:
             fused = mean_std([r.fused_accuracy for r in rs if r.fused_accuracy is not None])
             differing = f"{sum(r.differing or 0 for r in rs)} of {sum(r.n_test for r in rs)}"
@@ -140,7 +155,7 @@ def table(args: argparse.Namespace, runs: list[Run], command: str, wall_s: float
             fused, differing, err = "—", "—", "—"
         per_seed = " / ".join(f"{100 * a:.1f}" for a in accs)
         lines.append(f"| {POLICY_TEXT.get(q, q)} | {rs[0].sites} | {rs[0].params / 1e6:.2f}M | {mean_std(accs)} "
-                     f"| {delta} | {per_seed} | {fused} | {differing} | {err} |")
+                     f"| {delta} | {tstat} | {per_seed} | {fused} | {differing} | {err} |")
     mean_train = statistics.mean(r.train_s for r in runs)
     lines += [
         "",
@@ -156,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     command = "python examples/accuracy_study.py" + ("" if not sys.argv[1:] else " " + shlex.join(sys.argv[1:]))
     runs = []
+    load = os.getloadavg()[0]
     start = time.perf_counter()
     for seed in args.seeds:
         for policy in args.policies:
@@ -164,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             fused = "" if run.fused_accuracy is None else (
                 f", fused {100 * run.fused_accuracy:.2f}% ({run.differing} differing predictions)")
             print(f"seed {seed} {policy:7s} {100 * run.accuracy:.2f}%{fused}  [{run.train_s:.0f} s]", flush=True)
-    text = table(args, runs, command, time.perf_counter() - start)
+    text = table(args, runs, command, time.perf_counter() - start, load)
     print()
     print(text)
     if str(args.out) != "-":

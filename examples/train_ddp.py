@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="per rank")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--out", type=Path, default=Path("checkpoints/ddp"), help="directory for the checkpoint")
+    p.add_argument("--out", type=Path, default=Path("out/ddp"), help="directory for the checkpoint (default out/ddp)")
     p.add_argument("--resume", type=Path, default=None, help="checkpoint to continue from")
     p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint in --out")
     p.add_argument("--autocast", action="store_true", help="forward in bfloat16 under torch.autocast")
