@@ -15,9 +15,9 @@ Definitions (documented in README, section "xvolify"):
 
 - **reference resolution**, per number of spatial dimensions n: the spatial
   size of the first positional input tensor with n + 2 dimensions (the
-  network input); when there is none (detection models take a list of 3-D
-  images and resize them inside, ``GeneralizedRCNNTransform``), the input of
-  the first conv call of that kind: the image as the network sees it.
+  network input); for detection models (they resize their images inside,
+  ``GeneralizedRCNNTransform``) and when there is no such tensor, the input
+  of the first conv call of that kind: the image as the network sees it.
   Override with ``reference_size``.
 - **output stride** of a call: reference size / output size, per spatial
   axis (Conv2d: H, W; Conv1d: length; Conv3d: H, W, the last two axes; the
@@ -445,7 +445,7 @@ def analyze_model(
             m.training = flag
 
     refs: dict[int, tuple[int, ...]] = dict(first_input)
-    for nd in list(refs):
+    for nd in list(refs) if kind != "detection" else ():  # detection models resize their input inside
         direct = next((a for a in args if isinstance(a, Tensor) and a.dim() == nd + 2), None)
         if direct is not None:
             refs[nd] = tuple(direct.shape[2:])
