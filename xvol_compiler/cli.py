@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import re
 import sys
@@ -419,6 +420,7 @@ def cmd_bench(args: argparse.Namespace, out: Output) -> int:
     unknown = set(backends) - set(BACKENDS)
     if unknown:
         raise ValueError(f"unknown backend(s) {sorted(unknown)}; choose from {', '.join(BACKENDS)}")
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" on CPU machines
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -447,7 +449,7 @@ def cmd_bench(args: argparse.Namespace, out: Output) -> int:
     out.json(data)
     caption = (f"{len(p.sites)} sites ({p.selection}); params {' / '.join(format_count(v) for v in p.params.values())}"
                f"; MACs {' / '.join(format_count(v) for v in p.macs.values())} (original / unfused / fused); "
-               f"median of {args.repeats} interleaved rounds; IQR of per-round ratios")
+               f"ratios: median and IQR of the per-round ratios over {args.repeats} interleaved rounds")
     out.print(_rich_table(
         ["backend", "batch", "original ms", "unfused/orig", "fused/orig", "fused IQR", "fused/unfused",
          "MAC floor", "max rel err"], rows, title=f"{args.model} on {device}", caption=caption))
@@ -630,11 +632,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    if isinstance(err, KeyError) and len(err.args) == 1:
-        text = str(err.args[0])
-    return text
+def _one_line(err: BaseException, limit: int = 600) -> str:
+    """The error's message on one line (lines joined by '; '), cut at ``limit`` characters."""
+    text = str(err.args[0]) if isinstance(err, KeyError) and len(err.args) == 1 else str(err)
+    parts = [" ".join(line.split()) for line in text.strip().splitlines()]
+    text = "; ".join(p for p in parts if p) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 4] + " ..."
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,8 +4,8 @@
   product that runs (``torch.utils.flop_counter``, so functional convolutions
   of a fused ``GraphModule`` count too); element-wise work is not counted.
 - :func:`interleaved_latency`: the variants run in turn, round after round,
-  so that a change in machine load hits all of them alike; medians and the
-  spread (25th-75th percentile) of the per-round ratios.
+  so that a change in machine load hits all of them alike; ratios are the
+  median of the per-round ratios, spread their 25th-75th percentiles.
 - :class:`PeakMemory`: peak resident memory above the starting point while a
   block runs (sampled from ``/proc/self/statm``; ``ru_maxrss`` elsewhere),
   and the CUDA allocator's peak on a GPU.
@@ -117,8 +117,12 @@ class Latency:
         return statistics.median(self.times[name])
 
     def ratio(self, name: str, base: str) -> float:
-        """Median of ``name`` over median of ``base``."""
-        return self.median(name) / self.median(base)
+        """Median of the per-round ratios ``name / base``.
+
+        Each round runs every variant back to back, so a per-round ratio sees
+        one machine state; its median is robust to load that drifts between rounds.
+        """
+        return statistics.median(a / b for a, b in zip(self.times[name], self.times[base], strict=True))
 
     def ratio_spread(self, name: str, base: str) -> tuple[float, float]:
         """25th and 75th percentiles of the per-round ratios ``name / base``."""
