@@ -17,7 +17,10 @@ downloads and a quantized engine, and X-volution trains in float anyway).
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,7 +179,8 @@ def _train_step(model: nn.Module, case: Case, site: nn.Module) -> None:
     assert site.attn_bn.weight.grad is not None and torch.isfinite(site.attn_bn.weight.grad).all()
 
 
-def check_model(name: str, train: bool = True) -> xc.XvolifyReport | None:
+def check_model(name: str, train: bool = True) -> tuple[xc.XvolifyReport | None, bool]:
+    """(report, whether the train step ran); report None when the model has no os16 site (error checked)."""
     case = _case(name)
     torch.manual_seed(0)
     model = M.get_model(name, weights=None, **case.kwargs).eval()
@@ -184,7 +188,7 @@ def check_model(name: str, train: bool = True) -> xc.XvolifyReport | None:
     if not expected:
         with pytest.raises(xc.SiteSelectionError, match="no site of"):
             xc.xvolify(model, example_inputs=case.inputs)
-        return None
+        return None, False
     x = xc.xvolify(model, example_inputs=case.inputs)
     report = x.xvol_report
     assert set(report.selected_names) == expected
@@ -196,9 +200,10 @@ def check_model(name: str, train: bool = True) -> xc.XvolifyReport | None:
     assert all(".attn_" in k for k in new)
     loaded = x.load_state_dict(model.state_dict(), strict=False)
     assert not loaded.unexpected_keys and set(loaded.missing_keys) <= new
-    if train and sum(p.numel() for p in x.parameters()) < TRAIN_PARAM_LIMIT:
+    train = train and sum(p.numel() for p in x.parameters()) < TRAIN_PARAM_LIMIT
+    if train:
         _train_step(x, case, x.get_submodule(report.selected_names[0]))
-    return report
+    return report, train
 
 
 @pytest.mark.parametrize("name", CI_MODELS)
@@ -209,7 +214,28 @@ def test_ci_subset(name: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_every_torchvision_model(name: str) -> None:
-    check_model(name)
+    """With XVOL_SWEEP_LOG=<file>, one JSON line per model is appended there (docs/sweep.md is made from it)."""
+    log = os.environ.get("XVOL_SWEEP_LOG")
+    t0 = time.perf_counter()
+    entry: dict[str, Any] = {"model": name, "family": FAMILY_OF[name]}
+    try:
+        report, trained = check_model(name)
+        if report is None:
+            entry["result"] = "no os16 site (confirmed)"
+        else:
+            entry.update(
+                result="ok", sites=len(report.selected), analysis=report.analysis,
+                added_mac_fraction=round(report.added_mac_fraction, 4),
+                shared=sum(1 for s in report.selected if s.calls > 1), trained=trained,
+            )
+    except BaseException as err:
+        entry["result"] = f"FAILED: {type(err).__name__}: {str(err)[:300]}"
+        raise
+    finally:
+        entry["seconds"] = round(time.perf_counter() - t0, 1)
+        if log:
+            with open(log, "a") as f:
+                f.write(json.dumps(entry) + "\n")
 
 
 def test_ci_models_exist() -> None:
