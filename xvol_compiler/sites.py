@@ -76,6 +76,7 @@ __all__ = [
 CONV_MODULES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _SITE_CONTAINERS = (XVolution, XVolutionDeploy)
+_SITE_TYPE_NAMES = {"XVolution", "XVolutionDeploy", "GlobalAttentionXVolution"}
 _FUNCTIONAL_CONVS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
 _PLAIN_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
 
@@ -671,7 +672,7 @@ def _check_names(analysis: ModelAnalysis, names: Sequence[str]) -> None:
             continue
         if name in analysis.other_modules:
             what = analysis.other_modules[name]
-            if what in {t.__name__ for t in _SITE_CONTAINERS}:
+            if what in _SITE_TYPE_NAMES:
                 problems.append(f"{name!r} is already an X-volution site ({what})")
             else:
                 problems.append(f"{name!r} is a {what}, not a Conv1d/2d/3d")
@@ -818,6 +819,10 @@ def _nothing_selected(analysis: ModelAnalysis, sel: SiteSelection, decisions: li
         lines.append(f"no candidate at output stride {wanted}.")
     reasons = Counter(d.reason.split(":")[0] for d in decisions if not d.selected)
     lines.append("skipped: " + "; ".join(f"{n} {r}" for r, n in reasons.most_common()) + ".")
+    existing = [n for n, t in analysis.other_modules.items() if t in _SITE_TYPE_NAMES]
+    if existing:
+        lines.append(f"{len(existing)} X-volution site(s) already present ({', '.join(existing[:4])}"
+                     + (" ..." if len(existing) > 4 else "") + ").")
     patches = [i.name for i in convs if i.patch_embedding]
     if patches:
         lines.append(f"patch embeddings (kernel == stride): {', '.join(patches[:6])}"
