@@ -354,3 +354,13 @@ def test_xvolified_sites_fuse_to_the_same_output() -> None:
             site.attn_bn.weight.normal_()  # pretend it trained
             feats = torch.randn(1, site.in_channels, 8, 8)
             assert rel_err(site.fuse()(feats), site(feats)) < 1e-4
+
+
+def test_xvolifying_twice_says_the_sites_exist() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, 4, 1), nn.Conv2d(4, 4, 3, 4, 1), nn.Conv2d(4, 4, 3, 1, 1))
+    once = xc.xvolify(model, example_inputs=torch.rand(1, 3, 32, 32))
+    assert once.xvol_report.selected_names == ["1", "2"]
+    with pytest.raises(xc.SiteSelectionError, match=r"2 X-volution site\(s\) already present \(1, 2\)"):
+        xc.xvolify(once, example_inputs=torch.rand(1, 3, 32, 32))
+    with pytest.raises(xc.SiteSelectionError, match="'1' is already an X-volution site"):
+        xc.xvolify(once, ["1"], example_inputs=torch.rand(1, 3, 32, 32))
