@@ -40,6 +40,8 @@ from xvol_compiler.report import format_count
 
 DEFAULT_MODELS = ("resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny")
 RESULTS = Path(__file__).resolve().parent / "results"
+README = Path(__file__).resolve().parents[1] / "README.md"
+MARKERS = ("<!-- bench:start -->", "<!-- bench:end -->")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,6 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 64 px, batch 1, 3 rounds, 1 warm-up; results to quick.*")
     p.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
+    p.add_argument("--readme", action="store_true",
+                   help="also copy the tables into README.md (between the bench:start / bench:end markers)")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -221,6 +225,17 @@ def plot(data: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def update_readme(text: str, readme: Path = README) -> None:
+    """Replace what is between the benchmark markers of the README with ``text`` (atomic write)."""
+    content = readme.read_text()
+    start, end = (content.find(m) for m in MARKERS)
+    if start < 0 or end < start:
+        raise ValueError(f"{readme} has no {MARKERS[0]} ... {MARKERS[1]} block")
+    body = text.split("\n", 1)[1].lstrip("\n")  # the markdown's own title line is the README's section title
+    new = content[: start + len(MARKERS[0])] + "\n" + body.rstrip() + "\n" + content[end:]
+    atomic_write_text(readme, new, force=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" on CPU machines
@@ -260,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(args.out / f"{started.strftime('%Y%m%d-%H%M%S')}-{device}.md", text, force=True)
     atomic_write_json(args.out / f"{stem}.json", data, force=True)
     plot(data, args.out / f"{stem}.png")
+    if args.readme and not args.quick:
+        update_readme(text + f"\nPlot: `{args.out.name}/{stem}.png` (under `benchmarks/`).\n")
     log("")
     log(text)
     log(f"wrote {args.out / stem}.md, .json, .png")

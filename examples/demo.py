@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from digits import accuracy, digits_loaders, predict, train_steps
 
-from xvol_compiler._pending import export_onnx, fuse, fuse_onnx, xvolify
+from xvol_compiler import fuse, xvolify
 from xvol_compiler.io import (
     InputError,
     ModelSpec,
@@ -46,6 +46,7 @@ from xvol_compiler.io import (
     torchvision_model,
 )
 from xvol_compiler.measure import count_macs, count_params, interleaved_latency, machine_info, max_error
+from xvol_compiler.passes.fuse_onnx import export_onnx, fuse_onnx
 from xvol_compiler.report import format_count
 
 ARTIFACTS = ("fused.pt", "unfused.pt", "fused.onnx", "report.json", "report.txt")

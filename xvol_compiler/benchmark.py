@@ -22,10 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from xvol_compiler._pending import export_onnx, fuse, fuse_onnx, xvolify
+from xvol_compiler import fuse, xvolify
 from xvol_compiler.io import torchvision_model
 from xvol_compiler.measure import Latency, PeakMemory, count_macs, count_params, interleaved_latency, max_error
 from xvol_compiler.ops import XVolution
+from xvol_compiler.passes.fuse_onnx import export_onnx, fuse_onnx
 
 __all__ = ["BACKENDS", "VARIANTS", "Prepared", "prepare", "prepare_onnx", "time_backend"]
 

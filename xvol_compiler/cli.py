@@ -244,7 +244,7 @@ def cmd_sites(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_xvolify(args: argparse.Namespace, out: Output) -> int:
     """Insert X-volution at the selected sites; save a checkpoint that ``xvol fuse`` can rebuild."""
-    from xvol_compiler._pending import xvolify
+    from xvol_compiler import xvolify
     from xvol_compiler.io import ModelSpec, check_writable, save_model
 
     check_writable(args.output, force=args.force)
@@ -265,9 +265,10 @@ def cmd_xvolify(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_fuse(args: argparse.Namespace, out: Output) -> int:
     """Fuse every site (and conv+BN) of a model in torch.fx; save the fused checkpoint and optionally ONNX."""
-    from xvol_compiler._pending import export_onnx, fuse
+    from xvol_compiler import fuse
     from xvol_compiler.io import check_writable, save_model
     from xvol_compiler.onnx_io import check_output_path
+    from xvol_compiler.passes.fuse_onnx import export_onnx
 
     check_writable(args.output, force=args.force)
     if args.onnx:
@@ -290,8 +291,8 @@ def cmd_fuse(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_export(args: argparse.Namespace, out: Output) -> int:
     """Export a model (original, xvolified or fused) to ONNX."""
-    from xvol_compiler._pending import export_onnx
     from xvol_compiler.onnx_io import check_output_path
+    from xvol_compiler.passes.fuse_onnx import export_onnx
 
     check_output_path(args.output, force=args.force)
     model, spec = _load(args)
@@ -304,9 +305,9 @@ def cmd_export(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_fuse_onnx(args: argparse.Namespace, out: Output) -> int:
     """Fuse every X-volution site, conv+BN and branch sum of an ONNX model; verify in onnxruntime."""
-    from xvol_compiler._pending import fuse_onnx
     from xvol_compiler.io import atomic_write_json, atomic_write_text, check_writable
     from xvol_compiler.onnx_io import check_output_path
+    from xvol_compiler.passes.fuse_onnx import fuse_onnx
 
     check_output_path(args.output, force=args.force)
     if args.report not in (None, "-"):
@@ -386,7 +387,7 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
             got = _run_torch(other, inputs)
             how = f"{torch_arg} vs {onnx_arg} (torch)"
         else:
-            from xvol_compiler._pending import fuse
+            from xvol_compiler import fuse
 
             fused = fuse(model.eval(), example_inputs=inputs, verify=False)
             got = _run_torch(fused, inputs)
@@ -458,9 +459,9 @@ def cmd_bench(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_graph(args: argparse.Namespace, out: Output) -> int:
     """Picture of one site's neighbourhood before and after fusion (FX or ONNX), or of a whole fused graph."""
-    from xvol_compiler import pictures
-    from xvol_compiler._pending import export_onnx, fuse, fuse_onnx, xvolify
+    from xvol_compiler import fuse, pictures, xvolify
     from xvol_compiler.io import check_writable
+    from xvol_compiler.passes.fuse_onnx import export_onnx, fuse_onnx
 
     check_writable(args.output, force=args.force)
     if Path(args.output).suffix.lower() not in (".png", ".svg", ".pdf"):

@@ -244,7 +244,7 @@ def _rebuild(spec: ModelSpec) -> nn.Module:
     model = torchvision_model(spec.model, num_classes=spec.num_classes)
     if spec.stage == "original":
         return model
-    from xvol_compiler._pending import fuse, xvolify
+    from xvol_compiler import fuse, xvolify
 
     example = spec.example_inputs(model)
     model = xvolify(model, sites=list(spec.sites), example_inputs=example, **spec.xvolify)
