@@ -119,13 +119,19 @@ def _session(model: onnx.ModelProto, tmp: Path, label: str) -> Any:
 
 
 def compare_onnx(
-    original: onnx.ModelProto, fused: onnx.ModelProto, example_inputs: ExampleInputs | None = None
+    original: onnx.ModelProto,
+    fused: onnx.ModelProto,
+    example_inputs: ExampleInputs | None = None,
+    notes: list[str] | None = None,
 ) -> tuple[float, float]:
     """Run both models in onnxruntime (CPU) on the same inputs; (max abs, max rel) error over outputs.
 
     The relative error of an output is ``max|fused - original| / max|original|``.
-    Raises ``VerificationError`` when a model cannot be run or the fused one
-    gives a non-finite number where the original does not.
+    Raises ``VerificationError`` when a model cannot be run, when the fused one
+    gives a non-finite number where the original does not (or the reverse),
+    and when the original gives no finite number at all (nothing to compare:
+    overflowing BatchNorm statistics, usually). Non-finite values of the
+    original are listed in ``notes`` when given.
     """
     feeds = random_inputs(original, example_inputs)
     with tempfile.TemporaryDirectory(prefix="xvol-verify-") as tmp:
@@ -150,8 +156,16 @@ def compare_onnx(
         if not np.array_equal(finite, np.isfinite(g64)):
             raise VerificationError(f"output {name!r}: the fused model gives non-finite values where the "
                                     "original does not (or the reverse)")
-        if not finite.any():
-            continue
+        if not finite.all():
+            bad = int(finite.size - finite.sum())
+            if not finite.any():
+                raise VerificationError(
+                    f"output {name!r} of the original model is not finite on the verification inputs, so the "
+                    "fusion cannot be checked (BatchNorm statistics overflow?): pass example_inputs, or verify=False"
+                )
+            if notes is not None:
+                notes.append(f"output {name!r}: {bad} of {finite.size} values of the original model are not "
+                             "finite (the fused model agrees); compared the finite ones")
         diff = np.abs(g64[finite] - r64[finite])
         scale = max(float(np.abs(r64[finite]).max()), 1e-12)
         abs_err = max(abs_err, float(diff.max()))
@@ -198,7 +212,7 @@ def fuse_onnx(
         fused = adapter.to_model()
         _check(fused)
         if verify:
-            report.max_abs_error, report.max_rel_error = compare_onnx(model, fused, example_inputs)
+            report.max_abs_error, report.max_rel_error = compare_onnx(model, fused, example_inputs, report.notes)
             if report.max_rel_error > rtol:
                 raise VerificationError(
                     f"fused model differs from the original by {report.max_rel_error:.3g} (relative) > rtol={rtol}"

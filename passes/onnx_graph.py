@@ -7,12 +7,14 @@ it to ``run_rules`` as the networkx *view* the rules expect, applies the
 The view
 --------
 One view node per *activation* tensor, keyed by the tensor's name: graph
-inputs (kind ``"input"``) and the outputs of the graph's nodes. Tensors whose
-value is a constant (initializers, ``Constant`` outputs, and small constant
-subgraphs such as the ``Shape``/``Expand``/``CastLike`` chain the dynamo
-exporter emits for a conv bias) are not in the view: they are the weights of
-the nodes that read them. Edges go from each activation a node reads to each
-activation it writes. Kinds: ``Conv`` -> ``"conv"``, ``BatchNormalization`` ->
+inputs (kind ``"input"``) and the outputs of the graph's nodes. Tensors no
+activation value flows into are not in the view: constants (initializers,
+``Constant`` outputs, small constant subgraphs such as the
+``Shape``/``Expand``/``CastLike`` chain the dynamo exporter emits for a conv
+bias: the weights of the nodes that read them) and shape computations (what
+``Shape``/``Size`` of an activation and constants give, e.g. the target shape
+of a dynamic-batch ``Reshape``). Edges go from each activation a node reads to
+each activation it writes. Kinds: ``Conv`` -> ``"conv"``, ``BatchNormalization`` ->
 ``"bn"``, two-input ``Add`` -> ``"add"``, ``Softmax`` -> ``"softmax"``,
 ``MatMul``/``Gemm``/``ConvTranspose``/... -> ``"conv_like"``, attention ops ->
 ``"global_attention"``, everything else (``Identity``, ``Cast``, the
@@ -218,6 +220,7 @@ class OnnxGraphAdapter:
         self._hidden: set[str] = set()  # tensors of our interleave constructions: not in the view
         self._const_cache: dict[str, np.ndarray | None] = {}
         self._is_const_cache: dict[str, bool] = {}  # tensor names are never reused (see _fresh)
+        self._is_static_cache: dict[str, bool] = {}
         self._name_cache: dict[int, tuple[gs.Node, str]] = {}
         self._branch_cache: dict[int, tuple[gs.Node, Branch | None, str | None]] = {}
         self._names: set[str] = set()
@@ -257,6 +260,32 @@ class OnnxGraphAdapter:
             if not self._is_const(inp, depth + 1):
                 return False
         return True
+
+    def _is_static(self, t: gs.Tensor, depth: int = 0) -> bool:
+        """Whether no activation *value* flows into ``t``: constants, and what is computed from
+        constants and the shapes (``Shape``/``Size``) or types of activations, such as the target
+        shape of a dynamic-batch ``Reshape``. Static tensors are not in the view: they are
+        metadata, not data, for the rules' question "is this derived from that tensor alone"."""
+        if isinstance(t, gs.Constant):
+            return True
+        if not t.name or len(t.inputs) != 1 or depth > 32:
+            return False
+        cached = self._is_static_cache.get(t.name)
+        if cached is None:
+            node = t.inputs[0]
+            if node.domain not in (None, "", "ai.onnx"):
+                cached = False
+            elif node.op in ("Constant", "Shape", "Size"):
+                cached = True
+            elif node.op in _FOLDABLE:
+                cached = all(
+                    not inp.name or (node.op, i) in _SHAPE_ONLY or self._is_static(inp, depth + 1)
+                    for i, inp in enumerate(node.inputs)
+                )
+            else:
+                cached = False
+            self._is_static_cache[t.name] = cached
+        return cached
 
     def _known_type(self, t: gs.Tensor, *, need_shape: bool) -> bool:
         if t.dtype is None and not isinstance(t, gs.Constant):
@@ -398,7 +427,7 @@ class OnnxGraphAdapter:
         if pad.op != "Pad" or pad.domain not in (None, "", "ai.onnx") or len(pad.inputs) < 2:
             return None
         source = pad.inputs[0]
-        if self._is_const(source):
+        if self._is_static(source):
             return None
         mode = pad.attrs.get("mode", "constant")
         mode = mode.decode() if isinstance(mode, bytes) else str(mode)
@@ -476,12 +505,12 @@ class OnnxGraphAdapter:
                           spatial=self._spatial(t))
         for node in graph.nodes:
             live_outputs = [o for o in node.outputs if o.name and o.name not in self._hidden]
-            if not live_outputs or (len(node.outputs) == 1 and self._is_const(node.outputs[0])):
+            if not live_outputs or all(self._is_static(o) for o in live_outputs):
                 continue
             attrs: dict[str, object] = {"kind": "other", "refusal": None, "name": self._name(node)}
             op = node.op if node.domain in (None, "", "ai.onnx") else f"{node.domain}.{node.op}"
             if op == "Conv":
-                if len(node.inputs) > 1 and not self._is_const(node.inputs[0]):
+                if len(node.inputs) > 1 and not self._is_static(node.inputs[0]):
                     branch, refusal = self._conv_branch(node)
                     attrs.update(kind="conv", branch=branch, refusal=refusal)
             elif op == "BatchNormalization":
@@ -513,7 +542,7 @@ class OnnxGraphAdapter:
             branch, _ = self._conv_branch(node)
             if branch is not None:  # (weights are constants: the branch's inputs are all it reads)
                 return [str(k) for k in branch.inputs]
-        names = [t.name for t in node.inputs if t.name and not self._is_const(t)]
+        names = [t.name for t in node.inputs if t.name and not self._is_static(t)]
         return list(dict.fromkeys(names))
 
     # ------------------------------------------------------------------ rewriting

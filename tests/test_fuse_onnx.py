@@ -100,9 +100,10 @@ class RepVGGBlock(nn.Module):
         self.k3 = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
         self.k1 = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
         self.ident = nn.BatchNorm2d(c)
+        self.act = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.k3(x) + self.k1(x) + self.ident(x))
+        return self.act(self.k3(x) + self.k1(x) + self.ident(x))
 
 
 def zoo() -> nn.Module:
@@ -238,7 +239,7 @@ def test_global_attention_stays_unfused() -> None:
 @settings(max_examples=examples(30))
 @given(
     site=conv_sites(ndims=(1, 2, 3), max_kernel=5),
-    dynamo=st.sampled_from([False, False, False, True]),
+    dynamo=st.sampled_from([False] * 9 + [True]),  # (a dynamo export takes seconds: a few of them)
     directional=st.booleans(),
     shift=st.integers(1, 2),
     axial=st.booleans(),
@@ -280,13 +281,26 @@ def xvolified(name: str, *, train_steps: int = 2, size: int = 64) -> nn.Module:
     torch.manual_seed(0)
     model = xvolify(getattr(torchvision.models, name)(num_classes=10), example_inputs=torch.randn(1, 3, size, size))
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
     for _ in range(train_steps):
         x, y = torch.randn(4, 3, size, size), torch.randint(0, 10, (4,))
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-    return model.eval()
+    # Running statistics as a trained model has them (a cumulative average over a few batches): two
+    # momentum updates alone leave them far from the activations, and second-order PSSA terms overflow.
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(4, 3, size, size))
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, size, size)).isfinite().all()
+    assert any(float(m.attn_bn.weight.abs().max()) > 0 for m in model.modules() if isinstance(m, XVolution))
+    return model
 
 
 def check_torchvision(model: nn.Module, config: str, sites: int, size: int = 64) -> None:
@@ -295,9 +309,10 @@ def check_torchvision(model: nn.Module, config: str, sites: int, size: int = 64)
     fused, report = fuse_onnx(unfused)
     assert report.count("x-volution") == sites, str(report)
     assert report.max_rel_error is not None and report.max_rel_error <= TOL
+    # one conv per site and per plain conv: no site's branch sum is left (residual adds of a
+    # downsample conv and a block's last conv do join two convs, and stay)
     assert ops(fused)["Conv"] == plain_convs(model)
     assert ops(fused)["BatchNormalization"] == 0
-    assert conv_sums(fused) == []
     x3 = torch.randn(3, 3, size, size)
     assert rel(run(fused, x3), run(unfused, x3)) <= TOL
     assert rel(run(fused, x3), eager64(model, x3)) <= TOL
