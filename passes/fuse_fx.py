@@ -160,29 +160,29 @@ def _compare(ref: Any, out: Any) -> tuple[float, float, bool]:
     refs, outs = list(_tensors(ref)), list(_tensors(out))
     if len(refs) != len(outs) or any(r.shape != o.shape for r, o in zip(refs, outs, strict=True)):
         return float("nan"), float("nan"), False
-    abs_err, rel_err = 0.0, 0.0
+    abs_err, rel_err, compared = 0.0, 0.0, 0
     for r, o in zip(refs, outs, strict=True):
         if not r.is_floating_point() or r.numel() == 0:
             continue
+        compared += r.numel()
         if not (bool(r.isfinite().all()) and bool(o.isfinite().all())):
             return float("nan"), float("nan"), True
         diff = float((r.double() - o.double()).abs().max())
         scale = float(r.double().abs().max())
         abs_err = max(abs_err, diff)
         rel_err = max(rel_err, diff / max(scale, 1e-12))
-    return abs_err, rel_err, True
+    return abs_err, rel_err, compared > 0
 
 
 def default_example_inputs(model: nn.Module) -> tuple[Any, ...]:
     """The example input xvolify uses for this kind of model."""
-    try:
-        from xvol_compiler.sites import default_example_inputs as sites_default
-    except ImportError:
-        return (torch.randn(1, 3, 224, 224),)
-    return tuple(sites_default(model))
+    from xvol_compiler.sites import default_example_inputs as sites_default
+
+    return _as_tuple(sites_default(model))
 
 
 def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
+    """Positional arguments: a tuple as is; a Tensor, or a list of images (detection), is one argument."""
     return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
 
@@ -234,7 +234,9 @@ def fuse_with_report(
             out = target(*example)
         abs_err, rel_err, comparable = _compare(reference, out)
         if not comparable:
-            report.notes.append("outputs have data-dependent shapes: verification compared nothing")
+            report.notes.append(
+                "outputs are empty or have data-dependent shapes (e.g. detections): verification compared nothing"
+            )
         else:
             report.max_abs_error, report.max_rel_error = abs_err, rel_err
             too_far = rel_err > rtol if atol is None else abs_err > atol and rel_err > rtol
