@@ -39,7 +39,7 @@ __all__ = [
     "OnnxError",
     "OnnxFileError",
     "OutputExistsError",
-    "VerificationError",
+    "OnnxVerificationError",
     "compare_onnx",
     "export_onnx",
     "fuse_onnx",
@@ -50,7 +50,7 @@ NO_SITES_NOTE = "no fusable patterns: the model is returned unchanged"
 ExampleInputs = Mapping[str, Any] | Sequence[Any] | Any
 
 
-class VerificationError(OnnxError):
+class OnnxVerificationError(OnnxError):
     """The fused model does not compute what the original computes (or cannot be run to check it)."""
 
 
@@ -87,7 +87,7 @@ def random_inputs(
             continue
         t = vi.type.tensor_type
         if not vi.type.HasField("tensor_type"):
-            raise VerificationError(f"graph input {vi.name!r} is not a tensor: pass example_inputs")
+            raise OnnxVerificationError(f"graph input {vi.name!r} is not a tensor: pass example_inputs")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
         shape = [
             d.dim_value if d.HasField("dim_value") else (1 if axis == 0 else dynamic_dim)
@@ -127,7 +127,7 @@ def compare_onnx(
     """Run both models in onnxruntime (CPU) on the same inputs; (max abs, max rel) error over outputs.
 
     The relative error of an output is ``max|fused - original| / max|original|``.
-    Raises ``VerificationError`` when a model cannot be run, when the fused one
+    Raises ``OnnxVerificationError`` when a model cannot be run, when the fused one
     gives a non-finite number where the original does not (or the reverse),
     and when the original gives no finite number at all (nothing to compare:
     overflowing BatchNorm statistics, usually). Non-finite values of the
@@ -139,27 +139,27 @@ def compare_onnx(
             ref_session = _session(original, Path(tmp), "original")
             ref = ref_session.run(None, feeds)
         except Exception as err:  # onnxruntime raises many types
-            raise VerificationError(
+            raise OnnxVerificationError(
                 f"cannot run the original model in onnxruntime to verify the fusion ({err}); "
                 "pass example_inputs, or verify=False to skip"
             ) from err
         try:
             got = _session(fused, Path(tmp), "fused").run(None, feeds)
         except Exception as err:
-            raise VerificationError(f"the fused model does not run in onnxruntime: {err}") from err
+            raise OnnxVerificationError(f"the fused model does not run in onnxruntime: {err}") from err
     abs_err = rel_err = 0.0
     for name, r, g in zip([o.name for o in original.graph.output], ref, got, strict=True):
         r64, g64 = np.asarray(r, dtype=np.float64), np.asarray(g, dtype=np.float64)
         if r64.shape != g64.shape:
-            raise VerificationError(f"output {name!r}: shape {g64.shape} after fusion, {r64.shape} before")
+            raise OnnxVerificationError(f"output {name!r}: shape {g64.shape} after fusion, {r64.shape} before")
         finite = np.isfinite(r64)
         if not np.array_equal(finite, np.isfinite(g64)):
-            raise VerificationError(f"output {name!r}: the fused model gives non-finite values where the "
+            raise OnnxVerificationError(f"output {name!r}: the fused model gives non-finite values where the "
                                     "original does not (or the reverse)")
         if not finite.all():
             bad = int(finite.size - finite.sum())
             if not finite.any():
-                raise VerificationError(
+                raise OnnxVerificationError(
                     f"output {name!r} of the original model is not finite on the verification inputs, so the "
                     "fusion cannot be checked (BatchNorm statistics overflow?): pass example_inputs, or verify=False"
                 )
@@ -189,7 +189,7 @@ def fuse_onnx(
     models run in onnxruntime on ``example_inputs`` (or random inputs of the
     graph's input shapes, dynamic dimensions 1 for the batch and 32 elsewhere)
     and ``report.max_abs_error`` / ``max_rel_error`` are filled; a relative
-    error above ``rtol`` raises ``VerificationError`` and nothing is written.
+    error above ``rtol`` raises ``OnnxVerificationError`` and nothing is written.
     ``output_path`` is written atomically, with external data (``<out>.data``)
     when the input had external data or the model exceeds 2 GiB; an existing
     file is only replaced with ``force=True``. A model with nothing to fuse is
@@ -197,7 +197,7 @@ def fuse_onnx(
     its report saying "no fusable patterns".
 
     Raises ``OnnxFileError`` (bad input), ``OutputExistsError``,
-    ``VerificationError``; all are ``ValueError`` with one-line messages.
+    ``OnnxVerificationError``; all are ``ValueError`` with one-line messages.
     """
     out_path = None if output_path is None else check_output_path(output_path, force=force)
     loaded = load_onnx(model_or_path)
@@ -214,7 +214,7 @@ def fuse_onnx(
         if verify:
             report.max_abs_error, report.max_rel_error = compare_onnx(model, fused, example_inputs, report.notes)
             if report.max_rel_error > rtol:
-                raise VerificationError(
+                raise OnnxVerificationError(
                     f"fused model differs from the original by {report.max_rel_error:.3g} (relative) > rtol={rtol}"
                 )
     if out_path is not None:

@@ -24,7 +24,7 @@ from tests.strategies import SiteSpec, conv_sites, randomize_bn
 from xvol_compiler import XVolution
 from xvol_compiler.fold import FoldError
 from xvol_compiler.onnx_io import OnnxFileError, OutputExistsError, export_onnx, external_data_path, save_onnx
-from xvol_compiler.passes.fuse_onnx import NO_SITES_NOTE, VerificationError, fuse_onnx
+from xvol_compiler.passes.fuse_onnx import NO_SITES_NOTE, OnnxVerificationError, fuse_onnx
 
 CONFIGS = {
     "dynamo": dict(dynamo=True, optimize=True),
@@ -473,6 +473,6 @@ def test_save_refuses_overwrite_of_data_file(tmp_path: Path, small_onnx: Path) -
 
 def test_verification_failure_raises_and_writes_nothing(tmp_path: Path, small_onnx: Path) -> None:
     out = tmp_path / "fused.onnx"
-    with pytest.raises(VerificationError, match="rtol"):
+    with pytest.raises(OnnxVerificationError, match="rtol"):
         fuse_onnx(small_onnx, rtol=-1.0, output_path=out)
     assert not out.exists()
