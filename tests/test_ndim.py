@@ -54,14 +54,16 @@ def test_fx_fuse_1d_3d_sites(spec, shift, full, directional, seed):
 @torch.no_grad()
 def _move_bn_statistics(model: nn.Module, clip: torch.Tensor) -> nn.Module:
     g = torch.Generator().manual_seed(0)
-    for m in model.modules():
+    for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.momentum = 0.5
             m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            if name.endswith("attn_bn"):  # small attention gammas: stacked second-order terms grow fast
+                m.weight.mul_(0.1)
     model.train()
-    for _ in range(2):
-        model(torch.randn(clip.shape, generator=g))
+    for _ in range(2):  # batch 2: a single clip gives near-zero variances in the late 1x1x1 stages
+        model(torch.randn((2, *clip.shape[1:]), generator=g))
     return model.eval()
 
 
