@@ -690,10 +690,8 @@ class OnnxGraphAdapter:
     def to_model(self) -> onnx.ModelProto:
         """The edited model; model-level fields and untouched nodes' metadata as in the original."""
         self.graph.toposort()
-        exported = gs.export_onnx(self.graph, do_type_check=False)
+        model = gs.export_onnx(self.graph, do_type_check=False)
         src = self.model
-        model = onnx.ModelProto()
-        model.CopyFrom(exported)
         model.ir_version = src.ir_version
         del model.opset_import[:]
         model.opset_import.extend(src.opset_import)

@@ -139,14 +139,13 @@ def _validate(model: onnx.ModelProto, where: str) -> None:
 def load_onnx(source: str | os.PathLike[str] | bytes | onnx.ModelProto) -> LoadedModel:
     """Load and validate an ONNX model with all its external data.
 
-    ``source`` is a path, the serialized bytes, or a ``ModelProto`` (copied,
-    never modified). Raises ``OnnxFileError`` with a one-line message for a
+    ``source`` is a path, the serialized bytes, or a ``ModelProto`` (used as
+    it is, never modified). Raises ``OnnxFileError`` with a one-line message for a
     missing, empty, truncated, random or non-ONNX file and for missing
     external data.
     """
     if isinstance(source, onnx.ModelProto):
-        model = onnx.ModelProto()
-        model.CopyFrom(source)
+        model = source
         if uses_external_data(model):
             raise OnnxFileError(
                 "the model refers to external data files that are not loaded: pass its path instead"
