@@ -247,7 +247,8 @@ def _rebuild(spec: ModelSpec) -> nn.Module:
     from xvol_compiler import fuse, xvolify
 
     example = spec.example_inputs(model)
-    model = xvolify(model, sites=list(spec.sites), example_inputs=example, **spec.xvolify)
+    if spec.sites:  # a fused plain model (conv+BN folded only) has none
+        model = xvolify(model, sites=list(spec.sites), example_inputs=example, **spec.xvolify)
     if spec.stage == "fused":
         # Only the structure matters here: the weights are overwritten by the checkpoint.
         model = fuse(model.eval(), example_inputs=example, verify=False)
