@@ -214,8 +214,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
                         f"fuse {fuse_onnx_seconds:.1f} s"),
         ("max error ONNX fused (onnxruntime) vs unfused", err_text(err_onnx, "onnx")),
         (f"latency original : unfused : fused (eager, batch 1, {args.latency_size} px)",
-         f"1 : {r_unfused:.3f} : {r_fused:.3f}  (fused/unfused {r_fused / r_unfused:.3f}; median of {args.repeats} "
-         f"interleaved rounds; original {1e3 * lat.median('original'):.1f} ms)"),
+         f"1 : {r_unfused:.3f} : {r_fused:.3f}  (fused/unfused {lat.ratio('fused', 'unfused'):.3f}; median of "
+         f"{args.repeats} interleaved rounds; original {1e3 * lat.median('original'):.1f} ms)"),
     ]
     for row in rows:
         table.add_row(*row)

@@ -189,3 +189,17 @@ def test_graph_pictures(pipeline: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert b"<svg" in (pipeline / "site.svg").read_bytes()[:2000]
     code, _, err = run(capsys, "graph", pipeline / "x.pt", "-o", pipeline / "nosite.png", "--site", "layer9.conv")
     assert_one_line_error(code, err, "layer9.conv")
+
+
+def test_bench_json(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "bench", "resnet18", "--input-size", "32", "--repeats", "2", "--warmup", "0",
+                         "--backend", "eager", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    (result,) = data["results"]
+    assert result["backend"] == "eager" and result["batch"] == 1
+    assert result["ratio_fused"] > 0 and result["max_rel_error"]["fused"] < 1e-4
+    assert data["mac_floor"] == data["macs"]["fused"] / data["macs"]["original"] > 1
+    assert data["machine"]["torch"]
+    code, _, err = run(capsys, "bench", "resnet18", "--backend", "tensorrt")
+    assert_one_line_error(code, err, "tensorrt")
