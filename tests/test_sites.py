@@ -207,9 +207,14 @@ def _rename_twice(plan: NetPlan) -> None:
 
 
 def _expected_stride(plan: NetPlan, cum: tuple[int, ...]) -> tuple[float | tuple[float, ...], float | None]:
-    spatial = cum[1:] if plan.ndim == 3 else cum
-    temporal = float(cum[0]) if plan.ndim == 3 else None
-    os_ = float(spatial[0]) if len(set(spatial)) == 1 else tuple(float(s) for s in spatial)
+    """The documented rule on the exact cumulative strides: each axis to its nearest power of two (log scale)."""
+
+    def pow2(v: int) -> float:
+        return float(2.0 ** round(math.log2(v)))
+
+    spatial = tuple(pow2(v) for v in (cum[1:] if plan.ndim == 3 else cum))
+    temporal = pow2(cum[0]) if plan.ndim == 3 else None
+    os_ = spatial[0] if len(set(spatial)) == 1 else spatial
     return os_, temporal
 
 
@@ -350,7 +355,8 @@ def test_fx_and_hook_analysis_agree(plan: NetPlan) -> None:
 
 def test_nominal_stride_rounds_trimmed_ratios() -> None:
     assert nominal_stride(16.0) == 16.0
-    assert nominal_stride(3.0) == 3.0
+    assert nominal_stride(3.0) == 4.0  # log2(3) = 1.58
+    assert nominal_stride(160 / 8) == 16.0  # inception_v3 at 160 px: integral by coincidence
     assert nominal_stride(224 / 12) == 16.0  # inception_v3 at 224 px: unpadded convs trim borders
     assert nominal_stride(299 / 35) == 8.0
     assert nominal_stride(0.5) == 0.5

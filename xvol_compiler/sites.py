@@ -21,10 +21,14 @@ Definitions (documented in README, section "xvolify"):
   Override with ``reference_size``.
 - **output stride** of a call: reference size / output size, per spatial
   axis (Conv2d: H, W; Conv1d: length; Conv3d: H, W, the last two axes; the
-  first Conv3d axis gives the separate **temporal stride**). A ratio that is
-  an integer is the stride; a non-integral ratio (unpadded convolutions trim
-  borders, e.g. inception) is rounded to the nearest power of two in log
-  scale. When the spatial axes disagree the stride is the tuple, e.g. (16, 8).
+  first Conv3d axis gives the separate **temporal stride**). The nominal
+  stride is the ratio rounded to the nearest power of two in log scale:
+  unpadded convolutions trim borders (inception: 224 / 12 = 18.7 -> 16) and
+  can make a ratio integral by coincidence (inception at 160 px: 160 / 8 =
+  20 -> 16), so exact integers are not trusted either; networks with
+  stride-3 stages get rounded strides too (the exact ratios are kept in
+  ``ConvCall.ratio`` for predicates). When the spatial axes disagree the
+  stride is the tuple, e.g. (16, 8).
 - **MACs**: multiply-accumulates of Conv*, ConvTranspose* and Linear modules
   on the example inputs (conv: output elements x C_in/groups x kernel
   volume). Attention matmuls outside ``nn.Linear`` are not counted.
@@ -177,12 +181,9 @@ def describe_inputs(args: tuple[Any, ...]) -> str:
 
 
 def nominal_stride(ratio: float) -> float:
-    """An integral ratio is the stride; otherwise the nearest power of two (log scale)."""
+    """The power of two nearest to ``ratio`` in log scale (16 for 12 ... 22, 8 for 6 ... 11)."""
     if ratio <= 0 or not math.isfinite(ratio):
         raise ValueError(f"output stride ratio must be positive, got {ratio}")
-    nearest = round(ratio)
-    if nearest >= 1 and abs(ratio - nearest) < 1e-9 * max(1.0, ratio):
-        return float(nearest)
     return float(2.0 ** round(math.log2(ratio)))
 
 
