@@ -28,16 +28,16 @@ how it knows the dimensionality is documented there.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from xvol_compiler.io import atomic_path
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -231,19 +231,6 @@ def _check_plain(obj: Any, where: str) -> None:
     )
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where /proc allows (os.umask is a set-and-get)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def save_checkpoint(
     path: str | os.PathLike[str],
     model: nn.Module | Mapping[str, Tensor],
@@ -277,30 +264,8 @@ def save_checkpoint(
     }
     _check_plain(payload["metadata"], "metadata")
     _check_plain(payload["step"], "step")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        if force:
-            os.replace(tmp, path)
-        else:
-            # A hard link fails if the name appeared meanwhile: no overwrite even under a race.
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise FileExistsError(f"{path} exists; pass force=True (--force) to overwrite it") from None
-            except OSError:  # file system without hard links
-                if path.exists():
-                    raise FileExistsError(f"{path} exists; pass force=True (--force) to overwrite it") from None
-                os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    with atomic_path(path, force=force) as tmp:
+        torch.save(payload, tmp)
     return path
 
 
