@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -20,6 +19,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from xvol_compiler.fold import FoldError
 from xvol_compiler.fusion_report import FusionReport
+from xvol_compiler.measure import tensors_of
 from xvol_compiler.ops import XVolution
 from xvol_compiler.passes.fx_graph import FxAdapter
 from xvol_compiler.rules import Outcome, run_rules
@@ -144,20 +144,9 @@ class _Fuser:
         return deploy
 
 
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
-
-
 def _compare(ref: Any, out: Any) -> tuple[float, float, bool]:
     """(max abs error, max relative error, comparable) over every tensor of two outputs."""
-    refs, outs = list(_tensors(ref)), list(_tensors(out))
+    refs, outs = list(tensors_of(ref)), list(tensors_of(out))
     if len(refs) != len(outs) or any(r.shape != o.shape for r, o in zip(refs, outs, strict=True)):
         return float("nan"), float("nan"), False
     abs_err, rel_err, compared = 0.0, 0.0, 0
@@ -212,7 +201,7 @@ def fuse_with_report(
     if verify:
         with torch.no_grad():
             reference = model(*example)
-        if not all(bool(t.isfinite().all()) for t in _tensors(reference) if t.is_floating_point()):
+        if not all(bool(t.isfinite().all()) for t in tensors_of(reference) if t.is_floating_point()):
             raise FusionError(
                 "the unfused model's output is not finite on the example input (BatchNorm statistics overflow?), "
                 "so fusion cannot be verified: fix the model, pass other example_inputs, or verify=False"
