@@ -261,15 +261,18 @@ def test_random_sites_fuse_exactly(
     model = randomize_bn(nn.Sequential(xvol), seed=3).eval()
     x = site.input(torch.float32)
     unfused = export_onnx(model, None, (x,), dynamo=dynamo)
-    fused, report = fuse_onnx(unfused, example_inputs=[x])
+    # TorchScript writes padding="same" as auto_pad=SAME_UPPER, which onnxruntime cannot run with a
+    # dilation (the fused conv has explicit pads and runs): compare that case with PyTorch only.
+    runnable = dynamo or site.padding != "same" or all(d == 1 for d in site.dilation)
+    fused, report = fuse_onnx(unfused, example_inputs=[x], verify=runnable)
     circular_by_slices = site.padding_mode == "circular" and not dynamo  # TorchScript pads with Slice+Concat
     assert report.count("x-volution") == (0 if circular_by_slices else 1), str(report)
     if not circular_by_slices:
         assert ops(fused)["Conv"] == 1
     assert ops(fused)["BatchNormalization"] == 0
-    ref = eager64(model, x)
-    assert rel(run(fused, x), run(unfused, x)) <= TOL
-    assert rel(run(fused, x), ref) <= TOL
+    if runnable:
+        assert rel(run(fused, x), run(unfused, x)) <= TOL
+    assert rel(run(fused, x), eager64(model, x)) <= TOL
 
 
 # ----------------------------------------------------------------------------- xvolified torchvision models
