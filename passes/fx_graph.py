@@ -242,10 +242,10 @@ class FxAdapter:
         owner = self.origin.get(anchor) or self._owned_target(anchor)
         sources = tuple(branch.inputs)
         with graph.inserting_before(output):
-            inp = sources[0] if len(sources) == 1 else graph.call_function(
-                interleave_groups, (list(sources), g.groups)
-            )
-            if inp.op == "call_function":
+            if len(sources) == 1:
+                inp = sources[0]
+            else:
+                inp = graph.call_function(interleave_groups, (list(sources), g.groups))
                 inp.meta["is_wrapped"] = True  # codegen emits fx.wrap, so the result traces again as one node
             name = (owner or "fused_conv").replace(".", "_")
             new = graph.create_node("call_module", "__pending__", (inp,), name=name)

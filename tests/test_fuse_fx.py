@@ -317,3 +317,23 @@ def test_fused_model_compiles_fullgraph_and_exports():
     assert rel_err(compiled(x), fused(x)) <= 1e-4
     exported = torch.export.export(fused, (x,))
     assert rel_err(exported.module()(x), fused(x)) <= 1e-5
+
+
+class ReluConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(torch.relu(x)))
+
+
+def test_fused_code_leaves_tracing_of_other_models_intact():
+    """Fused code must only mark its own interleave nodes as fx-wrapped, never an input like torch.relu."""
+    x = torch.randn(1, 3, 8, 8)
+    fused = fuse(_simulate_training(ReluConvBN(), 2), example_inputs=(x,))
+    gm = fx.symbolic_trace(fused)
+    assert rel_err(gm(x), fused(x)) <= 1e-6
+    exported = torch.export.export(ReluConvBN().eval(), (x,))
+    assert exported.module()(x).shape == (1, 4, 8, 8)

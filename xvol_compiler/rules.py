@@ -311,7 +311,10 @@ def plan_conv_sum(view: nx.DiGraph, m: dict[str, Key]) -> Rewrite | None:
         merged = merge_branches([a, b])
     except FoldError as err:
         raise Refusal(str(err)) from err
-    anchor = m["a"] if a.inputs[0] == merged.inputs[0] else m["b"]
+    if kind == "x-volution":
+        anchor = m["a"] if a.inputs[0] == merged.inputs[0] else m["b"]
+    else:  # the site is named after its main (largest) kernel, not an added 1x1 branch
+        anchor = m["a"] if math.prod(a.geometry.kernel_size) >= math.prod(b.geometry.kernel_size) else m["b"]
     return _rewrite(view, CONV_SUM.name, kind, anchor, m["add"], (m["a"], m["b"], m["add"]), merged)
 
 
