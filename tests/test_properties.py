@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given, note, settings
+from hypothesis import assume, event, given, note, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -141,6 +141,7 @@ def test_xvolify_at_insertion_computes_the_original(case: Case) -> None:
         ref = forward_values(model, x)
     expected = case.expected_sites()
     if not expected:
+        event("no site selected")
         with pytest.raises(SiteSelectionError):
             xvolify(model, case.xvolify_sites(), example_inputs=x, extra_branches=case.extra_branches)
         return
@@ -163,7 +164,8 @@ def test_xvolify_at_insertion_computes_the_original(case: Case) -> None:
 def test_fuse_after_training_matches_unfused(case: Case) -> None:
     note(case.describe())
     if not case.expected_sites():
-        return  # xvolify refuses (property 1)
+        event("no site selected (xvolify refuses: property 1)")
+        return
     xm, x = _xvolified(case)
     with torch.no_grad():
         ref = forward_values(xm, x)
@@ -189,11 +191,13 @@ def test_fuse_after_training_matches_unfused(case: Case) -> None:
 def test_fuse_leaves_nothing_foldable_and_is_idempotent(case: Case) -> None:
     note(case.describe())
     if not case.expected_sites():
+        event("no site selected (xvolify refuses: property 1)")
         return
     xm, x = _xvolified(case)
     sites = _sites(xm)
     expected = expected_fusion(case.spec, sites, case.extra_branches)
     note(f"expected: {expected}")
+    event(f"expected rewrites besides the sites: {min(len(expected.rewrites), 4)}{'+' * (len(expected.rewrites) >= 4)}")
     fused, report = fuse_with_report(xm, example_inputs=x)
     note(str(report))
     assert not _sites(fused), "an XVolution module is left in the fused model (unfused, or a shell around its conv)"
@@ -249,6 +253,7 @@ def _op_count(model: Any, op: str) -> int:
 def test_fuse_onnx_matches_pytorch(dynamo: bool, case: Case) -> None:
     note(case.describe())
     if not case.expected_sites():
+        event("no site selected (xvolify refuses: property 1)")
         return
     xm, x = _xvolified(case)
     sites = _sites(xm)
@@ -258,13 +263,20 @@ def test_fuse_onnx_matches_pytorch(dynamo: bool, case: Case) -> None:
     with torch.no_grad():
         ref = forward_values(model32, x32)
     proto = _export(model32, x32, dynamo)
+    # The TorchScript exporter writes padding='same' with dilation as auto_pad=SAME_*, which onnxruntime's
+    # optimized kernels refuse: such an export cannot run, so there is nothing to compare against.
+    unsupported = "Dilation not supported for AutoPadType"
     try:
         unfused = _ort(proto, x32.numpy())
-    except Exception as err:  # onnxruntime cannot run what the exporter wrote: nothing to fuse against
-        assume("Dilation not supported for AutoPadType" not in str(err))  # 'same' + dilation, TorchScript export
+    except Exception as err:
+        assume(unsupported not in str(err))
         raise
     assert rel_error(unfused, ref) <= 1e-4
-    fused, report = fuse_onnx(proto, example_inputs=[x32.numpy()])
+    try:
+        fused, report = fuse_onnx(proto, example_inputs=[x32.numpy()])
+    except Exception as err:  # only the original model failing to run in onnxruntime is excused
+        assume(not ("cannot run the original model" in str(err) and unsupported in str(err)))
+        raise
     note(str(report))
     got = _ort(fused, x32.numpy())
     assert rel_error(got, ref) <= 1e-4
@@ -282,6 +294,7 @@ def test_fuse_onnx_matches_pytorch(dynamo: bool, case: Case) -> None:
 def test_compiled_fused_model_matches_eager(case: Case) -> None:
     note(case.describe())
     if not case.expected_sites():
+        event("no site selected (xvolify refuses: property 1)")
         return
     xm, x = _xvolified(case)
     fused = fuse_with_report(xm.float(), example_inputs=x.float())[0]
@@ -301,6 +314,7 @@ def test_compiled_fused_model_matches_eager(case: Case) -> None:
 def test_one_training_step_moves_attention(case: Case) -> None:
     note(case.describe())
     if not case.expected_sites():
+        event("no site selected (xvolify refuses: property 1)")
         return
     model = case.spec.build(torch.float64, seed=case.seed)
     x = case.spec.input(torch.float64, seed=case.seed, batch=2)  # train-mode BN needs > 1 value per channel
