@@ -337,3 +337,18 @@ def test_fused_code_leaves_tracing_of_other_models_intact():
     assert rel_err(gm(x), fused(x)) <= 1e-6
     exported = torch.export.export(ReluConvBN().eval(), (x,))
     assert exported.module()(x).shape == (1, 4, 8, 8)
+
+
+def test_global_attention_sites_are_refused_with_reason_while_bns_fold():
+    """X-volution (SA): the graph pass leaves the site unmerged, says why, and still folds what it can."""
+    from xvol_compiler import xvolify
+
+    x = torch.randn(2, 3, 64, 64)
+    model = _train_briefly(xvolify(torchvision.models.resnet18(), attention="global", example_inputs=x[:1]), 64)
+    sites = sum(type(m).__name__ == "GlobalAttentionXVolution" for m in model.modules())
+    fused, report = fuse_with_report(model, example_inputs=(x,))
+    reasons = [o.reason for o in report.refused]
+    assert reasons.count("global attention is input-dependent, not a convolution") == sites > 0, str(report)
+    assert report.count("x-volution") == 0
+    assert report.count("conv+bn") >= 15
+    assert rel_err(fused(x), model(x)) <= 1e-4

@@ -219,8 +219,7 @@ def test_grouped_interleave_modes_agree() -> None:
 
 
 def test_global_attention_stays_unfused() -> None:
-    """True global attention is no convolution: the site's two convs stay (the rules see the
-    attention branch read x through its Q/K/V projection convs: a sum of unrelated convs)."""
+    """True global attention is no convolution: the site's two convs stay, and the report says why."""
     from xvol_compiler import GlobalAttentionXVolution, xvolify
 
     torch.manual_seed(0)
@@ -232,6 +231,8 @@ def test_global_attention_stays_unfused() -> None:
     assert report.count("x-volution") == 0
     sites = sum(isinstance(m, GlobalAttentionXVolution) for m in model.modules())
     assert sites == 2
+    reasons = [o.reason for o in report.refused]
+    assert reasons.count("global attention is input-dependent, not a convolution") == sites, str(report)
     assert ops(fused)["Softmax"] == sites
     assert ops(fused)["Conv"] == 5 * sites  # the site's conv, Conv_a, and the Q/K/V projections
     assert rel(run(fused, x), run(unfused, x)) <= TOL

@@ -256,17 +256,19 @@ def plan_conv_bn(view: nx.DiGraph, m: dict[str, Key]) -> Rewrite:
 # Nodes walked to prove one input derived from another. Exported graphs spell PSSA out op by op: a
 # directional 3-D transform (26 shifted products) is ~100 ONNX nodes, where FX shows one call.
 _DERIVATION_LIMIT = 512
-_NOT_A_TRANSFORM = {"conv", "conv_like", "input"}
+_ATTENTION = {"softmax", "global_attention"}
+_LINEAR = {"conv", "conv_like"}
 
 
 def _derivation_kinds(view: nx.DiGraph, derived: Key, base: Key) -> set[str] | None:
-    """Kinds of the nodes computing ``derived`` from ``base`` alone; None if it reads anything else."""
+    """Kinds of the nodes computing ``derived`` from ``base`` alone; None if it reads anything else
+    (a graph input, or more than ``_DERIVATION_LIMIT`` nodes away)."""
     kinds: set[str] = set()
     stack, seen = [derived], {derived}
     while stack:
         key = stack.pop()
         kind = str(_attrs(view, key).get("kind"))
-        if kind in _NOT_A_TRANSFORM:
+        if kind == "input":
             return None
         kinds.add(kind)
         for pred in view.predecessors(key):
@@ -282,14 +284,22 @@ def _derivation_kinds(view: nx.DiGraph, derived: Key, base: Key) -> set[str] | N
 
 
 def _xvolution_base(view: nx.DiGraph, inputs: Sequence[Key]) -> Key | None:
-    """The input every other input is computed from (the conv branch's x, with T(x) derived
-    from it: an X-volution site), or None when the inputs are unrelated tensors."""
+    """The input every other input is computed from by a parameter-free transform (the conv
+    branch's x, with T(x) = PSSA(x): an X-volution site), or None for unrelated tensors.
+
+    A transform through softmax is global attention (X-volution (SA)): refused with the reason.
+    One through other convolutions is just another layer: the inputs count as unrelated.
+    """
     for base in inputs:
         derivations = [_derivation_kinds(view, other, base) for other in inputs if other != base]
-        if all(d is not None for d in derivations):
-            if any(d & {"softmax", "global_attention"} for d in derivations if d is not None):
-                raise Refusal("global attention is input-dependent, not a convolution")
-            return base
+        if any(d is None for d in derivations):
+            continue
+        kinds = set().union(*derivations)
+        if kinds & _ATTENTION:
+            raise Refusal("global attention is input-dependent, not a convolution")
+        if kinds & _LINEAR:
+            continue
+        return base
     return None
 
 
