@@ -86,6 +86,18 @@ def _realize(original: nn.Module, gm: fx.GraphModule, replaced: set[str]) -> nn.
                 _set_path(original, path, None)
             except AttributeError:
                 pass  # already removed with its parent
+    # Containers the rewrite emptied (an XVolution whose every branch was fused elsewhere, a
+    # Sequential(conv, bn) branch): nothing calls them and they hold nothing.
+    shells = {p.rsplit(".", i)[0] for p in replaced for i in range(1, p.count(".") + 1)}
+    for path in sorted(shells, key=lambda p: -p.count(".")):
+        if path in used or any(u.startswith(path + ".") for u in used):
+            continue
+        try:
+            module = original.get_submodule(path)
+        except AttributeError:
+            continue
+        if not any(True for _ in module.parameters()) and not any(True for _ in module.buffers()):
+            _set_path(original, path, None)
     for path in sorted(used, key=lambda p: p.count(".")):
         value = gm.get_submodule(path) if path in dict(gm.named_modules()) else None
         if value is None:

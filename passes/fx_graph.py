@@ -251,6 +251,10 @@ class FxAdapter:
             new = graph.create_node("call_module", "__pending__", (inp,), name=name)
         new.meta = {k: v for k, v in output.meta.items() if k in ("tensor_meta", "nn_module_stack", "val")}
         output.replace_all_uses_with(new)
+        # Interleaved convs created earlier may read the value just replaced: keep their inputs current.
+        for conv_node, (srcs, channels) in list(self.created.items()):
+            if output in srcs:
+                self.created[conv_node] = (tuple(new if s is output else s for s in srcs), channels)
         self._erase(rewrite.replaced)
         # The new conv takes the anchor's module path once nothing else uses it.
         new.target = self._free_target(owner)

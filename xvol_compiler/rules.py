@@ -313,7 +313,9 @@ def plan_conv_sum(view: nx.DiGraph, m: dict[str, Key]) -> Rewrite | None:
             return None  # sums of unrelated tensors (residual adds): nothing to gain by concatenating
         if base not in a.inputs:  # the branch reading x goes first: deploy input is [x, T(x)]
             m["a"], m["b"], a, b = m["b"], m["a"], b, a
-        kind = "x-volution"
+        # Only the merge that brings T(x) in makes the site; adding a branch to a merged site is a sum.
+        if not (set(b.inputs) <= set(a.inputs) or set(a.inputs) <= set(b.inputs)):
+            kind = "x-volution"
     for role in ("a", "b"):
         _check_node(view, m[role], single_user=True)
     _check_node(view, m["add"], single_user=False)
@@ -321,11 +323,20 @@ def plan_conv_sum(view: nx.DiGraph, m: dict[str, Key]) -> Rewrite | None:
         merged = merge_branches([a, b])
     except FoldError as err:
         raise Refusal(str(err)) from err
+    return _rewrite(view, CONV_SUM.name, kind, _main_branch(view, m, a, b, kind), m["add"],
+                    (m["a"], m["b"], m["add"]), merged)
+
+
+def _main_branch(view: nx.DiGraph, m: dict[str, Key], a: Branch, b: Branch, kind: str) -> Key:
+    """Which conv the merged one is named after: the branch reading x at an X-volution site,
+    else the largest kernel (not an added 1x1), else the shorter name (the site, not its branch)."""
     if kind == "x-volution":
-        anchor = m["a"] if a.inputs[0] == merged.inputs[0] else m["b"]
-    else:  # the site is named after its main (largest) kernel, not an added 1x1 branch
-        anchor = m["a"] if math.prod(a.geometry.kernel_size) >= math.prod(b.geometry.kernel_size) else m["b"]
-    return _rewrite(view, CONV_SUM.name, kind, anchor, m["add"], (m["a"], m["b"], m["add"]), merged)
+        return m["a"]
+    ka, kb = math.prod(a.geometry.kernel_size), math.prod(b.geometry.kernel_size)
+    if ka != kb:
+        return m["a"] if ka > kb else m["b"]
+    name_a, name_b = (str(_attrs(view, m[r]).get("name", m[r])) for r in ("a", "b"))
+    return m["a"] if (len(name_a), name_a) <= (len(name_b), name_b) else m["b"]
 
 
 def _identity_branch(view: nx.DiGraph, conv: Key, x: Key, bn: BatchNormParams | None) -> Branch:
