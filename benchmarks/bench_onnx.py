@@ -33,8 +33,8 @@ import torchvision
 from torch import nn
 
 from xvol_compiler import XVolution, export_onnx, fuse_onnx, xvolify
-from xvol_compiler.fusion_report import format_table
 from xvol_compiler.measure import interleaved_latency, machine_info
+from xvol_compiler.report import render_table
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     info = results["machine"]
     title = (f"ONNX fusion, {args.model} {args.size}px, onnxruntime CPU {args.threads} threads, "
              f"{args.repeats} interleaved rounds; {info.get('cpu')}, load {info.get('load_average_1min')}")
-    table = format_table(
+    table = render_table(
         ["exporter", "sites", "fuse s", "fuse+verify s", "batch", "original ms", "unfused ms", "fused ms",
          "unfused/orig", "fused/orig", "fused/unfused (p25-p75)", "rel err"],
         rows, title=title,

@@ -5,27 +5,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from xvol_compiler.report import render_table
 from xvol_compiler.rules import Outcome, RewriteLog
 
-__all__ = ["FusionReport", "format_table"]
-
-
-def format_table(headers: list[str], rows: list[list[str]], title: str = "") -> str:
-    """A plain-text table (no terminal codes), right-aligned numbers."""
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
-
-    def line(cells: list[str]) -> str:
-        out = []
-        for cell, width in zip(cells, widths, strict=True):
-            numeric = cell.replace(".", "", 1).replace("-", "", 1).replace("e", "", 1).replace("%", "").isdigit()
-            out.append(cell.rjust(width) if numeric else cell.ljust(width))
-        return "  ".join(out).rstrip()
-
-    sep = "  ".join("-" * w for w in widths)
-    body = [line(headers), sep, *(line(r) for r in rows)]
-    return "\n".join(([title] if title else []) + body)
+__all__ = ["FusionReport"]
 
 
 def _num(value: int | None) -> str:
@@ -105,7 +88,7 @@ class FusionReport:
              _num(o.macs_after), o.reason]
             for o in sorted(self.outcomes, key=lambda o: (o.status != "fused", o.kind != "x-volution", o.name))
         ]
-        table = format_table(
+        table = render_table(
             ["site", "pattern", "result", "params before", "params after", "MACs before", "MACs after", "reason"],
             rows, title=f"Fusion report ({self.source})",
         )
