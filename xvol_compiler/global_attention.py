@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xvol_compiler.fold import ConvGeometry, FoldError
-from xvol_compiler.ops import CONV_TYPES, XVolution, XVolutionDeploy, conv_geometry
+from xvol_compiler.ops import CONV_TYPES, XVolution, XVolutionDeploy
 
 __all__ = ["GLOBAL_ATTENTION_NOT_FUSABLE", "GlobalAttentionXVolution", "global_attention"]
 
@@ -79,18 +79,7 @@ class GlobalAttentionXVolution(XVolution):
         extra_branches: Sequence[str] = (),
     ) -> GlobalAttentionXVolution:
         """Wrap an ``nn.Conv1d/2d/3d``: its weight and bias are kept (copied), the output is unchanged."""
-        if not isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            raise TypeError(f"GlobalAttentionXVolution.from_conv needs an nn.Conv1d/2d/3d, got {type(conv).__name__}")
-        p = conv.weight
-        site = cls(conv_geometry(conv), bias=conv.bias is not None, qk_channels=qk_channels,
-                   extra_branches=extra_branches, device=p.device, dtype=p.dtype)
-        with torch.no_grad():
-            site.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                site.bias.copy_(conv.bias)
-            nn.init.kaiming_uniform_(site.attn_conv.weight, a=5**0.5)
-        site.train(conv.training)
-        return site
+        return cls._wrap(conv, qk_channels=qk_channels, extra_branches=extra_branches)  # type: ignore[return-value]
 
     def attention(self, x: Tensor) -> Tensor:
         """SA(x): (N, C_in, *spatial) -> (N, C_in, *spatial)."""

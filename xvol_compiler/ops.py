@@ -320,13 +320,16 @@ class XVolution(nn.Module):
         extra_branches: Sequence[str] = (),
     ) -> XVolution:
         """Wrap an existing ``nn.Conv1d/2d/3d``: its weight and bias are kept (copied, not shared)."""
+        return cls._wrap(conv, shift=shift, directions=directions, directional=directional,
+                         extra_branches=extra_branches)
+
+    @classmethod
+    def _wrap(cls, conv: nn.Module, **options: object) -> XVolution:
+        """A site of this class around ``conv``: same geometry, weight and bias copied, training flag kept."""
         if not isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or isinstance(conv, XVolution):
-            raise TypeError(f"XVolution.from_conv needs an nn.Conv1d/2d/3d, got {type(conv).__name__}")
+            raise TypeError(f"{cls.__name__}.from_conv needs an nn.Conv1d/2d/3d, got {type(conv).__name__}")
         p = conv.weight
-        site = cls(
-            conv_geometry(conv), bias=conv.bias is not None, shift=shift, directions=directions,
-            directional=directional, extra_branches=extra_branches, device=p.device, dtype=p.dtype,
-        )
+        site = cls(conv_geometry(conv), bias=conv.bias is not None, device=p.device, dtype=p.dtype, **options)
         with torch.no_grad():
             site.weight.copy_(conv.weight)
             if conv.bias is not None:
