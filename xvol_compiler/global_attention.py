@@ -85,16 +85,6 @@ class GlobalAttentionXVolution(XVolution):
         """SA(x): (N, C_in, *spatial) -> (N, C_in, *spatial)."""
         return global_attention(self.attn_q(x), self.attn_k(x), self.attn_v(x))
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = self._conv(x)
-        if "bn" in self.extra_branches:
-            y = self.conv_bn(y)
-        if "1x1" in self.extra_branches:
-            y = y + self.branch_1x1(x)
-        if "identity" in self.extra_branches:
-            y = y + self.branch_identity(x)
-        return y + self.attn_bn(self.attn_conv(self.attention(x)))
-
     def extra_repr(self) -> str:
         g = self.geometry
         return (

@@ -345,6 +345,10 @@ class XVolution(nn.Module):
                                self.padding_mode)
         return CONV_FNS[self.ndim](x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
+    def attention(self, x: Tensor) -> Tensor:
+        """The attention branch's input transform: T_L(x) (PSSA)."""
+        return pssa_transform(x, self.shift, self.directions, self.directional)
+
     def forward(self, x: Tensor) -> Tensor:
         y = self._conv(x)
         if "bn" in self.extra_branches:
@@ -353,8 +357,7 @@ class XVolution(nn.Module):
             y = y + self.branch_1x1(x)
         if "identity" in self.extra_branches:
             y = y + self.branch_identity(x)
-        t = pssa_transform(x, self.shift, self.directions, self.directional)
-        return y + self.attn_bn(self.attn_conv(t))
+        return y + self.attn_bn(self.attn_conv(self.attention(x)))
 
     def extra_repr(self) -> str:
         g = self.geometry
