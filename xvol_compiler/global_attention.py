@@ -85,13 +85,8 @@ class GlobalAttentionXVolution(XVolution):
         """SA(x): (N, C_in, *spatial) -> (N, C_in, *spatial)."""
         return global_attention(self.attn_q(x), self.attn_k(x), self.attn_v(x))
 
-    def extra_repr(self) -> str:
-        g = self.geometry
-        return (
-            f"{g.in_channels}, {g.out_channels}, kernel_size={g.kernel_size}, stride={g.stride}, "
-            f"padding={g.padding}, dilation={g.dilation}, groups={g.groups}, attention=global, "
-            f"qk_channels={self.qk_channels}, extra_branches={self.extra_branches}"
-        )
+    def _attention_repr(self) -> str:
+        return f"attention=global, qk_channels={self.qk_channels}"
 
     def deploy_weights(self) -> tuple[Tensor, Tensor]:
         raise FoldError(GLOBAL_ATTENTION_NOT_FUSABLE)

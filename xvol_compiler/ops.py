@@ -359,12 +359,15 @@ class XVolution(nn.Module):
             y = y + self.branch_identity(x)
         return y + self.attn_bn(self.attn_conv(self.attention(x)))
 
+    def _attention_repr(self) -> str:
+        return f"shift={self.shift}, directions={self.directions}, directional={self.directional}"
+
     def extra_repr(self) -> str:
         g = self.geometry
         return (
             f"{g.in_channels}, {g.out_channels}, kernel_size={g.kernel_size}, stride={g.stride}, "
-            f"padding={g.padding}, dilation={g.dilation}, groups={g.groups}, shift={self.shift}, "
-            f"directions={self.directions}, directional={self.directional}, extra_branches={self.extra_branches}"
+            f"padding={g.padding}, dilation={g.dilation}, groups={g.groups}, {self._attention_repr()}, "
+            f"extra_branches={self.extra_branches}"
         )
 
     def deploy_weights(self) -> tuple[Tensor, Tensor]:
