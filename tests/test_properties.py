@@ -38,11 +38,7 @@ from tests.random_cnn import (
 )
 from xvol_compiler import SiteSelection, SiteSelectionError, XVolution, xvolify
 from xvol_compiler.passes.fuse_fx import fuse_with_report
-
-try:
-    from xvol_compiler.passes.fuse_onnx import fuse_onnx
-except ImportError:  # the ONNX pass has not landed
-    fuse_onnx = None
+from xvol_compiler.passes.fuse_onnx import fuse_onnx
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 
@@ -246,9 +242,8 @@ def _op_count(model: Any, op: str) -> int:
     return sum(n.op_type == op for n in nodes)
 
 
-@pytest.mark.skipif(fuse_onnx is None, reason="xvol_compiler.passes.fuse_onnx is not available")
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
-@settings(max_examples=examples(25))
+@settings(max_examples=examples(25, long=1000))  # an export + two onnxruntime sessions per example
 @given(case=cases())
 def test_fuse_onnx_matches_pytorch(dynamo: bool, case: Case) -> None:
     note(case.describe())
