@@ -1,0 +1,100 @@
+"""Where onnxruntime spends its time in the unfused and the fused ONNX graph, per operator type.
+
+    .venv/bin/python benchmarks/profile_onnx.py                         # ResNet-50, dynamo exporter, batch 16
+    .venv/bin/python benchmarks/profile_onnx.py --exporter legacy --batch 1 --runs 20
+
+Exports the xvolified model (attention BatchNorms given small random scales,
+as after training; the same set-up as ``bench_onnx.py``), fuses it with
+``fuse_onnx``, runs both graphs ``--runs`` times with onnxruntime's profiler
+on (CPUExecutionProvider, all graph optimizations, ``--threads`` threads) and
+prints the kernel time per operator type, as onnxruntime executes it after
+its own rewrites (``ReorderInput``/``ReorderOutput`` are its NCHWc layout
+conversions). The per-run figures are means over the profiled runs after
+the first ``--warmup`` runs, which are discarded. Profile on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_onnx import build
+
+from xvol_compiler import export_onnx, fuse_onnx
+from xvol_compiler.report import render_table
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet50", help="torchvision model name (default resnet50)")
+    p.add_argument("--exporter", default="dynamo", choices=["dynamo", "legacy"])
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--runs", type=int, default=10, help="profiled runs per graph (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="runs discarded first (default 2)")
+    p.add_argument("--threads", type=int, default=2)
+    return p.parse_args(argv)
+
+
+def kernel_ms_per_op(model: onnx.ModelProto, feed: dict[str, np.ndarray], args: argparse.Namespace,
+                     workdir: Path, tag: str) -> dict[str, float]:
+    """Mean kernel milliseconds per run for each operator type onnxruntime executed."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    options.profile_file_prefix = str(workdir / tag)
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    total = args.warmup + args.runs
+    for _ in range(total):
+        sess.run(None, feed)
+    events: list[dict[str, Any]] = json.loads(Path(sess.end_profiling()).read_text())
+    per_node: dict[str, list[tuple[float, str]]] = collections.defaultdict(list)
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            per_node[e["name"]].append((float(e["dur"]), e["args"]["op_name"]))
+    per_op: collections.Counter[str] = collections.Counter()
+    for runs in per_node.values():
+        for dur, op in runs[args.warmup:]:  # each node runs once per session.run, in order
+            per_op[op] += dur / 1e3 / args.runs
+    return dict(per_op)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    _, xvol = build(args.model, args.size)
+    config = {"dynamo": {"dynamo": True, "optimize": True}, "legacy": {"dynamo": False}}[args.exporter]
+    unfused = export_onnx(xvol, None, (torch.randn(1, 3, args.size, args.size),), **config)
+    fused, report = fuse_onnx(unfused)
+    feed = {"input": np.random.default_rng(0).standard_normal((args.batch, 3, args.size, args.size), np.float32)}
+    with tempfile.TemporaryDirectory() as tmp:
+        times = {tag: kernel_ms_per_op(m, feed, args, Path(tmp), tag)
+                 for tag, m in (("unfused", unfused), ("fused", fused))}
+    ops = sorted(set(times["unfused"]) | set(times["fused"]),
+                 key=lambda op: -max(times["unfused"].get(op, 0.0), times["fused"].get(op, 0.0)))
+    rows = [[op, f"{times['unfused'].get(op, 0.0):.2f}", f"{times['fused'].get(op, 0.0):.2f}",
+             f"{times['fused'].get(op, 0.0) - times['unfused'].get(op, 0.0):+.2f}"] for op in ops]
+    tu, tf = sum(times["unfused"].values()), sum(times["fused"].values())
+    rows.append(["total", f"{tu:.2f}", f"{tf:.2f}", f"{tf - tu:+.2f}"])
+    sys.stdout.write(f"onnxruntime kernel time per run (ms), {args.model} {args.size}px batch {args.batch}, "
+                     f"{args.exporter} exporter, {args.threads} threads, mean of {args.runs} runs; "
+                     f"{report.count('x-volution')} X-volution sites fused\n")
+    sys.stdout.write(render_table(["operator", "unfused", "fused", "fused - unfused"], rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()
