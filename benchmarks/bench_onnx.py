@@ -36,6 +36,11 @@ from xvol_compiler import XVolution, export_onnx, fuse_onnx, xvolify
 from xvol_compiler.measure import interleaved_latency, machine_info
 from xvol_compiler.report import render_table
 
+# How each exporter is called: dynamo with its optimizer, or the TorchScript exporter.
+EXPORTER_CONFIGS: dict[str, dict[str, bool]] = {
+    "dynamo": {"dynamo": True, "optimize": True}, "legacy": {"dynamo": False},
+}
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,7 +86,7 @@ def session(model: onnx.ModelProto, threads: int) -> Any:
 
 
 def bench_exporter(args: argparse.Namespace, exporter: str, original: nn.Module, xvol: nn.Module) -> dict[str, Any]:
-    config = {"dynamo": {"dynamo": True, "optimize": True}, "legacy": {"dynamo": False}}[exporter]
+    config = EXPORTER_CONFIGS[exporter]
     example = (torch.randn(1, 3, args.size, args.size),)
     t0 = time.perf_counter()
     original_onnx = export_onnx(original, None, example, **config)

@@ -28,7 +28,7 @@ import onnx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_onnx import build
+from bench_onnx import EXPORTER_CONFIGS, build
 
 from xvol_compiler import export_onnx, fuse_onnx
 from xvol_compiler.report import render_table
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     _, xvol = build(args.model, args.size)
-    config = {"dynamo": {"dynamo": True, "optimize": True}, "legacy": {"dynamo": False}}[args.exporter]
+    config = EXPORTER_CONFIGS[args.exporter]
     unfused = export_onnx(xvol, None, (torch.randn(1, 3, args.size, args.size),), **config)
     fused, report = fuse_onnx(unfused)
     feed = {"input": np.random.default_rng(0).standard_normal((args.batch, 3, args.size, args.size), np.float32)}
