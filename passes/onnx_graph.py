@@ -43,7 +43,7 @@ import re
 import warnings
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import networkx as nx
 import numpy as np
@@ -77,6 +77,7 @@ _PAD_MODES = {"constant": "zeros", "reflect": "reflect", "edge": "replicate", "w
 _ONNX_PAD_MODES = {v: k for k, v in _PAD_MODES.items() if k != "constant"}
 _FLOAT_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
                  np.dtype(np.float64): torch.float64}
+_INT64_MAX = int(np.iinfo(np.int64).max)
 _FOLD_ELEMENT_LIMIT = 1 << 26  # do not evaluate constant subgraphs larger than this (elements)
 
 
@@ -424,6 +425,8 @@ class OnnxGraphAdapter:
         if len(x.inputs) != 1:
             return None
         pad = x.inputs[0]
+        if pad.op == "Concat" and pad.domain in (None, "", "ai.onnx"):
+            return self._wrap_concat_pad(x, ndim)
         if pad.op != "Pad" or pad.domain not in (None, "", "ai.onnx") or len(pad.inputs) < 2:
             return None
         source = pad.inputs[0]
@@ -456,6 +459,73 @@ class OnnxGraphAdapter:
         if begin[:2] != [0, 0] or end[:2] != [0, 0] or min(begin + end) < 0:
             return None
         return list(zip(begin[2:], end[2:], strict=True)), _PAD_MODES[mode], source
+
+    def _wrap_concat_pad(self, x: gs.Tensor, ndim: int) -> tuple[list[tuple[int, int]], str, gs.Tensor] | None:
+        """(spatial pads, 'circular', source) when ``x`` is the chain the TorchScript exporter writes for
+        circular padding (opset < 19 has no Pad 'wrap'): per spatial axis, one
+        ``Concat(Slice(t, -left:), t, Slice(t, :right))``, either slice absent when its pad is 0."""
+        rank = ndim + 2
+        begin, end = [0] * rank, [0] * rank
+        seen: set[int] = set()
+        t = x
+        while len(t.inputs) == 1 and t.inputs[0].op == "Concat" and t.inputs[0].domain in (None, "", "ai.onnx"):
+            concat = t.inputs[0]
+            axis = int(concat.attrs.get("axis", 0))
+            axis = axis + rank if axis < 0 else axis
+            if axis < 2 or axis >= rank or axis in seen:
+                break
+            parsed = self._wrap_parts(list(concat.inputs), axis)
+            if parsed is None:
+                break
+            begin[axis], end[axis], t = parsed
+            seen.add(axis)
+        if t is x or self._is_static(t):
+            return None
+        pads = list(zip(begin[2:], end[2:], strict=True))
+        return pads, ("circular" if any(a or b for a, b in pads) else "zeros"), t
+
+    def _wrap_parts(self, parts: list[gs.Tensor], axis: int) -> tuple[int, int, gs.Tensor] | None:
+        """(left, right, source) when ``parts`` are [tail of source], source, [head of source] along ``axis``."""
+        for i, source in enumerate(parts):
+            before, after = parts[:i], parts[i + 1:]
+            if len(before) > 1 or len(after) > 1:
+                continue
+            shape = self._shape(source)
+            size = shape[axis] if shape is not None and len(shape) > axis else None
+            if not isinstance(size, int):
+                continue
+            left = self._slice_of(before[0], source, axis, size) if before else (size, size)
+            right = self._slice_of(after[0], source, axis, size) if after else (0, 0)
+            if left is None or right is None or left[1] != size or right[0] != 0:
+                continue
+            left_pad, right_pad = size - left[0], right[1]
+            if 0 <= left_pad <= size and 0 <= right_pad <= size:
+                return left_pad, right_pad, source
+        return None
+
+    def _slice_of(self, t: gs.Tensor, source: gs.Tensor, axis: int, size: int) -> tuple[int, int] | None:
+        """(start, end), clamped to [0, size], when ``t`` is a unit-step ``Slice`` of ``source`` on ``axis`` only."""
+        if len(t.inputs) != 1:
+            return None
+        node = t.inputs[0]
+        if node.op != "Slice" or len(node.inputs) < 3 or node.inputs[0] is not source:
+            return None
+        values = [self.const(v) if v.name else None for v in node.inputs[1:5]]
+        if values[0] is None or values[1] is None:
+            return None
+        starts, ends = (np.asarray(v).reshape(-1) for v in values[:2])
+        axes = np.arange(len(starts)) if len(values) < 3 or values[2] is None else np.asarray(values[2]).reshape(-1)
+        steps = np.ones_like(starts) if len(values) < 4 or values[3] is None else np.asarray(values[3]).reshape(-1)
+        rank = len(self._shape(source) or ())
+        if len(starts) != 1 or len(ends) != 1 or len(axes) != 1 or len(steps) != 1 or int(steps[0]) != 1:
+            return None
+        if int(axes[0]) % max(rank, 1) != axis:
+            return None
+
+        def clamp(v: int) -> int:
+            return min(max(v + size if v < 0 else v, 0), size)
+
+        return clamp(int(starts[0])), clamp(int(ends[0]))
 
     def _bn_params(self, node: gs.Node) -> tuple[BatchNormParams | None, str | None]:
         if int(node.attrs.get("training_mode", 0)):
@@ -560,6 +630,33 @@ class OnnxGraphAdapter:
     def _int64(self, base: str, values: Sequence[int]) -> gs.Constant:
         return gs.Constant(self._fresh(base), np.asarray(list(values), dtype=np.int64))
 
+    def _pad(self, x: gs.Tensor, pads: Sequence[tuple[int, int]], mode: str, base: str,
+             nodes: list[gs.Node]) -> gs.Tensor:
+        """``x`` padded on its spatial axes in a torch padding mode: a ``Pad`` node, or for 'circular' before
+        opset 19 (no Pad 'wrap') the Slice/Concat chain the TorchScript exporter writes."""
+        if mode != "circular" or self.opset >= 19:
+            amounts = self._int64(f"{base}/pads", [0, 0, *(p for p, _ in pads), 0, 0, *(p for _, p in pads)])
+            return self._node("Pad", [x, amounts], base, nodes, mode=_ONNX_PAD_MODES[mode])
+        for axis, (left, right) in enumerate(pads, start=2):
+            if not (left or right):
+                continue
+            parts = [self._slice(x, -left, _INT64_MAX, axis, base, nodes)] if left else []
+            parts.append(x)
+            parts += [self._slice(x, 0, right, axis, base, nodes)] if right else []
+            x = self._node("Concat", parts, base, nodes, axis=axis)
+        return x
+
+    def _slice(self, x: gs.Tensor, start: int, end: int, axis: int, base: str, nodes: list[gs.Node]) -> gs.Tensor:
+        bounds = [self._int64(f"{base}/{what}", [v]) for what, v in (("starts", start), ("ends", end), ("axes", axis))]
+        return self._node("Slice", [x, *bounds], base, nodes)
+
+    def _node(self, op: str, inputs: list[gs.Tensor], base: str, nodes: list[gs.Node], **attrs: Any) -> gs.Variable:
+        """A new node ``op`` on ``inputs``, appended to ``nodes``; its one output (same dtype as the first input)."""
+        out = gs.Variable(self._fresh(f"{base}/{op}_output"), dtype=inputs[0].dtype)
+        self._hidden.add(out.name)
+        nodes.append(gs.Node(op, self._fresh(f"{base}/{op}"), attrs, inputs, [out]))
+        return out
+
     def _interleave(
         self, keys: Sequence[str], channels: Sequence[int], groups: int, ndim: int, base: str, nodes: list[gs.Node]
     ) -> gs.Tensor:
@@ -638,12 +735,7 @@ class OnnxGraphAdapter:
         pads = g.pads()
         if g.padding_mode != "zeros":
             # reflect / replicate / circular: an explicit Pad of the (interleaved) input, as the exporters emit.
-            padded = gs.Variable(self._fresh(f"{base}/padded"), dtype=x.dtype)
-            amounts = self._int64(f"{base}/pads", [0, 0, *(p for p, _ in pads), 0, 0, *(p for _, p in pads)])
-            new_nodes.append(gs.Node("Pad", self._fresh(f"{base}/Pad"), {"mode": _ONNX_PAD_MODES[g.padding_mode]},
-                                     [x, amounts], [padded]))
-            self._hidden.add(padded.name)
-            x, pads = padded, tuple((0, 0) for _ in pads)
+            x, pads = self._pad(x, pads, g.padding_mode, base, new_nodes), tuple((0, 0) for _ in pads)
         attrs = {
             "dilations": list(g.dilation),
             "group": int(g.groups),
