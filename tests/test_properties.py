@@ -243,7 +243,7 @@ def _op_count(model: Any, op: str) -> int:
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
-@settings(max_examples=examples(25, long=1000))  # an export + two onnxruntime sessions per example
+@settings(max_examples=examples(25))  # an export + two onnxruntime sessions per example
 @given(case=cases())
 def test_fuse_onnx_matches_pytorch(dynamo: bool, case: Case) -> None:
     note(case.describe())
