@@ -120,6 +120,16 @@ def _xvolified(case: Case) -> tuple[nn.Module, torch.Tensor]:
     return xm.eval(), x
 
 
+def _noted_with_sites(case: Case) -> bool:
+    """Notes the case (hypothesis prints it with a failure); False, tallied as an event, when the policy
+    selects no site (xvolify refuses those: property 1 checks that)."""
+    note(case.describe())
+    if case.expected_sites():
+        return True
+    event("no site selected (xvolify refuses: property 1)")
+    return False
+
+
 def _finite(values: list[torch.Tensor]) -> bool:
     return all(bool(v.isfinite().all()) for v in values)
 
@@ -158,9 +168,7 @@ def test_xvolify_at_insertion_computes_the_original(case: Case) -> None:
 @settings(max_examples=examples(200))
 @given(case=cases())
 def test_fuse_after_training_matches_unfused(case: Case) -> None:
-    note(case.describe())
-    if not case.expected_sites():
-        event("no site selected (xvolify refuses: property 1)")
+    if not _noted_with_sites(case):
         return
     xm, x = _xvolified(case)
     with torch.no_grad():
@@ -185,9 +193,7 @@ def test_fuse_after_training_matches_unfused(case: Case) -> None:
 @settings(max_examples=examples(200))
 @given(case=cases())
 def test_fuse_leaves_nothing_foldable_and_is_idempotent(case: Case) -> None:
-    note(case.describe())
-    if not case.expected_sites():
-        event("no site selected (xvolify refuses: property 1)")
+    if not _noted_with_sites(case):
         return
     xm, x = _xvolified(case)
     sites = _sites(xm)
@@ -246,9 +252,7 @@ def _op_count(model: Any, op: str) -> int:
 @settings(max_examples=examples(25))  # an export + two onnxruntime sessions per example
 @given(case=cases())
 def test_fuse_onnx_matches_pytorch(dynamo: bool, case: Case) -> None:
-    note(case.describe())
-    if not case.expected_sites():
-        event("no site selected (xvolify refuses: property 1)")
+    if not _noted_with_sites(case):
         return
     xm, x = _xvolified(case)
     sites = _sites(xm)
@@ -287,9 +291,7 @@ def test_fuse_onnx_matches_pytorch(dynamo: bool, case: Case) -> None:
 @settings(max_examples=examples(5, long=50))
 @given(case=cases())
 def test_compiled_fused_model_matches_eager(case: Case) -> None:
-    note(case.describe())
-    if not case.expected_sites():
-        event("no site selected (xvolify refuses: property 1)")
+    if not _noted_with_sites(case):
         return
     xm, x = _xvolified(case)
     fused = fuse_with_report(xm.float(), example_inputs=x.float())[0]
@@ -307,9 +309,7 @@ def test_compiled_fused_model_matches_eager(case: Case) -> None:
 @settings(max_examples=examples(200))
 @given(case=cases())
 def test_one_training_step_moves_attention(case: Case) -> None:
-    note(case.describe())
-    if not case.expected_sites():
-        event("no site selected (xvolify refuses: property 1)")
+    if not _noted_with_sites(case):
         return
     model = case.spec.build(torch.float64, seed=case.seed)
     x = case.spec.input(torch.float64, seed=case.seed, batch=2)  # train-mode BN needs > 1 value per channel
