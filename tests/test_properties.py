@@ -4,7 +4,7 @@ ONNX), compile, train.
 Each property draws a random CNN, a site policy and extra branches. The CI
 profile runs 200 examples per property, except the ONNX property (25: two
 exports per example, about a second each) and torch.compile (5); the long
-profile (``HYPOTHESIS_PROFILE=long``) runs 5,000 of each (torch.compile: 50).
+profile (``HYPOTHESIS_PROFILE=long``) runs 5,000 of each (torch.compile: 500).
 """
 
 from __future__ import annotations
@@ -288,7 +288,7 @@ def test_fuse_onnx_matches_pytorch(dynamo: bool, case: Case) -> None:
 
 
 @pytest.mark.compile
-@settings(max_examples=examples(5, long=50))
+@settings(max_examples=examples(5, long=500))
 @given(case=cases())
 def test_compiled_fused_model_matches_eager(case: Case) -> None:
     if not _noted_with_sites(case):
