@@ -78,6 +78,7 @@ _ONNX_PAD_MODES = {v: k for k, v in _PAD_MODES.items() if k != "constant"}
 _FLOAT_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
                  np.dtype(np.float64): torch.float64}
 _INT64_MAX = int(np.iinfo(np.int64).max)
+_DEFAULT_DOMAINS = (None, "", "ai.onnx")
 _FOLD_ELEMENT_LIMIT = 1 << 26  # do not evaluate constant subgraphs larger than this (elements)
 
 
@@ -247,7 +248,7 @@ class OnnxGraphAdapter:
 
     def _compute_is_const(self, t: gs.Tensor, depth: int) -> bool:
         node = t.inputs[0]
-        if node.domain not in (None, "", "ai.onnx"):
+        if node.domain not in _DEFAULT_DOMAINS:
             return False
         if node.op == "Constant":
             return True
@@ -274,7 +275,7 @@ class OnnxGraphAdapter:
         cached = self._is_static_cache.get(t.name)
         if cached is None:
             node = t.inputs[0]
-            if node.domain not in (None, "", "ai.onnx"):
+            if node.domain not in _DEFAULT_DOMAINS:
                 cached = False
             elif node.op in ("Constant", "Shape", "Size"):
                 cached = True
@@ -425,9 +426,9 @@ class OnnxGraphAdapter:
         if len(x.inputs) != 1:
             return None
         pad = x.inputs[0]
-        if pad.op == "Concat" and pad.domain in (None, "", "ai.onnx"):
+        if pad.op == "Concat" and pad.domain in _DEFAULT_DOMAINS:
             return self._wrap_concat_pad(x, ndim)
-        if pad.op != "Pad" or pad.domain not in (None, "", "ai.onnx") or len(pad.inputs) < 2:
+        if pad.op != "Pad" or pad.domain not in _DEFAULT_DOMAINS or len(pad.inputs) < 2:
             return None
         source = pad.inputs[0]
         if self._is_static(source):
@@ -468,7 +469,7 @@ class OnnxGraphAdapter:
         begin, end = [0] * rank, [0] * rank
         seen: set[int] = set()
         t = x
-        while len(t.inputs) == 1 and t.inputs[0].op == "Concat" and t.inputs[0].domain in (None, "", "ai.onnx"):
+        while len(t.inputs) == 1 and t.inputs[0].op == "Concat" and t.inputs[0].domain in _DEFAULT_DOMAINS:
             concat = t.inputs[0]
             axis = int(concat.attrs.get("axis", 0))
             axis = axis + rank if axis < 0 else axis
@@ -494,8 +495,8 @@ class OnnxGraphAdapter:
             size = shape[axis] if shape is not None and len(shape) > axis else None
             if not isinstance(size, int):
                 continue
-            left = self._slice_of(before[0], source, axis, size) if before else (size, size)
-            right = self._slice_of(after[0], source, axis, size) if after else (0, 0)
+            left = self._slice_of(before[0], source, axis, shape) if before else (size, size)
+            right = self._slice_of(after[0], source, axis, shape) if after else (0, 0)
             if left is None or right is None or left[1] != size or right[0] != 0:
                 continue
             left_pad, right_pad = size - left[0], right[1]
@@ -503,8 +504,11 @@ class OnnxGraphAdapter:
                 return left_pad, right_pad, source
         return None
 
-    def _slice_of(self, t: gs.Tensor, source: gs.Tensor, axis: int, size: int) -> tuple[int, int] | None:
-        """(start, end), clamped to [0, size], when ``t`` is a unit-step ``Slice`` of ``source`` on ``axis`` only."""
+    def _slice_of(
+        self, t: gs.Tensor, source: gs.Tensor, axis: int, shape: tuple[int | str | None, ...]
+    ) -> tuple[int, int] | None:
+        """(start, end), clamped to [0, size], when ``t`` is a unit-step ``Slice`` of ``source`` (of ``shape``)
+        on ``axis`` only."""
         if len(t.inputs) != 1:
             return None
         node = t.inputs[0]
@@ -516,11 +520,11 @@ class OnnxGraphAdapter:
         starts, ends = (np.asarray(v).reshape(-1) for v in values[:2])
         axes = np.arange(len(starts)) if len(values) < 3 or values[2] is None else np.asarray(values[2]).reshape(-1)
         steps = np.ones_like(starts) if len(values) < 4 or values[3] is None else np.asarray(values[3]).reshape(-1)
-        rank = len(self._shape(source) or ())
         if len(starts) != 1 or len(ends) != 1 or len(axes) != 1 or len(steps) != 1 or int(steps[0]) != 1:
             return None
-        if int(axes[0]) % max(rank, 1) != axis:
+        if int(axes[0]) % len(shape) != axis:
             return None
+        size = int(shape[axis])  # the caller checked it is known
 
         def clamp(v: int) -> int:
             return min(max(v + size if v < 0 else v, 0), size)
@@ -578,7 +582,7 @@ class OnnxGraphAdapter:
             if not live_outputs or all(self._is_static(o) for o in live_outputs):
                 continue
             attrs: dict[str, object] = {"kind": "other", "refusal": None, "name": self._name(node)}
-            op = node.op if node.domain in (None, "", "ai.onnx") else f"{node.domain}.{node.op}"
+            op = node.op if node.domain in _DEFAULT_DOMAINS else f"{node.domain}.{node.op}"
             if op == "Conv":
                 if len(node.inputs) > 1 and not self._is_static(node.inputs[0]):
                     branch, refusal = self._conv_branch(node)
@@ -608,7 +612,7 @@ class OnnxGraphAdapter:
 
     def _sources(self, node: gs.Node) -> list[str]:
         """The activation tensors a node reads (the interleaved originals for our convs)."""
-        if node.op == "Conv" and node.domain in (None, "", "ai.onnx") and len(node.inputs) > 1:
+        if node.op == "Conv" and node.domain in _DEFAULT_DOMAINS and len(node.inputs) > 1:
             branch, _ = self._conv_branch(node)
             if branch is not None:  # (weights are constants: the branch's inputs are all it reads)
                 return [str(k) for k in branch.inputs]
@@ -650,9 +654,12 @@ class OnnxGraphAdapter:
         bounds = [self._int64(f"{base}/{what}", [v]) for what, v in (("starts", start), ("ends", end), ("axes", axis))]
         return self._node("Slice", [x, *bounds], base, nodes)
 
-    def _node(self, op: str, inputs: list[gs.Tensor], base: str, nodes: list[gs.Node], **attrs: Any) -> gs.Variable:
-        """A new node ``op`` on ``inputs``, appended to ``nodes``; its one output (same dtype as the first input)."""
-        out = gs.Variable(self._fresh(f"{base}/{op}_output"), dtype=inputs[0].dtype)
+    def _node(self, op: str, inputs: list[gs.Tensor], base: str, nodes: list[gs.Node], *,
+              dtype: Any = None, output: str | None = None, **attrs: Any) -> gs.Variable:
+        """A new node ``op`` on ``inputs``, appended to ``nodes``; its one output, hidden from the view
+        (``dtype``: the first input's unless given)."""
+        out = gs.Variable(self._fresh(f"{base}/{output or op + '_output'}"),
+                          dtype=inputs[0].dtype if dtype is None else dtype)
         self._hidden.add(out.name)
         nodes.append(gs.Node(op, self._fresh(f"{base}/{op}"), attrs, inputs, [out]))
         return out
@@ -668,13 +675,11 @@ class OnnxGraphAdapter:
         if cached is not None and cached.inputs and cached.outputs:
             return cached
         dtype = next((t.dtype for t in tensors if t.dtype is not None), None)
-        out = gs.Variable(self._fresh(f"{base}/interleave"), dtype=dtype)
         total = sum(channels)
         if groups == 1:
-            nodes.append(gs.Node("Concat", self._fresh(f"{base}/Concat"), {"axis": 1}, list(tensors), [out]))
+            out = self._node("Concat", list(tensors), base, nodes, dtype=dtype, output="interleave", axis=1)
         elif self.interleave_mode == "gather":
-            cat = gs.Variable(self._fresh(f"{base}/concat"), dtype=dtype)
-            nodes.append(gs.Node("Concat", self._fresh(f"{base}/Concat"), {"axis": 1}, list(tensors), [cat]))
+            cat = self._node("Concat", list(tensors), base, nodes, dtype=dtype, output="concat", axis=1)
             offsets = np.cumsum([0, *channels[:-1]])
             perm = [
                 int(off + g * (c // groups) + i)
@@ -683,24 +688,16 @@ class OnnxGraphAdapter:
                 for i in range(c // groups)
             ]
             index = self._int64(f"{base}/interleave_index", perm)
-            nodes.append(gs.Node("Gather", self._fresh(f"{base}/Gather"), {"axis": 1}, [cat, index], [out]))
-            self._hidden.add(cat.name)
+            out = self._node("Gather", [cat, index], base, nodes, dtype=dtype, output="interleave", axis=1)
         else:
             # (N, C, S1, ..., Sn) -> (N, g, C/g*S1, S2, ..., Sn): each group's channels stay contiguous,
             # concatenating on axis 2 interleaves the inputs group by group; only the Concat copies.
             split = self._int64(f"{base}/group_shape", [0, groups, -1] + [0] * (ndim - 1))
             merged = self._int64(f"{base}/interleave_shape", [0, total, -1] + [0] * (ndim - 1))
-            parts = []
-            for t in tensors:
-                part = gs.Variable(self._fresh(f"{base}/{t.name}/grouped"), dtype=dtype)
-                nodes.append(gs.Node("Reshape", self._fresh(f"{base}/Reshape"), None, [t, split], [part]))
-                parts.append(part)
-                self._hidden.add(part.name)
-            cat = gs.Variable(self._fresh(f"{base}/concat"), dtype=dtype)
-            nodes.append(gs.Node("Concat", self._fresh(f"{base}/Concat"), {"axis": 2}, parts, [cat]))
-            nodes.append(gs.Node("Reshape", self._fresh(f"{base}/Reshape"), None, [cat, merged], [out]))
-            self._hidden.add(cat.name)
-        self._hidden.add(out.name)
+            parts = [self._node("Reshape", [t, split], base, nodes, dtype=dtype, output=f"{t.name}/grouped")
+                     for t in tensors]
+            cat = self._node("Concat", parts, base, nodes, dtype=dtype, output="concat", axis=2)
+            out = self._node("Reshape", [cat, merged], base, nodes, dtype=dtype, output="interleave")
         self._interleaved[out.name] = _Interleaved(tuple(keys), tuple(channels), groups)
         self._interleave_cache[cache_key] = out
         return out
