@@ -28,7 +28,7 @@ import onnx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_onnx import EXPORTER_CONFIGS, build
+from bench_onnx import EXPORTER_CONFIGS, build, session
 
 from xvol_compiler import export_onnx, fuse_onnx
 from xvol_compiler.report import render_table
@@ -49,15 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def kernel_ms_per_op(model: onnx.ModelProto, feed: dict[str, np.ndarray], args: argparse.Namespace,
                      workdir: Path, tag: str) -> dict[str, float]:
     """Mean kernel milliseconds per run for each operator type onnxruntime executed."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = args.threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.enable_profiling = True
-    options.profile_file_prefix = str(workdir / tag)
-    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    sess = session(model, args.threads, profile_prefix=str(workdir / tag))
     total = args.warmup + args.runs
     for _ in range(total):
         sess.run(None, feed)
