@@ -10,14 +10,17 @@ bounded number of steps / seconds -> accuracy -> ``fuse`` (torch.fx) -> fused
 accuracy and error vs unfused -> ``torch.compile`` the fused model, check it
 matches -> export the unfused model to ONNX -> ``fuse_onnx`` -> run in
 onnxruntime and compare -> one summary table. Artifacts go to ``--out``
-(default ``xvol-demo-out/``): ``fused.pt`` (state dict + how to rebuild it,
-loadable by ``xvol``), ``unfused.pt``, ``fused.onnx``, ``report.json`` and
-``report.txt``. The exit status is 1 when a verification fails.
+(default ``xvol-demo-out/``, created if missing; its parent must exist):
+``fused.pt`` (state dict + how to rebuild it, loadable by ``xvol``),
+``unfused.pt``, ``fused.onnx``, ``report.json`` and ``report.txt``, written
+together at the end: all five or none. The exit status is 1 when a
+verification fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import logging
 import sys
@@ -36,16 +39,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits import accuracy, digits_loaders, predict, train_steps
 
 from xvol_compiler import fuse, xvolify
-from xvol_compiler.io import (
-    InputError,
-    ModelSpec,
+from xvol_compiler.files import (
+    OutputError,
     atomic_write_json,
     atomic_write_text,
-    check_writable,
-    save_model,
-    torchvision_model,
+    check_output_dir,
+    check_outputs,
+    written_together,
 )
+from xvol_compiler.io import InputError, ModelSpec, save_model, torchvision_model
 from xvol_compiler.measure import count_macs, count_params, interleaved_latency, machine_info, max_error
+from xvol_compiler.onnx_io import save_onnx
 from xvol_compiler.passes.fuse_onnx import export_onnx, fuse_onnx
 from xvol_compiler.report import format_count
 
@@ -94,19 +98,19 @@ def _ok(flag: bool) -> str:
     return "[green]ok[/green]" if flag else "[bold red]FAILED[/bold red]"
 
 
-def _ort_session(path: Path) -> Any:
+def _ort_session(model: Any) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    for name in ARTIFACTS:
-        check_writable(args.out / name, force=args.force)
-    args.out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(args.out)
+    if args.out.is_dir():
+        check_outputs([args.out / name for name in ARTIFACTS], force=args.force)
     torch.manual_seed(args.seed)
     kwargs = NO_AUX.get(args.model, {})
     original = torchvision_model(args.model, num_classes=10, **kwargs).eval()
@@ -167,10 +171,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
         export_onnx(model, unfused_onnx, example)
         export_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
-        _, onnx_report = fuse_onnx(str(unfused_onnx), verify=True, rtol=args.rtol,
-                                   output_path=str(args.out / "fused.onnx"), force=args.force)
+        fused_onnx, onnx_report = fuse_onnx(str(unfused_onnx), verify=True, rtol=args.rtol)
         fuse_onnx_seconds = time.perf_counter() - t0
-    session = _ort_session(args.out / "fused.onnx")
+    session = _ort_session(fused_onnx)
     input_name = session.get_inputs()[0].name
     logits_o = torch.cat([torch.from_numpy(session.run(None, {input_name: xb.numpy()})[0]) for xb, _ in test_loader])
     err_onnx = max_error(logits_u, logits_o)
@@ -226,9 +229,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     # 9. artifacts
     spec = ModelSpec(model=args.model, num_classes=10, stage="xvolified", sites=sites, xvolify={},
                      input_size=[3, args.image_size, args.image_size])
-    save_model(args.out / "unfused.pt", model, spec, force=args.force)
-    spec.stage = "fused"
-    save_model(args.out / "fused.pt", fused, spec, force=args.force)
+    fused_spec = ModelSpec(**{**spec.to_dict(), "stage": "fused"})
     summary = {
         "model": args.model, "image_size": args.image_size, "sites": sites, "selection": xv_report.selection,
         "training": {"steps": len(losses), "seconds": train_seconds, "last_loss": losses[-1] if losses else None},
@@ -246,11 +247,23 @@ def run(args: argparse.Namespace, console: Console) -> int:
         "xvolify_report": xv_report.to_dict(), "fx_fusion_report": fx_report.to_dict(),
         "onnx_fusion_report": onnx_report.to_dict(),
     }
-    atomic_write_json(args.out / "report.json", summary, force=args.force)
     text_console = Console(record=True, width=160, file=io.StringIO())
     text_console.print(table)
     text = "\n\n".join([text_console.export_text(), str(xv_report), str(fx_report), str(onnx_report)])
-    atomic_write_text(args.out / "report.txt", text + "\n", force=args.force)
+    created = not args.out.exists()
+    args.out.mkdir(exist_ok=True)  # the artifact folder itself, never its parents (checked at the start)
+    try:
+        with written_together():  # all five artifacts or none
+            save_model(args.out / "unfused.pt", model, spec, force=args.force)
+            save_model(args.out / "fused.pt", fused, fused_spec, force=args.force)
+            save_onnx(fused_onnx, args.out / "fused.onnx", force=args.force)
+            atomic_write_json(args.out / "report.json", summary, force=args.force)
+            atomic_write_text(args.out / "report.txt", text + "\n", force=args.force)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                args.out.rmdir()
+        raise
     console.print(f"artifacts in {args.out}/: {', '.join(ARTIFACTS)}")
     failed = [k for k, v in checks.items() if not v]
     if failed:
@@ -266,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         return run(args, console)
-    except (InputError, FileExistsError, FileNotFoundError) as err:
+    except (InputError, OutputError, FileExistsError, FileNotFoundError) as err:
         Console(stderr=True).print(f"demo: error: {err}", markup=False, highlight=False)
         return 2
 

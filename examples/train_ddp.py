@@ -25,7 +25,6 @@ over an existing one without --force. Exit status 3 when ranks disagree.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -47,6 +46,7 @@ from xvol_compiler.checkpoint import (
     save_checkpoint,
     sync_batchnorm_supported,
 )
+from xvol_compiler.files import atomic_write_json, written_together
 
 log = logging.getLogger("train_ddp")
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -132,6 +132,8 @@ def run(args: argparse.Namespace, rank: int, world_size: int, device: torch.devi
     settings = {"model": args.model, "sites": args.sites, "seed": args.seed, "batch_size": args.batch_size,
                 "image_size": args.image_size, "world_size": world_size, "lr": args.lr}
     ckpt_path = args.out / CHECKPOINT_NAME
+    if rank == 0:
+        args.out.mkdir(parents=True, exist_ok=True)  # the output folder (checkpoints never create directories)
     refuse = [rank == 0 and ckpt_path.exists() and not args.force]
     dist.broadcast_object_list(refuse, src=0)
     if refuse[0]:
@@ -198,12 +200,10 @@ def run(args: argparse.Namespace, rank: int, world_size: int, device: torch.devi
                  " (plain BatchNorm: each rank updated them from its own last batch; the checkpoint keeps rank 0's)")
         metadata = {**settings, "autocast": bool(args.autocast), "sync_bn": sync, "torch": str(torch.__version__),
                     "sites_list": site_names(model)}
-        save_checkpoint(ckpt_path, ddp, optimizer, step=args.steps, metadata=metadata, force=args.force)
-        sums = args.out / CHECKSUMS_NAME
-        tmp = sums.with_name(f".{sums.name}.tmp")
-        tmp.write_text(json.dumps({"step": args.steps, "agree": agree, "ranks": gathered, "elapsed_s": elapsed},
-                                  indent=1))
-        os.replace(tmp, sums)
+        with written_together():  # the checkpoint and its checksums, or neither
+            save_checkpoint(ckpt_path, ddp, optimizer, step=args.steps, metadata=metadata, force=args.force)
+            atomic_write_json(args.out / CHECKSUMS_NAME, {"step": args.steps, "agree": agree, "ranks": gathered,
+                                                          "elapsed_s": elapsed}, force=True)
         log.info("wrote %s", ckpt_path)
     dist.barrier()
     return status

@@ -24,6 +24,7 @@ from xvol_compiler.onnx_io import (
     PROTOBUF_LIMIT,
     OnnxError,
     OnnxFileError,
+    OutputError,
     OutputExistsError,
     check_output_path,
     export_onnx,
@@ -38,6 +39,7 @@ __all__ = [
     "NO_SITES_NOTE",
     "OnnxError",
     "OnnxFileError",
+    "OutputError",
     "OutputExistsError",
     "OnnxVerificationError",
     "compare_onnx",
@@ -196,9 +198,12 @@ def fuse_onnx(
     returned unchanged (and written unchanged when ``output_path`` is given),
     its report saying "no fusable patterns".
 
-    Raises ``OnnxFileError`` (bad input), ``OutputExistsError``,
-    ``OnnxVerificationError``; all are ``ValueError`` with one-line messages.
+    Raises ``OnnxFileError`` (bad input), ``OutputExistsError`` /
+    ``OutputError`` (an output that cannot be written, checked before any
+    work), ``OnnxVerificationError``; all are ``ValueError`` with one-line
+    messages.
     """
+    # Output checked before any work: existing without force, missing or unwritable folder.
     out_path = None if output_path is None else check_output_path(output_path, force=force)
     loaded = load_onnx(model_or_path)
     model = loaded.model
@@ -218,10 +223,10 @@ def fuse_onnx(
                     f"fused model differs from the original by {report.max_rel_error:.3g} (relative) > rtol={rtol}"
                 )
     if out_path is not None:
-        external = loaded.external_data or model_data_bytes(fused) > PROTOBUF_LIMIT - 2**26
-        save_onnx(fused, out_path, external_data=external, force=force)
-        if model_data_bytes(fused) > PROTOBUF_LIMIT - 2**26:
-            onnx.checker.check_model(str(out_path), full_check=True)
+        big = model_data_bytes(fused) > PROTOBUF_LIMIT - 2**26
+        # (a model over 2 GiB is checked from the written files, before they take their final names)
+        save_onnx(fused, out_path, external_data=loaded.external_data or big, force=force,
+                  full_check=big)
     return fused, report
 
 

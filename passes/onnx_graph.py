@@ -53,7 +53,7 @@ import torch
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from xvol_compiler.fold import BatchNormParams, Branch, ConvGeometry
-from xvol_compiler.onnx_io import model_skeleton
+from xvol_compiler.onnx_io import OnnxFileError, model_skeleton
 from xvol_compiler.rules import Rewrite
 
 __all__ = ["ADAPTER_METADATA_KEY", "OnnxGraphAdapter", "conv_geometry_from_onnx", "infer_shapes"]
@@ -127,8 +127,9 @@ def conv_geometry_from_onnx(
     padding_mode: str = "zeros",
 ) -> tuple[ConvGeometry | None, str | None]:
     """ConvGeometry of an ONNX ``Conv`` (attributes + weight shape), or (None, why) when its
-    padding cannot be expressed exactly (asymmetric pads other than torch's 'same' split,
-    SAME_LOWER with an odd total, auto_pad with stride > 1 on an unknown input size).
+    padding is unknown (auto_pad with stride > 1 on an input of unknown size). Asymmetric pads
+    (explicit, or auto_pad=SAME_* with an odd total) are kept as (begin, end) pairs: a BatchNorm
+    folds into such a conv exactly, and branch sums check the alignment side by side.
 
     ``extra_pads``/``padding_mode`` describe a ``Pad`` node the conv reads through (absorbed
     into the geometry): zero pads add to the conv's own, other modes need the conv's own to be 0."""
@@ -138,13 +139,16 @@ def conv_geometry_from_onnx(
     kernel = tuple(int(k) for k in attrs.get("kernel_shape") or weight_shape[2:])  # type: ignore[union-attr]
     if kernel != tuple(weight_shape[2:]):
         return None, f"kernel_shape {kernel} does not match the weight {tuple(weight_shape)}"
-    stride = _ints(attrs.get("strides"), ndim, 1)
-    dilation = _ints(attrs.get("dilations"), ndim, 1)
+    try:
+        stride = _ints(attrs.get("strides"), ndim, 1)
+        dilation = _ints(attrs.get("dilations"), ndim, 1)
+        flat = _ints(attrs.get("pads"), 2 * ndim, 0)
+    except (TypeError, ValueError) as err:
+        return None, f"malformed strides, dilations or pads attribute: {err}"
     group = int(attrs.get("group", 1))  # type: ignore[arg-type]
     auto_pad = attrs.get("auto_pad", "NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
     if auto_pad in ("", "NOTSET"):
-        flat = _ints(attrs.get("pads"), 2 * ndim, 0)
         pairs = list(zip(flat[:ndim], flat[ndim:], strict=True))
     elif auto_pad == "VALID":
         pairs = [(0, 0)] * ndim
@@ -167,19 +171,29 @@ def conv_geometry_from_onnx(
         if padding_mode != "zeros" and any(p != (0, 0) for p in pairs):
             return None, f"zero padding on top of a {padding_mode} Pad"
         pairs = [(a + c, b + d) for (a, b), (c, d) in zip(pairs, extra_pads, strict=True)]
-    padding: tuple[int, ...] | str
+    padding: tuple[int, ...] | tuple[tuple[int, int], ...] | str
     if all(a == b for a, b in pairs):
         padding = tuple(a for a, _ in pairs)
     elif all((a, b) == (d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2)
              for (a, b), k, d in zip(pairs, kernel, dilation, strict=True)):
         padding = "same"  # torch's split of an odd total: the extra pad at the end
     else:
-        return None, f"asymmetric pads {[list(p) for p in pairs]} cannot be folded exactly"
+        padding = tuple((int(a), int(b)) for a, b in pairs)
     geometry = ConvGeometry(
         in_channels=int(weight_shape[1]) * group, out_channels=int(weight_shape[0]), kernel_size=kernel,
         stride=stride, padding=padding, dilation=dilation, groups=group, padding_mode=padding_mode,
     )
     return geometry, None
+
+
+def _values(t: gs.Constant) -> np.ndarray:
+    """A constant's data. ``load_onnx`` checks every tensor of a file; a model given to the adapter
+    directly may still hold data that does not fit its shape or type: say which tensor."""
+    try:
+        return np.asarray(t.values)
+    except Exception as err:  # numpy / onnx / ml_dtypes errors, depending on the damage
+        raise OnnxFileError(f"tensor {t.name!r} of the model cannot be read as its shape and type say: "
+                            f"{' '.join(str(err).split())}") from err
 
 
 def _scope_name(node: gs.Node, metadata: Mapping[str, str]) -> str:
@@ -305,7 +319,7 @@ class OnnxGraphAdapter:
     def const(self, t: gs.Tensor) -> np.ndarray | None:
         """The value of a constant tensor (evaluating small constant subgraphs), else None."""
         if isinstance(t, gs.Constant):
-            return np.asarray(t.values)
+            return _values(t)
         if t.name in self._const_cache:
             return self._const_cache[t.name]
         value = self._evaluate(t) if self._is_const(t) else None
@@ -320,7 +334,7 @@ class OnnxGraphAdapter:
             attrs = node.attrs
             if "value" in attrs:
                 value = attrs["value"]
-                return np.asarray(value.values if isinstance(value, gs.Constant) else value)
+                return _values(value) if isinstance(value, gs.Constant) else np.asarray(value)
             for key, dtype in (("value_float", np.float32), ("value_floats", np.float32), ("value_int", np.int64),
                                ("value_ints", np.int64)):
                 if key in attrs:

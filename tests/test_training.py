@@ -210,6 +210,7 @@ def test_load_checkpoint_names_the_keys_that_do_not_fit() -> None:
 def test_save_checkpoint_is_atomic_and_refuses_to_overwrite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     net = small_xvol_net()
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    (tmp_path / "sub").mkdir()  # writers never create directories
     path = save_checkpoint(tmp_path / "sub" / "ckpt.pt", net, opt, step=4, metadata={"name": "x", "sizes": [1, 2]})
     before = path.read_bytes()
     umask = os.umask(0o022)

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from xvol_compiler.io import atomic_path
+from xvol_compiler.files import atomic_path, check_output
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -248,13 +248,11 @@ def save_checkpoint(
     reads back: str, int, float, bool, None, tensors and lists/tuples/dicts of
     them. The file is written next to ``path`` under a temporary name, flushed
     to disk, then renamed: readers see the old file or the complete new one.
-    An existing ``path`` raises ``FileExistsError`` unless ``force=True``.
+    An existing ``path`` raises ``OutputExistsError`` (a ``FileExistsError``)
+    unless ``force=True``; a missing or unwritable directory raises
+    ``OutputError`` (see :mod:`xvol_compiler.files`).
     """
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory; give a file name for the checkpoint")
-    if path.exists() and not force:
-        raise FileExistsError(f"{path} exists; pass force=True (--force) to overwrite it")
+    path = check_output(path, force=force)
     payload: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "model": model.state_dict() if isinstance(model, nn.Module) else dict(model),

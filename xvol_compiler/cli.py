@@ -266,13 +266,11 @@ def cmd_xvolify(args: argparse.Namespace, out: Output) -> int:
 def cmd_fuse(args: argparse.Namespace, out: Output) -> int:
     """Fuse every site (and conv+BN) of a model in torch.fx; save the fused checkpoint and optionally ONNX."""
     from xvol_compiler import fuse
-    from xvol_compiler.io import check_writable, save_model
-    from xvol_compiler.onnx_io import check_output_path
+    from xvol_compiler.files import check_outputs, written_together
+    from xvol_compiler.io import save_model
     from xvol_compiler.passes.fuse_onnx import export_onnx
 
-    check_writable(args.output, force=args.force)
-    if args.onnx:
-        check_output_path(args.onnx, force=args.force)
+    check_outputs([args.output, *([args.onnx] if args.onnx else [])], force=args.force)
     model, spec = _load(args)
     if spec.stage == "fused":
         raise ValueError(f"{args.model} is already fused")
@@ -280,9 +278,10 @@ def cmd_fuse(args: argparse.Namespace, out: Output) -> int:
     fused = fuse(model.eval(), example_inputs=example, verify=not args.no_verify, rtol=args.rtol)
     report = fused.xvol_fusion_report
     spec.stage = "fused"
-    save_model(args.output, fused, spec, force=args.force)
-    if args.onnx:
-        export_onnx(fused, args.onnx, example, force=args.force)
+    with written_together():  # the checkpoint and the ONNX file, or neither
+        save_model(args.output, fused, spec, force=args.force)
+        if args.onnx:
+            export_onnx(fused, args.onnx, example, force=args.force)
     out.json({"output": str(args.output), "onnx": args.onnx, "report": report.to_dict()})
     out.line(str(report))
     out.line(f"wrote {args.output}" + (f" and {args.onnx}" if args.onnx else ""))
@@ -305,21 +304,19 @@ def cmd_export(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_fuse_onnx(args: argparse.Namespace, out: Output) -> int:
     """Fuse every X-volution site, conv+BN and branch sum of an ONNX model; verify in onnxruntime."""
-    from xvol_compiler.io import atomic_write_json, atomic_write_text, check_writable
-    from xvol_compiler.onnx_io import check_output_path
+    from xvol_compiler.files import atomic_write_json, atomic_write_text, check_outputs, written_together
     from xvol_compiler.passes.fuse_onnx import fuse_onnx
 
-    check_output_path(args.output, force=args.force)
-    if args.report not in (None, "-"):
-        check_writable(args.report, force=args.force)
-    _, report = fuse_onnx(args.input, verify=not args.no_verify, rtol=args.rtol, output_path=args.output,
-                          force=args.force)
-    if args.report not in (None, "-"):
-        path = Path(args.report)
-        if path.suffix == ".json":
-            atomic_write_json(path, report.to_dict(), force=args.force)
-        else:
-            atomic_write_text(path, str(report) + "\n", force=args.force)
+    report_path = None if args.report in (None, "-") else Path(args.report)
+    check_outputs([args.output, *([report_path] if report_path else [])], force=args.force)
+    with written_together():  # the fused model (with its external data) and the report, or nothing
+        _, report = fuse_onnx(args.input, verify=not args.no_verify, rtol=args.rtol, output_path=args.output,
+                              force=args.force)
+        if report_path is not None:
+            if report_path.suffix == ".json":
+                atomic_write_json(report_path, report.to_dict(), force=args.force)
+            else:
+                atomic_write_text(report_path, str(report) + "\n", force=args.force)
     out.json({"input": args.input, "output": args.output, "report": report.to_dict()})
     out.line(str(report) if args.report == "-" else report.summary())
     out.line(f"wrote {args.output}" + (f" and {args.report}" if args.report not in (None, "-") else ""))

@@ -62,15 +62,20 @@ class BatchNormParams:
 class ConvGeometry:
     """What a convolution does to positions, independent of its weights.
 
-    ``padding`` is either a per-axis tuple of symmetric pads or the strings
-    ``"same"`` / ``"valid"`` exactly as torch accepts them.
+    ``padding`` is a per-axis tuple of symmetric pads or the strings
+    ``"same"`` / ``"valid"`` exactly as torch accepts them, or a per-axis
+    tuple of ``(begin, end)`` pairs for asymmetric zero padding, which ONNX
+    ``Conv`` has (explicit ``pads``, ``auto_pad=SAME_*`` with a stride) and a
+    torch conv module has not. The fold math only reads :meth:`pads`: folding
+    BatchNorm into a conv keeps whatever padding it has, and summing branches
+    checks their alignment side by side (:func:`embedding_offset`).
     """
 
     in_channels: int
     out_channels: int
     kernel_size: tuple[int, ...]
     stride: tuple[int, ...]
-    padding: tuple[int, ...] | str
+    padding: tuple[int, ...] | tuple[tuple[int, int], ...] | str
     dilation: tuple[int, ...]
     groups: int
     padding_mode: str = "zeros"
@@ -91,7 +96,12 @@ class ConvGeometry:
             return tuple(out)
         if isinstance(self.padding, str):
             raise FoldError(f"unknown padding {self.padding!r}")
-        return tuple((p, p) for p in self.padding)
+        return tuple((int(p[0]), int(p[1])) if isinstance(p, tuple) else (p, p) for p in self.padding)
+
+    @property
+    def symmetric(self) -> bool:
+        """Whether a torch conv module can express the padding (same pads on both sides, or 'same'/'valid')."""
+        return isinstance(self.padding, str) or not any(isinstance(p, tuple) for p in self.padding)
 
 
 def _f64(t: Tensor | None) -> Tensor | None:

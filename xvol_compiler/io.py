@@ -1,10 +1,9 @@
 """Files in and out for the CLI, the demo and the benchmarks.
 
-- Writes are atomic: the content goes to a temporary file in the destination's
-  directory, then is renamed onto the final name, so a crash never leaves a
-  half-written file under that name. An existing file is never overwritten
-  unless ``force=True``; without it the final step is a hard link, which fails
-  if the name appeared meanwhile (no overwrite even under a race).
+- Writes are atomic and checked before any work, by :mod:`xvol_compiler.files`
+  (``atomic_path``, ``atomic_write_*`` and ``check_writable`` are re-exported
+  here): an existing file is never overwritten unless ``force=True``, and an
+  output's directory must exist.
 - Checkpoints are read with ``torch.load(weights_only=True)`` only (through
   :func:`xvol_compiler.checkpoint.read_checkpoint`) and written with
   :func:`xvol_compiler.checkpoint.save_checkpoint`.
@@ -17,18 +16,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-import json
 import os
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from xvol_compiler.files import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
+from xvol_compiler.files import check_output as check_writable
 
 __all__ = [
     "META_KEY",
@@ -53,77 +52,6 @@ STAGES = ("original", "xvolified", "fused")
 
 class InputError(ValueError):
     """A model name, file or argument the user gave that cannot be used; the message says why."""
-
-
-# ---------------------------------------------------------------------------
-# Atomic writes
-# ---------------------------------------------------------------------------
-
-
-def check_writable(path: str | os.PathLike[str], *, force: bool = False) -> Path:
-    """Refuse early (before any expensive work) to write over an existing file without ``force``."""
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{path} is a directory; give a file name")
-    if path.exists() and not force:
-        raise FileExistsError(f"{path} exists; pass --force (force=True) to overwrite it")
-    return path
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str], *, force: bool = False, suffix: str | None = None) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it becomes ``path`` atomically.
-
-    The temporary name keeps the final suffix (``suffix`` overrides it), so
-    writers that pick a format from the extension (matplotlib) still do.
-    On an exception the temporary file is removed and ``path`` is untouched.
-    """
-    path = check_writable(path, force=force)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + (suffix or path.suffix),
-                                    dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        with contextlib.suppress(OSError), open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        # mkstemp creates 0600; give the file the permissions a plain open() would (umask applied).
-        umask = os.umask(0)
-        os.umask(umask)
-        with contextlib.suppress(OSError):
-            os.chmod(tmp, 0o666 & ~umask)
-        if force:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise FileExistsError(f"{path} exists; pass --force (force=True) to overwrite it") from None
-            except OSError:  # a file system without hard links
-                if path.exists():
-                    raise FileExistsError(f"{path} exists; pass --force (force=True) to overwrite it") from None
-                os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, force: bool = False) -> Path:
-    """Write ``data`` to ``path`` atomically; return the path."""
-    with atomic_path(path, force=force) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str, *, force: bool = False) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically; return the path."""
-    return atomic_write_bytes(path, text.encode("utf-8"), force=force)
-
-
-def atomic_write_json(path: str | os.PathLike[str], data: Any, *, force: bool = False) -> Path:
-    """Write ``data`` as indented JSON atomically (non-JSON values via ``str``); return the path."""
-    return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n", force=force)
 
 
 # ---------------------------------------------------------------------------

@@ -3,9 +3,12 @@
 - ``load_onnx`` rejects empty, truncated, random or non-ONNX files with a
   one-line ``OnnxFileError`` before anything else happens, and loads external
   data (``model.onnx`` + ``model.onnx.data``) so no weight is lost.
-- ``save_onnx`` writes atomically (temporary files in the destination folder,
-  then ``os.replace``), never overwrites an existing file unless ``force`` is
-  given, and writes external data when asked or when the model is over 2 GiB.
+  Every tensor's data is checked against its shape and type, so a corrupt
+  initializer is an ``OnnxFileError`` naming it, not a numpy error later.
+- ``save_onnx`` writes the model and its external data atomically, as a unit
+  (:mod:`xvol_compiler.files`), never overwrites an existing file unless
+  ``force`` is given, and writes external data when asked or when the model is
+  over 2 GiB.
 - ``export_onnx`` wraps ``torch.onnx.export`` (dynamo or TorchScript exporter)
   and saves its result with ``save_onnx``.
 """
@@ -15,22 +18,24 @@ from __future__ import annotations
 import io
 import math
 import os
-import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import external_data_helper
+from onnx import external_data_helper, numpy_helper
+
+from xvol_compiler.files import OutputError, OutputExistsError, atomic_outputs, check_outputs
 
 __all__ = [
     "PROTOBUF_LIMIT",
     "LoadedModel",
     "OnnxError",
     "OnnxFileError",
+    "OutputError",
     "OutputExistsError",
     "check_output_path",
     "export_onnx",
@@ -54,10 +59,6 @@ class OnnxError(ValueError):
 
 class OnnxFileError(OnnxError):
     """The file is not a usable ONNX model (empty, truncated, not ONNX, missing external data)."""
-
-
-class OutputExistsError(OnnxError, FileExistsError):
-    """The output file exists and ``force`` was not given."""
 
 
 @dataclass
@@ -134,6 +135,64 @@ def _validate(model: onnx.ModelProto, where: str) -> None:
         onnx.checker.check_model(model_skeleton(model))
     except onnx.checker.ValidationError as err:
         raise OnnxFileError(f"{where} is not a valid ONNX model: {_one_line(err)}") from err
+    _check_tensors(model, where)
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[tuple[str, onnx.TensorProto]]:
+    """(kind, tensor) for the data a graph holds: initializers, sparse ones, Constant-like attributes,
+    and the same in subgraphs (If / Loop / Scan bodies)."""
+    for t in graph.initializer:
+        yield "initializer", t
+    for sparse in graph.sparse_initializer:
+        yield "sparse initializer values", sparse.values
+        yield "sparse initializer indices", sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield f"{node.op_type} attribute {attr.name!r}", attr.t
+            for t in attr.tensors:
+                yield f"{node.op_type} attribute {attr.name!r}", t
+            if attr.HasField("sparse_tensor"):
+                yield f"{node.op_type} attribute {attr.name!r}", attr.sparse_tensor.values
+            if attr.HasField("g"):
+                yield from _graph_tensors(attr.g)
+            for g in attr.graphs:
+                yield from _graph_tensors(g)
+
+
+_PACKED_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2",
+                                                       "FLOAT6E2M3", "FLOAT6E3M2") if hasattr(onnx.TensorProto, n)}
+
+
+def _check_tensor(t: onnx.TensorProto) -> str | None:
+    """Why the tensor's data cannot be read as its shape and type say, or None when it can."""
+    if any(d < 0 for d in t.dims):
+        return f"negative dimension in its shape {list(t.dims)}"
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+    except (KeyError, ValueError, TypeError):
+        return f"unknown data type {t.data_type}"
+    count = math.prod(t.dims)
+    if t.HasField("raw_data") and t.data_type not in _PACKED_TYPES and t.data_type != onnx.TensorProto.STRING:
+        need = count * dtype.itemsize
+        if len(t.raw_data) != need:
+            return (f"holds {len(t.raw_data)} bytes of data where its shape {list(t.dims)} of "
+                    f"{onnx.TensorProto.DataType.Name(t.data_type).lower()} needs {need}")
+        return None
+    try:
+        numpy_helper.to_array(t)
+    except Exception as err:  # numpy, onnx and ml_dtypes raise many types for inconsistent data
+        return f"its data does not fit its shape {list(t.dims)} and type ({_one_line(err)})"
+    return None
+
+
+def _check_tensors(model: onnx.ModelProto, where: str) -> None:
+    """Every tensor of the model can be read as its shape and type say (an ``OnnxFileError`` otherwise,
+    naming the tensor and ``where``), so nothing later fails on a corrupt initializer."""
+    for kind, t in _graph_tensors(model.graph):
+        problem = _check_tensor(t)
+        if problem is not None:
+            raise OnnxFileError(f"{where}: {kind} {t.name!r} {problem}: the file is corrupt or truncated")
 
 
 def load_onnx(source: str | os.PathLike[str] | bytes | onnx.ModelProto) -> LoadedModel:
@@ -179,23 +238,18 @@ def load_onnx(source: str | os.PathLike[str] | bytes | onnx.ModelProto) -> Loade
             raise OnnxFileError("the model refers to external data files: load it from its path")
         try:
             external_data_helper.load_external_data_for_model(model, str(path.parent))
-        except (OSError, ValueError, onnx.checker.ValidationError) as err:
+        except (OSError, ValueError, TypeError, KeyError, onnx.checker.ValidationError) as err:
             raise OnnxFileError(f"{where}: cannot load its external data: {_one_line(err)}") from err
     _validate(model, where)
     return LoadedModel(model, external_data=external, path=path)
 
 
 def check_output_path(path: str | os.PathLike[str], *, force: bool, external_data: bool = False) -> Path:
-    """Fail early (before any work) when ``path`` exists and may not be overwritten."""
+    """Fail early (before any work) when ``path`` (and with ``external_data`` its ``.data`` file)
+    may not be written: ``OutputExistsError`` without ``force``, ``OutputError`` for a directory or a
+    missing or unwritable folder (see :mod:`xvol_compiler.files`)."""
     out = Path(path)
-    if out.is_dir():
-        raise OutputExistsError(f"{out} is a directory")
-    if not force:
-        for p in (out, external_data_path(out)) if external_data else (out,):
-            if p.exists():
-                raise OutputExistsError(f"{p} already exists: pass force=True (--force) to overwrite it")
-    if not out.parent.exists():
-        raise OnnxFileError(f"{out.parent}: no such directory")
+    check_outputs([out, external_data_path(out)] if external_data else [out], force=force)
     return out
 
 
@@ -205,12 +259,15 @@ def save_onnx(
     *,
     external_data: bool | None = None,
     force: bool = False,
+    full_check: bool = False,
 ) -> Path:
-    """Write ``model`` to ``path`` atomically; external data goes to ``<path>.data``.
+    """Write ``model`` to ``path`` atomically; external data goes to ``<path>.data``, written with it as a unit.
 
     ``external_data=None`` chooses external data only when the model is too
     large for one protobuf file. The model passed in is not modified. Nothing
-    is written when ``path`` exists and ``force`` is False.
+    is written when ``path`` exists and ``force`` is False. ``full_check``
+    runs ``onnx.checker`` (full check) on the written files before they take
+    their final names (the way to check a model over 2 GiB).
     """
     out = Path(path)
     size = model_data_bytes(model)
@@ -218,10 +275,11 @@ def save_onnx(
     if not external and size > PROTOBUF_LIMIT - 2**26:
         raise OnnxError(f"the model holds {size / 2**30:.2f} GiB of weights: save it with external data")
     check_output_path(out, force=force, external_data=external)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        tmp_model = Path(tmp) / out.name
+    data = external_data_path(out)
+    # The temporaries keep the final names, side by side: the model refers to its data file by name.
+    with atomic_outputs([out, data] if external else [out], force=force, optional=[data]) as tmps:
+        tmp_model = tmps[0]
         if external:
-            data = external_data_path(out)
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
             # (convert_model_to_external_data edits the copy: the caller's model keeps its data in memory.)
@@ -229,12 +287,13 @@ def save_onnx(
                 copy, all_tensors_to_one_file=True, location=data.name, size_threshold=1024
             )
             onnx.save_model(copy, str(tmp_model))
-            tmp_data = Path(tmp) / data.name
-            if tmp_data.exists():
-                os.replace(tmp_data, data)
         else:
             tmp_model.write_bytes(model.SerializeToString())
-        os.replace(tmp_model, out)
+        if full_check:
+            try:
+                onnx.checker.check_model(str(tmp_model), full_check=True)
+            except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+                raise OnnxError(f"{out} fails onnx.checker: {_one_line(err)}") from err
     return out
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import networkx as nx
 from torch import fx, nn
 
-from xvol_compiler.io import atomic_path
+from xvol_compiler.files import atomic_path, check_output
 
 __all__ = [
     "draw_graphs",
@@ -299,6 +299,7 @@ def draw_graphs(
     path = Path(path)
     if path.suffix.lower() not in _SUFFIX_FORMATS:
         raise ValueError(f"picture file {path} must end in {', '.join(_SUFFIX_FORMATS)}")
+    check_output(path, force=force)  # before drawing, which takes a while for large graphs
     import matplotlib
 
     matplotlib.use("Agg", force=False)
