@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from xvol_compiler.files import written_now
 from xvol_compiler.fusion_report import FusionReport
 from xvol_compiler.onnx_io import (
     PROTOBUF_LIMIT,
@@ -113,7 +114,8 @@ def _session(model: onnx.ModelProto, tmp: Path, label: str) -> Any:
     options.log_severity_level = 3
     if model_data_bytes(model) > PROTOBUF_LIMIT - 2**26:
         path = tmp / f"{label}.onnx"
-        save_onnx(model, path, external_data=True, force=True)
+        with written_now():  # read back at once, even while the command's own outputs are held back
+            save_onnx(model, path, external_data=True, force=True)
         source: Any = str(path)
     else:
         source = model.SerializeToString()

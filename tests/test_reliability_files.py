@@ -399,6 +399,16 @@ def test_files_written_together_are_undone_together(tmp_path: Path) -> None:
         assert not b.exists()  # held back until the block ends
     assert a.read_text() == "new a" and b.read_text() == "new b"
     assert leftovers(tmp_path) == ["a.txt", "b.txt"]
+    # Scratch files read back at once are written now, even inside a group.
+    from xvol_compiler.files import written_now
+
+    with pytest.raises(RuntimeError, match="late failure"), written_together():
+        atomic_write_text(a, "newer a", force=True)
+        with written_now():
+            atomic_write_text(tmp_path / "scratch.txt", "read me")
+        assert (tmp_path / "scratch.txt").read_text() == "read me"
+        raise RuntimeError("late failure")
+    assert a.read_text() == "new a"
 
 
 # ---------------------------------------------------------------------------

@@ -52,6 +52,7 @@ __all__ = [
     "check_output",
     "check_output_dir",
     "check_outputs",
+    "written_now",
     "written_together",
 ]
 
@@ -262,6 +263,17 @@ def written_together() -> Iterator[None]:
     finally:
         _GROUP.reset(token)
     group.commit()
+
+
+@contextlib.contextmanager
+def written_now() -> Iterator[None]:
+    """Writes inside this block are committed when each ends, even inside :func:`written_together`:
+    for scratch files that are read back at once (a model saved for onnxruntime to load)."""
+    token = _GROUP.set(None)
+    try:
+        yield
+    finally:
+        _GROUP.reset(token)
 
 
 @contextlib.contextmanager
