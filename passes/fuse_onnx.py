@@ -208,6 +208,8 @@ def fuse_onnx(
     # Output checked before any work: existing without force, missing or unwritable folder.
     out_path = None if output_path is None else check_output_path(output_path, force=force)
     loaded = load_onnx(model_or_path)
+    if out_path is not None and loaded.external_data:  # the output will have a data file too
+        check_output_path(out_path, force=force, external_data=True)
     model = loaded.model
     adapter = OnnxGraphAdapter(model, infer_shapes(model), interleave=interleave)
     log = run_rules(adapter)

@@ -98,11 +98,6 @@ class ConvGeometry:
             raise FoldError(f"unknown padding {self.padding!r}")
         return tuple((int(p[0]), int(p[1])) if isinstance(p, tuple) else (p, p) for p in self.padding)
 
-    @property
-    def symmetric(self) -> bool:
-        """Whether a torch conv module can express the padding (same pads on both sides, or 'same'/'valid')."""
-        return isinstance(self.padding, str) or not any(isinstance(p, tuple) for p in self.padding)
-
 
 def _f64(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach().to(torch.float64)

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import os
 import warnings
@@ -146,7 +147,11 @@ def _graph_tensors(graph: onnx.GraphProto) -> Iterator[tuple[str, onnx.TensorPro
     for sparse in graph.sparse_initializer:
         yield "sparse initializer values", sparse.values
         yield "sparse initializer indices", sparse.indices
-    for node in graph.node:
+    yield from _node_tensors(graph.node)
+
+
+def _node_tensors(nodes: Sequence[onnx.NodeProto]) -> Iterator[tuple[str, onnx.TensorProto]]:
+    for node in nodes:
         for attr in node.attribute:
             if attr.HasField("t"):
                 yield f"{node.op_type} attribute {attr.name!r}", attr.t
@@ -189,7 +194,8 @@ def _check_tensor(t: onnx.TensorProto) -> str | None:
 def _check_tensors(model: onnx.ModelProto, where: str) -> None:
     """Every tensor of the model can be read as its shape and type say (an ``OnnxFileError`` otherwise,
     naming the tensor and ``where``), so nothing later fails on a corrupt initializer."""
-    for kind, t in _graph_tensors(model.graph):
+    functions = (item for f in model.functions for item in _node_tensors(f.node))
+    for kind, t in itertools.chain(_graph_tensors(model.graph), functions):
         problem = _check_tensor(t)
         if problem is not None:
             raise OnnxFileError(f"{where}: {kind} {t.name!r} {problem}: the file is corrupt or truncated")
