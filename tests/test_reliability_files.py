@@ -225,6 +225,22 @@ def test_fuse_onnx_refuses_an_unwritable_folder_before_loading(
     _assert_output_error(err.value, out, "not writable")
 
 
+def test_fuse_onnx_checks_the_output_data_file_before_fusing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _ = conv_bn_model({"pads": [1, 1, 1, 1]}, in_shape=(1, 16, 10, 10))
+    src = tmp_path / "ext.onnx"
+    save_onnx(model, src, external_data=True)
+    out = tmp_path / "out.onnx"
+    external_data_path(out).write_bytes(b"someone else's weights")
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was fused before its data file was checked")
+
+    monkeypatch.setattr("xvol_compiler.passes.fuse_onnx.run_rules", no_work)
+    with pytest.raises(FileExistsError, match=r"out\.onnx\.data exists"):
+        fuse_onnx(src, output_path=out)
+    assert external_data_path(out).read_bytes() == b"someone else's weights" and not out.exists()
+
+
 def test_export_onnx_refuses_an_unwritable_folder_before_exporting(
     unwritable: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
