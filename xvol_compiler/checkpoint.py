@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from xvol_compiler.io import atomic_path
+from xvol_compiler.report import with_article
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -122,7 +123,7 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
             f"cannot read {path} with torch.load(weights_only=True): {type(err).__name__}: {err}"
         ) from err
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint or state dict")
+        raise CheckpointError(f"{path} holds {with_article(type(obj).__name__)}, not a checkpoint or state dict")
     return obj
 
 
@@ -226,8 +227,9 @@ def _check_plain(obj: Any, where: str) -> None:
             _check_plain(value, f"{where}[{key!r}]")
         return
     raise CheckpointError(
-        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which torch.load(weights_only=True) "
-        "refuses: convert it to str/int/float/bool/None, a tensor, or a list/tuple/dict of them"
+        f"{where} is {with_article(type(obj).__module__)}.{type(obj).__qualname__}, which "
+        "torch.load(weights_only=True) refuses: convert it to str/int/float/bool/None, a tensor, "
+        "or a list/tuple/dict of them"
     )
 
 
