@@ -67,6 +67,12 @@ def check_writable(path: str | os.PathLike[str], *, force: bool = False) -> Path
         raise InputError(f"{path} is a directory; give a file name")
     if path.exists() and not force:
         raise FileExistsError(f"{path} exists; pass --force (force=True) to overwrite it")
+    # Missing parent directories are created when the file is written (atomic_path); one that is a file cannot be.
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"cannot write {path}: {ancestor} is a file, not a directory")
     return path
 
 

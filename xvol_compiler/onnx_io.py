@@ -6,8 +6,13 @@
 - ``save_onnx`` writes atomically (temporary files in the destination folder,
   then ``os.replace``), never overwrites an existing file unless ``force`` is
   given, and writes external data when asked or when the model is over 2 GiB.
+  Missing parent directories are created when the file is written (the rule
+  of every writer of the package), never before: a refused or failed command
+  leaves no directory behind.
 - ``export_onnx`` wraps ``torch.onnx.export`` (dynamo or TorchScript exporter)
-  and saves its result with ``save_onnx``.
+  and saves its result with ``save_onnx``; the caller's model keeps every
+  module's training flag, and an opset the exporter did not produce is an
+  error, not a silently different file.
 """
 
 from __future__ import annotations
@@ -26,11 +31,22 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
+from xvol_compiler.arguments import (
+    check_bool,
+    check_example_inputs,
+    check_module,
+    check_names,
+    check_optional_int,
+    check_path,
+)
+from xvol_compiler.training_flags import kept_training_flags
+
 __all__ = [
     "PROTOBUF_LIMIT",
     "LoadedModel",
     "OnnxError",
     "OnnxFileError",
+    "OpsetError",
     "OutputExistsError",
     "check_output_path",
     "export_onnx",
@@ -38,6 +54,7 @@ __all__ = [
     "load_onnx",
     "model_data_bytes",
     "model_skeleton",
+    "onnx_opset",
     "save_onnx",
     "uses_external_data",
 ]
@@ -58,6 +75,14 @@ class OnnxFileError(OnnxError):
 
 class OutputExistsError(OnnxError, FileExistsError):
     """The output file exists and ``force`` was not given."""
+
+
+class OpsetError(OnnxError):
+    """The exporter produced another opset than the one asked for (nothing was written)."""
+
+    def __init__(self, message: str, asked: int, written: int | None) -> None:
+        super().__init__(message)
+        self.asked, self.written = asked, written
 
 
 @dataclass
@@ -186,7 +211,11 @@ def load_onnx(source: str | os.PathLike[str] | bytes | onnx.ModelProto) -> Loade
 
 
 def check_output_path(path: str | os.PathLike[str], *, force: bool, external_data: bool = False) -> Path:
-    """Fail early (before any work) when ``path`` exists and may not be overwritten."""
+    """Fail early (before any work) when ``path`` exists and may not be overwritten, or cannot be created:
+    a missing parent directory is fine (it is created when the file is written), a parent that is a file
+    is not."""
+    check_path("path", path)
+    check_bool("force", force)
     out = Path(path)
     if out.is_dir():
         raise OutputExistsError(f"{out} is a directory")
@@ -194,8 +223,11 @@ def check_output_path(path: str | os.PathLike[str], *, force: bool, external_dat
         for p in (out, external_data_path(out)) if external_data else (out,):
             if p.exists():
                 raise OutputExistsError(f"{p} already exists: pass force=True (--force) to overwrite it")
-    if not out.parent.exists():
-        raise OnnxFileError(f"{out.parent}: no such directory")
+    ancestor = out.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OnnxFileError(f"cannot write {out}: {ancestor} is a file, not a directory")
     return out
 
 
@@ -218,6 +250,7 @@ def save_onnx(
     if not external and size > PROTOBUF_LIMIT - 2**26:
         raise OnnxError(f"the model holds {size / 2**30:.2f} GiB of weights: save it with external data")
     check_output_path(out, force=force, external_data=external)
+    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         tmp_model = Path(tmp) / out.name
         if external:
@@ -272,57 +305,76 @@ def export_onnx(
     """
     import torch
 
+    check_module("model", model)
+    check_path("path", path, optional=True)
+    check_example_inputs(example_inputs, optional=False)
+    for flag, value in (("dynamo", dynamo), ("optimize", optimize), ("dynamic_batch", dynamic_batch),
+                        ("external_data", external_data), ("force", force)):
+        check_bool(flag, value)
+    check_optional_int("opset", opset, 7)
+    check_names("input_names", input_names)
+    check_names("output_names", output_names)
     if path is not None:
         check_output_path(path, force=force, external_data=external_data)
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     tensors = _tensor_args(args)
     if input_names is None:
         input_names = ["input"] if len(tensors) == 1 else [f"input_{i}" for i in range(len(tensors))]
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
+    with kept_training_flags(model), warnings.catch_warnings():
         model.eval()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if dynamo:
-                dynamic_shapes = None
-                if dynamic_batch:
-                    batch = torch.export.Dim("batch", min=1)
-                    args = tuple(
-                        a.expand(2, *a.shape[1:]).contiguous() if isinstance(a, torch.Tensor) and a.dim() > 0
-                        and a.shape[0] == 1 else a
-                        for a in args
-                    )
-                    dynamic_shapes = tuple(
-                        {0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args
-                    )
-                program = torch.onnx.export(
-                    model, args, None, dynamo=True, optimize=optimize, opset_version=opset, verbose=False,
-                    input_names=list(input_names), output_names=None if output_names is None else list(output_names),
-                    dynamic_shapes=dynamic_shapes,
+        warnings.simplefilter("ignore")
+        if dynamo:
+            dynamic_shapes = None
+            if dynamic_batch:
+                batch = torch.export.Dim("batch", min=1)
+                args = tuple(
+                    a.expand(2, *a.shape[1:]).contiguous() if isinstance(a, torch.Tensor) and a.dim() > 0
+                    and a.shape[0] == 1 else a
+                    for a in args
                 )
-                if program is None:  # pragma: no cover - torch returns the program when f is None
-                    raise OnnxError("torch.onnx.export returned no program")
-                proto = program.model_proto
-            else:
-                buffer = io.BytesIO()
-                outputs = list(output_names) if output_names is not None else None
-                dynamic_axes: Mapping[str, Mapping[int, str]] | None = None
-                if dynamic_batch:
-                    if outputs is None:
-                        with torch.no_grad():
-                            result = model(*args)
-                        n_out = len(result) if isinstance(result, (tuple, list)) else 1
-                        outputs = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
-                    dynamic_axes = {name: {0: "batch"} for name in [*input_names, *outputs]}
-                torch.onnx.export(
-                    model, args, buffer, dynamo=False, opset_version=opset, input_names=list(input_names),
-                    output_names=outputs, dynamic_axes=dynamic_axes, do_constant_folding=True,
+                dynamic_shapes = tuple(
+                    {0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args
                 )
-                proto = onnx.load_from_string(buffer.getvalue())
-    finally:
-        if hasattr(model, "train"):
-            model.train(was_training)
+            program = torch.onnx.export(
+                model, args, None, dynamo=True, optimize=optimize, opset_version=opset, verbose=False,
+                input_names=list(input_names), output_names=None if output_names is None else list(output_names),
+                dynamic_shapes=dynamic_shapes,
+            )
+            if program is None:  # pragma: no cover - torch returns the program when f is None
+                raise OnnxError("torch.onnx.export returned no program")
+            proto = program.model_proto
+        else:
+            buffer = io.BytesIO()
+            outputs = list(output_names) if output_names is not None else None
+            dynamic_axes: Mapping[str, Mapping[int, str]] | None = None
+            if dynamic_batch:
+                if outputs is None:
+                    with torch.no_grad():
+                        result = model(*args)
+                    n_out = len(result) if isinstance(result, (tuple, list)) else 1
+                    outputs = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+                dynamic_axes = {name: {0: "batch"} for name in [*input_names, *outputs]}
+            torch.onnx.export(
+                model, args, buffer, dynamo=False, opset_version=opset, input_names=list(input_names),
+                output_names=outputs, dynamic_axes=dynamic_axes, do_constant_folding=True,
+            )
+            proto = onnx.load_from_string(buffer.getvalue())
+    written = onnx_opset(proto)
+    if opset is not None and written != opset:
+        # The dynamo exporter builds opset 18+ and converts down when asked; a failed conversion keeps
+        # the higher opset and only logs it. A file of another opset than asked for is not written.
+        raise OpsetError(
+            f"opset {opset} was asked for but the {'dynamo' if dynamo else 'TorchScript'} exporter produced "
+            f"opset {written}{' (it could not convert this model down)' if dynamo else ''}; nothing was written. "
+            + ("Use opset >= 18, or dynamo=False (the TorchScript exporter) for an older opset"
+               if dynamo else "Use another opset"),
+            asked=opset, written=written,
+        )
     if path is not None:
         save_onnx(proto, path, external_data=external_data, force=force)
     return proto
+
+
+def onnx_opset(model: onnx.ModelProto) -> int | None:
+    """The model's default-domain (``ai.onnx``) opset version, or None when it imports none."""
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
