@@ -67,12 +67,13 @@ def check_optional_int(name: str, value: Any, minimum: int) -> None:
 
 
 def check_tolerance(name: str, value: Any, *, optional: bool = False) -> None:
-    """A finite real number >= 0 (None too when ``optional``)."""
+    """A finite real number (None too when ``optional``): NaN or infinity would make every comparison
+    pass, a string would fail only after all the work."""
     if value is None and optional:
         return
     real = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not real or not math.isfinite(value) or value < 0:
-        accepted = "None or a finite number >= 0" if optional else "a finite number >= 0"
+    if not real or not math.isfinite(value):
+        accepted = "None or a finite number such as 1e-4" if optional else "a finite number such as 1e-4"
         raise ArgumentError(f"{name}={_show(value)}: use {accepted}")
 
 
