@@ -264,7 +264,8 @@ def test_lazy_model_after_one_forward_xvolifies_and_fuses() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
-    [({"rtol": "1e-4"}, "rtol='1e-4'"), ({"rtol": float("inf")}, "rtol=inf (float): use a finite number"), ({"atol": float("nan")}, "atol=nan"),
+    [({"rtol": "1e-4"}, "rtol='1e-4'"), ({"rtol": float("inf")}, "rtol=inf (float): use a finite number"),
+     ({"atol": float("nan")}, "atol=nan"),
      ({"verify": "no"}, "verify='no'"), ({"inplace": 1}, "inplace=1"),
      ({"example_inputs": np.zeros((1, 3, 16, 16), np.float32)}, "example_inputs=")],
 )
@@ -289,8 +290,9 @@ def small_onnx() -> onnx.ModelProto:
 
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
-    [({"rtol": float("nan")}, "rtol=nan"), ({"verify": "yes"}, "verify='yes'"), ({"interleave": "zip"}, "interleave='zip'"),
-     ({"output_path": 3}, "output_path=3"), ({"force": None}, "force=None")],
+    [({"rtol": float("nan")}, "rtol=nan"), ({"verify": "yes"}, "verify='yes'"),
+     ({"interleave": "zip"}, "interleave='zip'"), ({"output_path": 3}, "output_path=3"),
+     ({"force": None}, "force=None")],
 )
 def test_fuse_onnx_names_the_bad_argument(small_onnx: onnx.ModelProto, kwargs: dict, needle: str) -> None:
     with pytest.raises(ArgumentErrors) as info:
@@ -474,3 +476,15 @@ def test_with_article() -> None:
     assert [with_article(w) for w in words] == [
         "an identity", "a 1x1", "an 8-neighbour", "an 11x11", "a Conv2d", "an AdaptiveAvgPool2d", "an edge",
         "a reflect", "an int"]
+
+
+def test_load_and_save_onnx_name_a_bad_argument(tmp_path: Path, small_onnx: onnx.ModelProto) -> None:
+    from xvol_compiler.onnx_io import load_onnx
+
+    with pytest.raises(ArgumentErrors, match=r"source=int: use an ONNX file path"):
+        load_onnx(3)  # type: ignore[arg-type]
+    with pytest.raises(ArgumentErrors, match=r"model=Net: save_onnx takes an onnx\.ModelProto"):
+        save_onnx(_net(), tmp_path / "m.onnx")  # type: ignore[arg-type]
+    with pytest.raises(ArgumentErrors, match=r"external_data='no'"):
+        save_onnx(small_onnx, tmp_path / "m.onnx", external_data="no")  # type: ignore[arg-type]
+    assert not (tmp_path / "m.onnx").exists()

@@ -32,6 +32,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from xvol_compiler.arguments import (
+    ArgumentError,
     check_bool,
     check_example_inputs,
     check_module,
@@ -169,6 +170,11 @@ def load_onnx(source: str | os.PathLike[str] | bytes | onnx.ModelProto) -> Loade
     missing, empty, truncated, random or non-ONNX file and for missing
     external data.
     """
+    if not isinstance(source, (str, os.PathLike, bytes, bytearray, onnx.ModelProto)):
+        raise ArgumentError(
+            f"source={type(source).__name__}: use an ONNX file path (str or pathlib.Path), its bytes or an "
+            "onnx.ModelProto"
+        )
     if isinstance(source, onnx.ModelProto):
         model = source
         if uses_external_data(model):
@@ -244,6 +250,11 @@ def save_onnx(
     large for one protobuf file. The model passed in is not modified. Nothing
     is written when ``path`` exists and ``force`` is False.
     """
+    if not isinstance(model, onnx.ModelProto):
+        raise ArgumentError(f"model={type(model).__name__}: save_onnx takes an onnx.ModelProto")
+    check_path("path", path)
+    if external_data is not None:
+        check_bool("external_data", external_data)
     out = Path(path)
     size = model_data_bytes(model)
     external = size > PROTOBUF_LIMIT - 2**26 if external_data is None else external_data
