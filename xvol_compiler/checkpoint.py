@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from xvol_compiler.io import atomic_path
 from xvol_compiler.report import with_article
+from xvol_compiler.training_flags import kept_training_flags
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -325,15 +326,13 @@ def _observed_dims(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[st
         if isinstance(m, nn.SyncBatchNorm):
             hooks.append(m.register_forward_pre_hook(
                 lambda mod, args, name=name: dims.__setitem__(name, args[0].dim())))
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        model(*example_inputs)
+        with kept_training_flags(model):
+            model.eval()
+            model(*example_inputs)
     finally:
         for h in hooks:
             h.remove()
-        for m, mode in modes.items():
-            m.train(mode)
     return dims
 
 
