@@ -17,12 +17,14 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from xvol_compiler.arguments import ArgumentError, check_bool, check_example_inputs, check_module, check_tolerance
 from xvol_compiler.fold import FoldError
 from xvol_compiler.fusion_report import FusionReport
 from xvol_compiler.measure import tensors_of
 from xvol_compiler.ops import XVolution
 from xvol_compiler.passes.fx_graph import FxAdapter
 from xvol_compiler.rules import Outcome, run_rules
+from xvol_compiler.training_flags import training_sensitive_modules
 
 __all__ = ["FusionError", "FusionVerificationError", "fuse", "fuse_graph", "fuse_with_report"]
 
@@ -41,6 +43,11 @@ def fuse_graph(
     gm: fx.GraphModule, example_inputs: tuple[Any, ...] | None = None
 ) -> tuple[fx.GraphModule, FusionReport]:
     """Rewrite ``gm`` in place: conv+BN folds, X-volution sites and branch sums become one conv each."""
+    if not isinstance(gm, fx.GraphModule):
+        raise ArgumentError(
+            f"gm={type(gm).__name__}: fuse_graph takes a torch.fx.GraphModule (torch.fx.symbolic_trace(model)); "
+            "fuse() takes any nn.Module"
+        )
     if example_inputs is not None:
         ShapeProp(gm).propagate(*example_inputs)
     adapter = FxAdapter(gm)
@@ -197,16 +204,23 @@ def fuse_with_report(
     inplace: bool = False,
 ) -> tuple[nn.Module, FusionReport]:
     """``fuse`` that also returns the report."""
-    if model.training:
-        raise FusionError(
-            "the model is in training mode: BatchNorm then normalises with batch statistics, which no "
-            "convolution can reproduce. Call model.eval() before fuse()."
-        )
-    training = [name for name, m in model.named_modules() if m.training]
+    check_module("model", model)
+    check_example_inputs(example_inputs)
+    check_bool("verify", verify)
+    check_bool("inplace", inplace)
+    check_tolerance("rtol", rtol)
+    check_tolerance("atol", atol, optional=True)
+    # Only modules whose flag changes their result matter: torch.fx.symbolic_trace creates plain
+    # containers in training mode, which compute the same either way.
+    training = training_sensitive_modules(model)
     if training:
+        names = ", ".join(f"{name} ({type(m).__name__})" for name, m in training[:4])
+        more = f" and {len(training) - 4} more" if len(training) > 4 else ""
+        what = "the model is" if model.training else f"{len(training)} submodule(s) are"
         raise FusionError(
-            f"submodules are in training mode ({', '.join(training[:3])}{' ...' if len(training) > 3 else ''}); "
-            "call model.eval() before fuse()"
+            f"{what} in training mode where the mode changes the result: {names}{more}. BatchNorm then "
+            "normalises with batch statistics and dropout is random, which no convolution can reproduce. "
+            "Call model.eval() before fuse()."
         )
     example = _as_tuple(example_inputs) if example_inputs is not None else default_example_inputs(model)
     reference = None

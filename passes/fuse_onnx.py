@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from xvol_compiler.arguments import ArgumentError, check_bool, check_choice, check_path, check_tolerance
 from xvol_compiler.files import written_now
 from xvol_compiler.fusion_report import FusionReport
 from xvol_compiler.onnx_io import (
@@ -205,6 +206,20 @@ def fuse_onnx(
     work), ``OnnxVerificationError``; all are ``ValueError`` with one-line
     messages.
     """
+    if not isinstance(model_or_path, (str, os.PathLike, bytes, bytearray, onnx.ModelProto)):
+        raise ArgumentError(
+            f"model_or_path={type(model_or_path).__name__}: use an ONNX file path (str or pathlib.Path), its bytes "
+            "or an onnx.ModelProto (export a torch model with export_onnx first)"
+        )
+    check_bool("verify", verify)
+    check_tolerance("rtol", rtol)
+    check_path("output_path", output_path, optional=True)
+    check_bool("force", force)
+    check_choice("interleave", interleave, ("reshape", "gather"))
+    if isinstance(example_inputs, (str, bytes)):
+        raise ArgumentError(
+            "example_inputs is a string: use a dict of arrays by input name, a sequence in graph order, or one array"
+        )
     # Output checked before any work: existing without force, missing or unwritable folder.
     out_path = None if output_path is None else check_output_path(output_path, force=force)
     loaded = load_onnx(model_or_path)

@@ -234,11 +234,14 @@ class FxAdapter:
             g.in_channels, g.out_channels, g.kernel_size, g.stride, g.padding, g.dilation, g.groups,
             bias=True, padding_mode=g.padding_mode, device=weight.device, dtype=weight.dtype,
         )
+        anchor: fx.Node = rewrite.anchor  # type: ignore[assignment]
+        layout = self._memory_format(anchor)
         with torch.no_grad():
+            if layout is not None:  # the site's weight layout (channels_last) is kept for the fused conv
+                conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
             conv.weight.copy_(weight)
             conv.bias.copy_(branch.bias)
         conv.eval()
-        anchor: fx.Node = rewrite.anchor  # type: ignore[assignment]
         owner = self.origin.get(anchor) or self._owned_target(anchor)
         sources = tuple(branch.inputs)
         with graph.inserting_before(output):
@@ -262,6 +265,22 @@ class FxAdapter:
         self.origin[new] = owner
         if len(sources) > 1:
             self.created[new] = (sources, branch.channels)  # type: ignore[assignment]
+
+    def _memory_format(self, anchor: fx.Node) -> torch.memory_format | None:
+        """``channels_last`` (``channels_last_3d``) when the anchor conv's weight is stored so, else None."""
+        try:
+            if anchor.op == "call_module":
+                w = self.gm.get_submodule(str(anchor.target)).weight
+            else:
+                w_node = anchor.args[1] if len(anchor.args) > 1 else anchor.kwargs["weight"]
+                w = self._fetch(str(w_node.target))  # type: ignore[union-attr]
+        except (AttributeError, KeyError):
+            return None
+        layouts = {4: torch.channels_last, 5: torch.channels_last_3d}
+        layout = layouts.get(w.dim())
+        if layout is None or w.is_contiguous() or not w.is_contiguous(memory_format=layout):
+            return None
+        return layout
 
     def _free_target(self, target: str) -> str:
         used = {str(n.target) for n in self.gm.graph.nodes if n.op in ("call_module", "get_attr")}

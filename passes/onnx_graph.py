@@ -54,6 +54,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from xvol_compiler.fold import BatchNormParams, Branch, ConvGeometry
 from xvol_compiler.onnx_io import OnnxFileError, model_skeleton
+from xvol_compiler.report import with_article
 from xvol_compiler.rules import Rewrite
 
 __all__ = ["ADAPTER_METADATA_KEY", "OnnxGraphAdapter", "conv_geometry_from_onnx", "infer_shapes"]
@@ -169,7 +170,7 @@ def conv_geometry_from_onnx(
         return None, f"unknown auto_pad {auto_pad!r}"
     if extra_pads is not None:
         if padding_mode != "zeros" and any(p != (0, 0) for p in pairs):
-            return None, f"zero padding on top of a {padding_mode} Pad"
+            return None, f"zero padding on top of {with_article(padding_mode)} Pad"
         pairs = [(a + c, b + d) for (a, b), (c, d) in zip(pairs, extra_pads, strict=True)]
     padding: tuple[int, ...] | tuple[tuple[int, int], ...] | str
     if all(a == b for a, b in pairs):

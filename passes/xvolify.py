@@ -17,13 +17,32 @@ import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from torch import nn
+from torch import fx, nn
 
+from xvol_compiler.arguments import (
+    ArgumentError,
+    check_bool,
+    check_choice,
+    check_directions,
+    check_example_inputs,
+    check_extra_branches,
+    check_module,
+    check_optional_int,
+    check_shift,
+)
 from xvol_compiler.fold import FoldError
 from xvol_compiler.global_attention import GlobalAttentionXVolution
-from xvol_compiler.ops import EXTRA_BRANCHES, Directions, XVolution, neighbour_offsets
+from xvol_compiler.ops import (
+    EXTRA_BRANCHES,
+    Directions,
+    XVolution,
+    XVolutionDeploy,
+    interleave_groups,
+    neighbour_offsets,
+)
 from xvol_compiler.report import SiteReport, XvolifyReport
 from xvol_compiler.sites import (
+    KINDS,
     AnalysisMode,
     ConvInfo,
     SiteDecision,
@@ -77,16 +96,55 @@ def added_cost(
     return macs, params
 
 
-def _validate(attention: str, directional: bool, extra_branches: Sequence[str], qk_channels: int | None) -> None:
-    if attention not in ("pssa", "global"):
-        raise ValueError(f"attention={attention!r}: use 'pssa' (foldable) or 'global' (true self-attention)")
+def _validate(
+    model: Any, example_inputs: Any, shift: Any, directions: Any, directional: Any, extra_branches: Any,
+    attention: Any, qk_channels: Any, inplace: Any, kind: Any, analysis: Any,
+) -> None:
+    """Every argument checked before any work (analysis runs the model), each error naming its argument."""
+    check_module("model", model)
+    check_example_inputs(example_inputs)
+    check_shift(shift)
+    check_directions(directions)
+    check_bool("directional", directional)
+    check_extra_branches(extra_branches, EXTRA_BRANCHES)
+    if not isinstance(attention, str) or attention not in ("pssa", "global"):
+        raise ArgumentError(f"attention={attention!r}: use 'pssa' (foldable) or 'global' (true self-attention)")
+    check_optional_int("qk_channels", qk_channels, 1)
+    check_bool("inplace", inplace)
+    if kind is not None:
+        check_choice("kind", kind, KINDS)
+    check_choice("analysis", analysis, ("auto", "hooks", "fx"))
     if attention == "global" and directional:
-        raise ValueError("directional=True applies to PSSA only; drop it with attention='global'")
+        raise ArgumentError("directional=True applies to PSSA only; drop it with attention='global'")
     if attention == "pssa" and qk_channels is not None:
-        raise ValueError("qk_channels applies to attention='global' only")
-    unknown = set(extra_branches) - set(EXTRA_BRANCHES)
-    if unknown:
-        raise ValueError(f"unknown extra branches {sorted(unknown)}; choose from {EXTRA_BRANCHES}")
+        raise ArgumentError("qk_channels applies to attention='global' only")
+    _refuse_fused(model)
+
+
+def _fused_evidence(model: nn.Module) -> str:
+    """Why ``model`` looks like the output of a fusion pass ('' when it does not)."""
+    for name, m in model.named_modules():
+        where = f" ({name})" if name else ""
+        if "xvol_fusion_report" in vars(m):
+            return f"it carries xvol_fusion_report{where}"
+        if getattr(type(m), "_xvol_fused_graph", False):
+            return f"its forward is a fused graph{where}"
+        if isinstance(m, XVolutionDeploy):
+            return f"it holds the deploy form of a site at {name or 'its root'}"
+        if isinstance(m, fx.GraphModule) and any(
+                n.op == "call_function" and n.target is interleave_groups for n in m.graph.nodes):
+            return f"its graph feeds interleave_groups([x, T(x)]) to a convolution{where}"
+    return ""
+
+
+def _refuse_fused(model: nn.Module) -> None:
+    evidence = _fused_evidence(model)
+    if evidence:
+        raise SiteSelectionError(
+            f"{type(model).__name__} is already fused ({evidence}): its convolutions are deploy weights, and "
+            "X-volution inserted there would not train or fuse as a site. xvolify the unfused model (xvolify, "
+            "train, then fuse)"
+        )
 
 
 def xvolify_with_report(
@@ -105,7 +163,8 @@ def xvolify_with_report(
     analysis: AnalysisMode = "auto",
 ) -> tuple[nn.Module, XvolifyReport]:
     """Like :func:`xvolify`, returning ``(model, report)``."""
-    _validate(attention, directional, extra_branches, qk_channels)
+    _validate(model, example_inputs, shift, directions, directional, extra_branches, attention, qk_channels,
+              inplace, kind, analysis)
     selection = as_selection(sites)
     found = analyze_model(model, example_inputs, kind=kind, analysis=analysis)
 

@@ -38,6 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from xvol_compiler.files import atomic_path, check_output
+from xvol_compiler.report import with_article
+from xvol_compiler.training_flags import kept_training_flags
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -122,7 +124,7 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
             f"cannot read {path} with torch.load(weights_only=True): {type(err).__name__}: {err}"
         ) from err
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint or state dict")
+        raise CheckpointError(f"{path} holds {with_article(type(obj).__name__)}, not a checkpoint or state dict")
     return obj
 
 
@@ -226,8 +228,9 @@ def _check_plain(obj: Any, where: str) -> None:
             _check_plain(value, f"{where}[{key!r}]")
         return
     raise CheckpointError(
-        f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which torch.load(weights_only=True) "
-        "refuses: convert it to str/int/float/bool/None, a tensor, or a list/tuple/dict of them"
+        f"{where} is {with_article(type(obj).__module__)}.{type(obj).__qualname__}, which "
+        "torch.load(weights_only=True) refuses: convert it to str/int/float/bool/None, a tensor, "
+        "or a list/tuple/dict of them"
     )
 
 
@@ -321,15 +324,13 @@ def _observed_dims(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[st
         if isinstance(m, nn.SyncBatchNorm):
             hooks.append(m.register_forward_pre_hook(
                 lambda mod, args, name=name: dims.__setitem__(name, args[0].dim())))
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        model(*example_inputs)
+        with kept_training_flags(model):
+            model.eval()
+            model(*example_inputs)
     finally:
         for h in hooks:
             h.remove()
-        for m, mode in modes.items():
-            m.train(mode)
     return dims
 
 

@@ -289,16 +289,29 @@ def cmd_fuse(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_export(args: argparse.Namespace, out: Output) -> int:
-    """Export a model (original, xvolified or fused) to ONNX."""
-    from xvol_compiler.onnx_io import check_output_path
+    """Export a model (original, xvolified or fused) to ONNX.
+
+    The file has the opset asked for (``--opset``) or the command fails and writes nothing; the line
+    printed says which opset and exporter were used.
+    """
+    from xvol_compiler.onnx_io import OpsetError, check_output_path, onnx_opset
     from xvol_compiler.passes.fuse_onnx import export_onnx
 
     check_output_path(args.output, force=args.force)
     model, spec = _load(args)
-    export_onnx(model.eval(), args.output, spec.example_inputs(model), opset=args.opset,
-                dynamic_batch=not args.static_batch, optimize=not args.no_optimize, force=args.force)
-    out.json({"output": str(args.output), "model": spec.model, "stage": spec.stage})
-    out.line(f"wrote {args.output} ({spec.model}, {spec.stage})")
+    dynamo = args.exporter == "dynamo"
+    try:
+        proto = export_onnx(model.eval(), args.output, spec.example_inputs(model), opset=args.opset, dynamo=dynamo,
+                            dynamic_batch=not args.static_batch, optimize=not args.no_optimize, force=args.force)
+    except OpsetError as err:
+        hint = "use --opset 18 or higher, or --exporter torchscript for an older opset" if dynamo else (
+            "choose another --opset")
+        raise ValueError(f"--opset {err.asked}: the {args.exporter} exporter produced opset {err.written} "
+                         f"instead; nothing was written ({hint})") from err
+    opset = onnx_opset(proto)
+    out.json({"output": str(args.output), "model": spec.model, "stage": spec.stage, "opset": opset,
+              "exporter": args.exporter})
+    out.line(f"wrote {args.output} ({spec.model}, {spec.stage}; ONNX opset {opset}, {args.exporter} exporter)")
     return EXIT_OK
 
 
@@ -571,7 +584,10 @@ def build_parser() -> argparse.ArgumentParser:
             "example: xvol export r18-xvol.pt -o r18-xvol.onnx")
     _add_model(p)
     p.add_argument("-o", "--output", required=True, help="ONNX file to write")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset (default: the exporter's); the command fails if the exporter cannot produce it")
+    p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
+                   help="torch.export based exporter (default; opset >= 18) or the TorchScript one (older opsets)")
     p.add_argument("--static-batch", action="store_true", help="fixed batch size instead of a dynamic one")
     p.add_argument("--no-optimize", action="store_true", help="skip the exporter's graph optimizer")
     p.add_argument("--force", action="store_true", help="overwrite the output")

@@ -77,6 +77,11 @@ def _exists(path: Path) -> OutputExistsError:
 def _check_directory(directory: Path, what: str) -> None:
     """``directory`` exists, is a directory and a file can be created in it; else OutputError naming ``what``."""
     if not directory.exists():
+        ancestor = directory.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if ancestor.exists() and not ancestor.is_dir():
+            raise OutputError(f"cannot write {what}: {ancestor} is a file, not a directory")
         raise OutputError(f"cannot write {what}: directory {directory} does not exist: create it first")
     if not directory.is_dir():
         raise OutputError(f"cannot write {what}: {directory} is not a directory")

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xvol_compiler.arguments import check_extra_branches, check_initialized, check_optional_int
 from xvol_compiler.fold import ConvGeometry, FoldError
-from xvol_compiler.ops import CONV_TYPES, XVolution, XVolutionDeploy
+from xvol_compiler.ops import CONV_TYPES, EXTRA_BRANCHES, XVolution, XVolutionDeploy
 
 __all__ = ["GLOBAL_ATTENTION_NOT_FUSABLE", "GlobalAttentionXVolution", "global_attention"]
 
@@ -79,6 +80,10 @@ class GlobalAttentionXVolution(XVolution):
         extra_branches: Sequence[str] = (),
     ) -> GlobalAttentionXVolution:
         """Wrap an ``nn.Conv1d/2d/3d``: its weight and bias are kept (copied), the output is unchanged."""
+        if isinstance(conv, nn.Module):
+            check_initialized(conv, f"conv ({type(conv).__name__})")
+        check_optional_int("qk_channels", qk_channels, 1)
+        check_extra_branches(extra_branches, EXTRA_BRANCHES)
         return cls._wrap(conv, qk_channels=qk_channels, extra_branches=extra_branches)  # type: ignore[return-value]
 
     def attention(self, x: Tensor) -> Tensor:

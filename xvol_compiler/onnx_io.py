@@ -10,7 +10,9 @@
   ``force`` is given, and writes external data when asked or when the model is
   over 2 GiB.
 - ``export_onnx`` wraps ``torch.onnx.export`` (dynamo or TorchScript exporter)
-  and saves its result with ``save_onnx``.
+  and saves its result with ``save_onnx``; the caller's model keeps every
+  module's training flag, and an opset the exporter did not produce is an
+  error, not a silently different file.
 """
 
 from __future__ import annotations
@@ -29,7 +31,17 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper, numpy_helper
 
+from xvol_compiler.arguments import (
+    ArgumentError,
+    check_bool,
+    check_example_inputs,
+    check_module,
+    check_names,
+    check_optional_int,
+    check_path,
+)
 from xvol_compiler.files import OutputError, OutputExistsError, atomic_outputs, check_outputs
+from xvol_compiler.training_flags import kept_training_flags
 
 __all__ = [
     "PROTOBUF_LIMIT",
@@ -37,6 +49,7 @@ __all__ = [
     "OnnxError",
     "OnnxFileError",
     "OutputError",
+    "OpsetError",
     "OutputExistsError",
     "check_output_path",
     "export_onnx",
@@ -44,6 +57,7 @@ __all__ = [
     "load_onnx",
     "model_data_bytes",
     "model_skeleton",
+    "onnx_opset",
     "save_onnx",
     "uses_external_data",
 ]
@@ -60,6 +74,14 @@ class OnnxError(ValueError):
 
 class OnnxFileError(OnnxError):
     """The file is not a usable ONNX model (empty, truncated, not ONNX, missing external data)."""
+
+
+class OpsetError(OnnxError):
+    """The exporter produced another opset than the one asked for (nothing was written)."""
+
+    def __init__(self, message: str, asked: int, written: int | None) -> None:
+        super().__init__(message)
+        self.asked, self.written = asked, written
 
 
 @dataclass
@@ -209,6 +231,11 @@ def load_onnx(source: str | os.PathLike[str] | bytes | onnx.ModelProto) -> Loade
     missing, empty, truncated, random or non-ONNX file and for missing
     external data.
     """
+    if not isinstance(source, (str, os.PathLike, bytes, bytearray, onnx.ModelProto)):
+        raise ArgumentError(
+            f"source={type(source).__name__}: use an ONNX file path (str or pathlib.Path), its bytes or an "
+            "onnx.ModelProto"
+        )
     if isinstance(source, onnx.ModelProto):
         model = source
         if uses_external_data(model):
@@ -254,6 +281,8 @@ def check_output_path(path: str | os.PathLike[str], *, force: bool, external_dat
     """Fail early (before any work) when ``path`` (and with ``external_data`` its ``.data`` file)
     may not be written: ``OutputExistsError`` without ``force``, ``OutputError`` for a directory or a
     missing or unwritable folder (see :mod:`xvol_compiler.files`)."""
+    check_path("path", path)
+    check_bool("force", force)
     out = Path(path)
     check_outputs([out, external_data_path(out)] if external_data else [out], force=force)
     return out
@@ -275,6 +304,11 @@ def save_onnx(
     runs ``onnx.checker`` (full check) on the written files before they take
     their final names (the way to check a model over 2 GiB).
     """
+    if not isinstance(model, onnx.ModelProto):
+        raise ArgumentError(f"model={type(model).__name__}: save_onnx takes an onnx.ModelProto")
+    check_path("path", path)
+    if external_data is not None:
+        check_bool("external_data", external_data)
     out = Path(path)
     size = model_data_bytes(model)
     external = size > PROTOBUF_LIMIT - 2**26 if external_data is None else external_data
@@ -337,57 +371,76 @@ def export_onnx(
     """
     import torch
 
+    check_module("model", model)
+    check_path("path", path, optional=True)
+    check_example_inputs(example_inputs, optional=False)
+    for flag, value in (("dynamo", dynamo), ("optimize", optimize), ("dynamic_batch", dynamic_batch),
+                        ("external_data", external_data), ("force", force)):
+        check_bool(flag, value)
+    check_optional_int("opset", opset, 7)
+    check_names("input_names", input_names)
+    check_names("output_names", output_names)
     if path is not None:
         check_output_path(path, force=force, external_data=external_data)
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     tensors = _tensor_args(args)
     if input_names is None:
         input_names = ["input"] if len(tensors) == 1 else [f"input_{i}" for i in range(len(tensors))]
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
+    with kept_training_flags(model), warnings.catch_warnings():
         model.eval()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if dynamo:
-                dynamic_shapes = None
-                if dynamic_batch:
-                    batch = torch.export.Dim("batch", min=1)
-                    args = tuple(
-                        a.expand(2, *a.shape[1:]).contiguous() if isinstance(a, torch.Tensor) and a.dim() > 0
-                        and a.shape[0] == 1 else a
-                        for a in args
-                    )
-                    dynamic_shapes = tuple(
-                        {0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args
-                    )
-                program = torch.onnx.export(
-                    model, args, None, dynamo=True, optimize=optimize, opset_version=opset, verbose=False,
-                    input_names=list(input_names), output_names=None if output_names is None else list(output_names),
-                    dynamic_shapes=dynamic_shapes,
+        warnings.simplefilter("ignore")
+        if dynamo:
+            dynamic_shapes = None
+            if dynamic_batch:
+                batch = torch.export.Dim("batch", min=1)
+                args = tuple(
+                    a.expand(2, *a.shape[1:]).contiguous() if isinstance(a, torch.Tensor) and a.dim() > 0
+                    and a.shape[0] == 1 else a
+                    for a in args
                 )
-                if program is None:  # pragma: no cover - torch returns the program when f is None
-                    raise OnnxError("torch.onnx.export returned no program")
-                proto = program.model_proto
-            else:
-                buffer = io.BytesIO()
-                outputs = list(output_names) if output_names is not None else None
-                dynamic_axes: Mapping[str, Mapping[int, str]] | None = None
-                if dynamic_batch:
-                    if outputs is None:
-                        with torch.no_grad():
-                            result = model(*args)
-                        n_out = len(result) if isinstance(result, (tuple, list)) else 1
-                        outputs = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
-                    dynamic_axes = {name: {0: "batch"} for name in [*input_names, *outputs]}
-                torch.onnx.export(
-                    model, args, buffer, dynamo=False, opset_version=opset, input_names=list(input_names),
-                    output_names=outputs, dynamic_axes=dynamic_axes, do_constant_folding=True,
+                dynamic_shapes = tuple(
+                    {0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args
                 )
-                proto = onnx.load_from_string(buffer.getvalue())
-    finally:
-        if hasattr(model, "train"):
-            model.train(was_training)
+            program = torch.onnx.export(
+                model, args, None, dynamo=True, optimize=optimize, opset_version=opset, verbose=False,
+                input_names=list(input_names), output_names=None if output_names is None else list(output_names),
+                dynamic_shapes=dynamic_shapes,
+            )
+            if program is None:  # pragma: no cover - torch returns the program when f is None
+                raise OnnxError("torch.onnx.export returned no program")
+            proto = program.model_proto
+        else:
+            buffer = io.BytesIO()
+            outputs = list(output_names) if output_names is not None else None
+            dynamic_axes: Mapping[str, Mapping[int, str]] | None = None
+            if dynamic_batch:
+                if outputs is None:
+                    with torch.no_grad():
+                        result = model(*args)
+                    n_out = len(result) if isinstance(result, (tuple, list)) else 1
+                    outputs = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+                dynamic_axes = {name: {0: "batch"} for name in [*input_names, *outputs]}
+            torch.onnx.export(
+                model, args, buffer, dynamo=False, opset_version=opset, input_names=list(input_names),
+                output_names=outputs, dynamic_axes=dynamic_axes, do_constant_folding=True,
+            )
+            proto = onnx.load_from_string(buffer.getvalue())
+    written = onnx_opset(proto)
+    if opset is not None and written != opset:
+        # The dynamo exporter builds opset 18+ and converts down when asked; a failed conversion keeps
+        # the higher opset and only logs it. A file of another opset than asked for is not written.
+        raise OpsetError(
+            f"opset {opset} was asked for but the {'dynamo' if dynamo else 'TorchScript'} exporter produced "
+            f"opset {written}{' (it could not convert this model down)' if dynamo else ''}; nothing was written. "
+            + ("Use opset >= 18, or dynamo=False (the TorchScript exporter) for an older opset"
+               if dynamo else "Use another opset"),
+            asked=opset, written=written,
+        )
     if path is not None:
         save_onnx(proto, path, external_data=external_data, force=force)
     return proto
+
+
+def onnx_opset(model: onnx.ModelProto) -> int | None:
+    """The model's default-domain (``ai.onnx``) opset version, or None when it imports none."""
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)

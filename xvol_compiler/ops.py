@@ -15,6 +15,13 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xvol_compiler.arguments import (
+    check_bool,
+    check_directions,
+    check_extra_branches,
+    check_initialized,
+    check_shift,
+)
 from xvol_compiler.fold import (
     BatchNormParams,
     Branch,
@@ -25,6 +32,7 @@ from xvol_compiler.fold import (
     fold_conv_bn,
     merge_branches,
 )
+from xvol_compiler.report import with_article
 
 __all__ = [
     "EXTRA_BRANCHES",
@@ -64,6 +72,7 @@ def neighbour_offsets(ndim: int, directions: Directions = None) -> tuple[tuple[i
 
 
 def _shifts(shift: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+    check_shift(shift)
     shifts = (shift,) * ndim if isinstance(shift, int) else tuple(shift)
     if len(shifts) != ndim or any(not isinstance(s, int) or s < 1 for s in shifts):
         raise ValueError(f"shift must be an int >= 1 or {ndim} such ints, got {shift!r}")
@@ -248,9 +257,7 @@ class XVolution(nn.Module):
         ndim = g.ndim
         if ndim not in CONV_TYPES:
             raise ValueError(f"X-volution supports Conv1d/2d/3d sites, got {ndim} spatial dims")
-        unknown = set(extra_branches) - set(EXTRA_BRANCHES)
-        if unknown:
-            raise ValueError(f"unknown extra branches {sorted(unknown)}; choose from {EXTRA_BRANCHES}")
+        check_extra_branches(extra_branches, EXTRA_BRANCHES)
         self.in_channels, self.out_channels = g.in_channels, g.out_channels
         self.kernel_size, self.stride, self.dilation = g.kernel_size, g.stride, g.dilation
         self.padding, self.groups, self.padding_mode = g.padding, g.groups, g.padding_mode
@@ -285,7 +292,7 @@ class XVolution(nn.Module):
         try:
             return embedding_offset(small, self.geometry)
         except FoldError as err:
-            raise FoldError(f"cannot add a {what} branch to this site: {err}") from err
+            raise FoldError(f"cannot add {with_article(what)} branch to this site: {err}") from err
 
     def _make_1x1_branch(self, g: ConvGeometry) -> nn.Module:
         ndim = g.ndim
@@ -320,6 +327,12 @@ class XVolution(nn.Module):
         extra_branches: Sequence[str] = (),
     ) -> XVolution:
         """Wrap an existing ``nn.Conv1d/2d/3d``: its weight and bias are kept (copied, not shared)."""
+        if isinstance(conv, nn.Module):
+            check_initialized(conv, f"conv ({type(conv).__name__})")
+        check_shift(shift)
+        check_directions(directions)
+        check_bool("directional", directional)
+        check_extra_branches(extra_branches, EXTRA_BRANCHES)
         return cls._wrap(conv, shift=shift, directions=directions, directional=directional,
                          extra_branches=extra_branches)
 

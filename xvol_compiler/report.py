@@ -12,6 +12,7 @@ rendering lives here once.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -25,7 +26,15 @@ __all__ = [
     "format_count",
     "format_stride",
     "render_table",
+    "with_article",
 ]
+
+
+def with_article(noun: str) -> str:
+    """``noun`` after "a" or "an" by its first sound: "an identity", "a 1x1", "an 8-neighbour", "a Conv2d"."""
+    text = str(noun)
+    vowel = text[:1].lower() in ("a", "e", "i", "o", "u") or re.match(r"(8|11|18)(\D|$)", text) is not None
+    return f"{'an' if vowel else 'a'} {text}"
 
 
 def format_count(n: float) -> str:

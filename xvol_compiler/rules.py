@@ -408,9 +408,12 @@ class RewriteLog:
 
 def run_rules(adapter: GraphAdapter, rules: Sequence[Rule] = RULES, max_rounds: int = 10_000) -> RewriteLog:
     """Apply ``rules`` until none matches. Each round applies a batch of disjoint
-    rewrites of one rule, then rebuilds the view; refusals are recorded once."""
+    rewrites of one rule, then rebuilds the view. A refused match is not tried
+    again, and a refusal is reported once per (rule, site, reason): a shared conv
+    or a conv with two consumers matches once per call or consumer, but is one site."""
     log = RewriteLog()
     refused: set[tuple[str, frozenset[Key]]] = set()
+    reported: set[tuple[str, str, str]] = set()
     for _ in range(max_rounds):
         view = adapter.view()
         batch: list[Rewrite] = []
@@ -427,9 +430,10 @@ def run_rules(adapter: GraphAdapter, rules: Sequence[Rule] = RULES, max_rounds: 
                 except Refusal as why:
                     refused.add(key)
                     anchor = m.get("conv", m.get("a"))
-                    log.refused.append(Outcome(
-                        rule.pattern.name, str(_attrs(view, anchor).get("name", anchor)), "refused", str(why)
-                    ))
+                    line = (rule.pattern.name, str(_attrs(view, anchor).get("name", anchor)), str(why))
+                    if line not in reported:
+                        reported.add(line)
+                        log.refused.append(Outcome(line[0], line[1], "refused", line[2]))
                     continue
                 if rewrite is None:
                     refused.add(key)

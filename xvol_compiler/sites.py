@@ -56,9 +56,10 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xvol_compiler.arguments import check_example_inputs, check_module
 from xvol_compiler.fold import ConvGeometry
 from xvol_compiler.ops import XVolution, XVolutionDeploy, conv_geometry
-from xvol_compiler.report import format_stride
+from xvol_compiler.report import format_stride, with_article
 
 __all__ = [
     "CONV_MODULES",
@@ -335,6 +336,8 @@ def analyze_model(
     hooks removed. ``analysis="hooks"`` skips the FX attempt; ``"fx"``
     requires the model to trace.
     """
+    check_module("model", model)
+    check_example_inputs(example_inputs)
     if analysis not in ("auto", "hooks", "fx"):
         raise ValueError(f"analysis={analysis!r}: use 'auto', 'hooks' or 'fx'")
     kind = kind or detect_kind(model)
@@ -676,7 +679,7 @@ def _check_names(analysis: ModelAnalysis, names: Sequence[str]) -> None:
             if what in _SITE_TYPE_NAMES:
                 problems.append(f"{name!r} is already an X-volution site ({what})")
             else:
-                problems.append(f"{name!r} is a {what}, not a Conv1d/2d/3d")
+                problems.append(f"{name!r} is {with_article(what)}, not a Conv1d/2d/3d")
             continue
         close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
         if close:
