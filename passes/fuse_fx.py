@@ -263,8 +263,8 @@ def fuse(
       float16 / bfloat16 models: a float64 run of (a copy of) the unfused model,
       and the fused model is also accepted when its error is at most 4 times
       the unfused model's own error against that run;
-    - detection models (a ``backbone`` with a ``head`` or an ``rpn``, as
-      torchvision's) are compared on the outputs of ``backbone`` and
+    - detection models (a ``transform``, a ``backbone`` and a ``head`` or an
+      ``rpn``, as torchvision's) are compared on the outputs of ``backbone`` and
       ``head`` / ``rpn.head``, before post-processing, whose thresholds and
       non-maximum suppression turn rounding into different box sets.
 

@@ -421,7 +421,7 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
 
     The tolerance follows the dtype unless ``--rtol`` is given (1e-4 for float32 and float64, 1e-2 for
     float16, 5e-2 for bfloat16); float16 / bfloat16 torch models are compared against a float64 run of the
-    first model, and detection models on their backbone and head outputs (before post-processing).
+    first model, and torchvision detection models on their backbone and head outputs (before post-processing).
     """
     import torch
 

@@ -21,10 +21,10 @@ One rule for every check in the package (``fuse``, ``fuse_onnx``, ``xvol verify`
   in its own dtype: the candidate passes when it is within the dtype's bound or
   not worse than the unfused model by more than the factor. Float32 and
   float64 models are compared with the unfused model directly. Detection
-  models (a ``backbone`` with a ``head`` or an ``rpn``, as torchvision's) are
-  compared on the outputs of those modules, before post-processing (score
-  threshold, top-k, non-maximum suppression turn rounding into different box
-  sets).
+  models (a ``transform``, a ``backbone`` and a ``head`` or an ``rpn``, as
+  torchvision's) are compared on the outputs of ``backbone`` and ``head`` /
+  ``rpn.head``, before post-processing (score threshold, top-k, non-maximum
+  suppression turn rounding into different box sets).
 - :func:`onnx_session`: the one onnxruntime session set-up (CPU, quiet logs,
   models over 2 GiB through external data).
 """
@@ -199,12 +199,13 @@ def model_dtype(model: nn.Module, inputs: Any = None) -> torch.dtype:
 def stage_paths(model: nn.Module) -> tuple[str, ...]:
     """Submodules compared instead of the final output: a detection model's backbone and heads.
 
-    torchvision's detectors (SSD, RetinaNet, FCOS: ``backbone`` + ``head``;
-    R-CNNs: ``backbone`` + ``rpn.head``) end in post-processing whose discrete
-    choices amplify rounding; what precedes it is compared. Empty for other models.
+    torchvision's detectors (a ``transform``, a ``backbone`` and either a
+    ``head`` (SSD, RetinaNet, FCOS) or an ``rpn`` (R-CNNs: ``rpn.head``)) end in
+    post-processing whose discrete choices amplify rounding; what precedes it
+    is compared. Empty for other models.
     """
     names = dict(model.named_modules())
-    if "backbone" not in names or not ("head" in names or "rpn" in names):
+    if not {"backbone", "transform"} <= set(names) or not ("head" in names or "rpn" in names):
         return ()
     return tuple(p for p in DETECTION_STAGES if p in names)
 
