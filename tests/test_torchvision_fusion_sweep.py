@@ -29,9 +29,12 @@ RTOL = 1e-4
 
 
 def _stages(model: nn.Module) -> list[str]:
-    names = dict(model.named_modules())
-    if "backbone" not in names:
+    """Detection models (the detection family: a transform, a backbone, a head or an rpn): the modules
+    before post-processing. Segmentation models also have a backbone, but no post-processing."""
+    if not isinstance(model, (M.detection.ssd.SSD, M.detection.retinanet.RetinaNet, M.detection.fcos.FCOS,
+                              M.detection.generalized_rcnn.GeneralizedRCNN)):
         return []
+    names = dict(model.named_modules())
     return [p for p in ("backbone", "head", "rpn.head") if p in names]
 
 
