@@ -190,8 +190,23 @@ def test_verify_two_onnx_files_names_them_by_path(tmp_path: Path, capsys: pytest
     a, mlp = _conv_onnx(tmp_path / "a.onnx"), _mlp_onnx(tmp_path / "mlp.onnx")
     code, _, err = run_cli(capsys, "verify", a, mlp)
     assert code == 1 and "Traceback" not in err
-    assert "fused" not in err and "mlp.onnx" in err and "second model" in err, err
+    assert "fused" not in err and "a.onnx" in err and "mlp.onnx" in err and "different inputs" in err, err
     assert "example_inputs" not in err and "verify=False" not in err, err
+    small, large = _conv_onnx(tmp_path / "s.onnx", batch=1), _conv_onnx(tmp_path / "l.onnx", batch=1, size=16)
+    code, _, err = run_cli(capsys, "verify", small, large)
+    assert code == 1 and "fused" not in err and "s.onnx" in err and "l.onnx" in err and "[1, 3, 8, 8]" in err, err
+
+
+def test_compare_onnx_names_the_models_by_their_labels(tmp_path: Path) -> None:
+    """A second model that fails at run time (here: an unknown operator) is named by its label."""
+    first = onnx.load(_conv_onnx(tmp_path / "a.onnx"))
+    second = copy.deepcopy(first)
+    second.graph.node[0].op_type = "NoSuchOp"
+    second.graph.node[0].domain = "com.example"
+    second.opset_import.append(helper.make_opsetid("com.example", 1))
+    with pytest.raises(OnnxVerificationError, match=r"the second model \(b\.onnx\) does not run") as caught:
+        compare_onnx(first, second, labels=("first model (a.onnx)", "second model (b.onnx)"))
+    assert "fused" not in str(caught.value)
 
 
 def test_verify_shape_mismatch_gives_the_cli_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -416,6 +416,29 @@ def _onnx_feeds(model: Any, path: str, size: list[int] | None, batch: int | None
     return random_inputs(model, seed=seed, batch=batch or 2)
 
 
+def _declared_inputs(model: Any) -> dict[str, list[int | str]]:
+    """Graph inputs (initializers excluded) and their declared shapes: numbers, or names of dynamic axes."""
+    initializers = {t.name for t in model.graph.initializer}
+    return {i.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                     for d in i.type.tensor_type.shape.dim]
+            for i in model.graph.input if i.name not in initializers}
+
+
+def _check_same_inputs(first: Any, a: str, second: Any, b: str) -> None:
+    """Two ONNX files are compared on the same feeds: refuse different input names or fixed sizes up front."""
+    ins_a, ins_b = _declared_inputs(first), _declared_inputs(second)
+    if set(ins_a) != set(ins_b):
+        raise ValueError(f"{a} and {b} take different inputs ({sorted(ins_a)} vs {sorted(ins_b)}): xvol verify "
+                         "runs both models on the same inputs")
+    for name, dims_a in ins_a.items():
+        dims_b = ins_b[name]
+        fixed_differ = len(dims_a) != len(dims_b) or any(
+            isinstance(x, int) and isinstance(y, int) and x != y for x, y in zip(dims_a, dims_b, strict=True))
+        if fixed_differ:
+            raise ValueError(f"input {name!r} has shape {dims_a} in {a} but {dims_b} in {b}: xvol verify runs "
+                             "both models on the same inputs")
+
+
 def cmd_verify(args: argparse.Namespace, out: Output) -> int:
     """Compare two ONNX files, a model and its fused form, or a model and an ONNX file, on random inputs.
 
@@ -444,6 +467,7 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
             second = load_onnx(b).model
             how = f"{a} vs {b} (onnxruntime)"
             labels = (f"first model ({a})", f"second model ({b})")
+            _check_same_inputs(first, a, second, b)
         feeds = _onnx_feeds(first, a, size, args.batch)
         try:
             abs_err, rel_err = compare_onnx(first, second, feeds, labels=labels)
