@@ -488,17 +488,17 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
         inputs = _batched(spec.example_inputs(model), args.batch or 2)
         reference = reference_run(model, inputs)
         if other_arg is not None and other_arg.endswith(".onnx"):
-            verdict = verify_outputs(reference, _run_onnx(other_arg, inputs), rtol=args.rtol)
+            verdict = verify_outputs(reference, _run_onnx(other_arg, inputs), rtol=args.rtol, name=torch_arg)
             how = f"{torch_arg} (torch) vs {other_arg} (onnxruntime)"
         elif other_arg is not None:
             other, _ = load_model(other_arg, num_classes=args.num_classes, input_size=size)
-            verdict = verify_model(reference, other.eval(), inputs, rtol=args.rtol)
+            verdict = verify_model(reference, other.eval(), inputs, rtol=args.rtol, name=torch_arg)
             how = f"{torch_arg} vs {other_arg} (torch)"
         else:
             from xvol_compiler import fuse
 
             fused = fuse(model, example_inputs=inputs, verify=False)
-            verdict = verify_model(reference, fused, inputs, rtol=args.rtol)
+            verdict = verify_model(reference, fused, inputs, rtol=args.rtol, name=f"{torch_arg} (unfused)")
             how = f"{torch_arg} vs its fused form (fuse)"
         abs_err, rel_err, rtol, ok = verdict.candidate.max_abs, verdict.candidate.max_rel, verdict.rtol, verdict.ok
         detail = verdict.describe()

@@ -318,7 +318,7 @@ class Verdict:
     rtol: float
     atol: float | None
     compared: str  # "the outputs" / "the outputs of backbone, head (before post-processing)"
-    reference: str  # "the unfused model" / "a float64 run of the unfused model"
+    reference: str  # "the unfused model" / "a float64 run of the unfused model" (or another name)
     ok: bool
 
     @property
@@ -332,7 +332,8 @@ class Verdict:
                 f"{self.compared} ({self.dtype}, rtol={self.rtol:g}"
                 + (f", atol={self.atol:g}" if self.atol is not None else "") + ")")
         if self.unfused is not None:
-            text += (f"; the unfused model's own relative error is {self.unfused.max_rel:.3g} (accepted up to "
+            own = self.reference.removeprefix("a float64 run of ")
+            text += (f"; {own}'s own relative error against it is {self.unfused.max_rel:.3g} (accepted up to "
                      f"{UNFUSED_ERROR_FACTOR:g}x that)")
         if c.mismatch:
             text += f"; {c.mismatch}"
@@ -340,10 +341,12 @@ class Verdict:
 
 
 def verify_outputs(reference: Reference, candidate: Any, *, candidate_stages: Mapping[str, Any] | None = None,
-                   rtol: float | None = None, atol: float | None = None) -> Verdict:
+                   rtol: float | None = None, atol: float | None = None,
+                   name: str = "the unfused model") -> Verdict:
     """Judge a candidate's output (and stage outputs) against ``reference`` with the package's rule.
 
-    ``rtol`` None: :func:`default_rtol` of the reference's dtype.
+    ``rtol`` None: :func:`default_rtol` of the reference's dtype. ``name`` names
+    the reference model in :meth:`Verdict.describe`.
     """
     stages = dict(candidate_stages or {})
     own, exact, what = reference.compared(stages)
@@ -352,18 +355,19 @@ def verify_outputs(reference: Reference, candidate: Any, *, candidate_stages: Ma
     if exact is not None:
         stats = error_stats(exact, cand)
         unfused: ErrorStats | None = error_stats(exact, own)
-        against = "a float64 run of the unfused model"
+        against = f"a float64 run of {name}"
     else:
-        stats, unfused, against = error_stats(own, cand), None, "the unfused model"
+        stats, unfused, against = error_stats(own, cand), None, name
     ok = accepts(stats, rtol=bound, atol=atol, unfused=unfused)
     return Verdict(stats, unfused, dtype_name(reference.dtype), bound, atol, what, against, ok)
 
 
 def verify_model(reference: Reference, model: nn.Module, inputs: tuple[Any, ...], *,
-                 rtol: float | None = None, atol: float | None = None) -> Verdict:
+                 rtol: float | None = None, atol: float | None = None,
+                 name: str = "the unfused model") -> Verdict:
     """Run ``model`` on ``inputs`` (no grad) and judge it against ``reference`` (:func:`verify_outputs`)."""
     output, captured = _run(model, inputs, tuple(reference.stages))
-    return verify_outputs(reference, output, candidate_stages=captured, rtol=rtol, atol=atol)
+    return verify_outputs(reference, output, candidate_stages=captured, rtol=rtol, atol=atol, name=name)
 
 
 # ---------------------------------------------------------------------------
