@@ -77,17 +77,9 @@ def build(name: str, size: int) -> tuple[nn.Module, nn.Module]:
 def session(model: onnx.ModelProto, threads: int, profile_prefix: str | None = None) -> Any:
     """A CPU onnxruntime session, all graph optimizations; with onnxruntime's profiler on when
     ``profile_prefix`` is given (its file starts with that path)."""
-    import onnxruntime as ort
+    from xvol_compiler.verify import onnx_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    if profile_prefix is not None:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return onnx_session(model, threads=threads, profile_prefix=profile_prefix)
 
 
 def bench_exporter(args: argparse.Namespace, exporter: str, original: nn.Module, xvol: nn.Module) -> dict[str, Any]:

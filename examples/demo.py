@@ -52,6 +52,7 @@ from xvol_compiler.measure import count_macs, count_params, interleaved_latency,
 from xvol_compiler.onnx_io import save_onnx
 from xvol_compiler.passes.fuse_onnx import export_onnx, fuse_onnx
 from xvol_compiler.report import format_count
+from xvol_compiler.verify import onnx_session
 
 ARTIFACTS = ("fused.pt", "unfused.pt", "fused.onnx", "report.json", "report.txt")
 # Models whose auxiliary classifiers return tuples in training mode.
@@ -99,12 +100,7 @@ def _ok(flag: bool) -> str:
 
 
 def _ort_session(model: Any) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return onnx_session(model, threads=torch.get_num_threads())
 
 
 def run(args: argparse.Namespace, console: Console) -> int:

@@ -20,11 +20,11 @@ from torch.fx.passes.shape_prop import ShapeProp
 from xvol_compiler.arguments import ArgumentError, check_bool, check_example_inputs, check_module, check_tolerance
 from xvol_compiler.fold import FoldError
 from xvol_compiler.fusion_report import FusionReport
-from xvol_compiler.measure import tensors_of
 from xvol_compiler.ops import XVolution
 from xvol_compiler.passes.fx_graph import FxAdapter
 from xvol_compiler.rules import Outcome, run_rules
 from xvol_compiler.training_flags import training_sensitive_modules
+from xvol_compiler.verify import OutputMismatchError, reference_run, verify_model
 
 __all__ = ["FusionError", "FusionVerificationError", "fuse", "fuse_graph", "fuse_with_report"]
 
@@ -163,25 +163,6 @@ class _Fuser:
         return deploy
 
 
-def _compare(ref: Any, out: Any) -> tuple[float, float, bool]:
-    """(max abs error, max relative error, comparable) over every tensor of two outputs."""
-    refs, outs = list(tensors_of(ref)), list(tensors_of(out))
-    if len(refs) != len(outs) or any(r.shape != o.shape for r, o in zip(refs, outs, strict=True)):
-        return float("nan"), float("nan"), False
-    abs_err, rel_err, compared = 0.0, 0.0, 0
-    for r, o in zip(refs, outs, strict=True):
-        if not r.is_floating_point() or r.numel() == 0:
-            continue
-        compared += r.numel()
-        if not (bool(r.isfinite().all()) and bool(o.isfinite().all())):
-            return float("nan"), float("nan"), True
-        diff = float((r.double() - o.double()).abs().max())
-        scale = float(r.double().abs().max())
-        abs_err = max(abs_err, diff)
-        rel_err = max(rel_err, diff / max(scale, 1e-12))
-    return abs_err, rel_err, compared > 0
-
-
 def default_example_inputs(model: nn.Module) -> tuple[Any, ...]:
     """The example input xvolify uses for this kind of model."""
     from xvol_compiler.sites import default_example_inputs as sites_default
@@ -200,7 +181,7 @@ def fuse_with_report(
     example_inputs: Any = None,
     verify: bool = True,
     atol: float | None = None,
-    rtol: float = 1e-4,
+    rtol: float | None = None,
     inplace: bool = False,
 ) -> tuple[nn.Module, FusionReport]:
     """``fuse`` that also returns the report."""
@@ -208,7 +189,7 @@ def fuse_with_report(
     check_example_inputs(example_inputs)
     check_bool("verify", verify)
     check_bool("inplace", inplace)
-    check_tolerance("rtol", rtol)
+    check_tolerance("rtol", rtol, optional=True)
     check_tolerance("atol", atol, optional=True)
     # Only modules whose flag changes their result matter: torch.fx.symbolic_trace creates plain
     # containers in training mode, which compute the same either way.
@@ -225,12 +206,11 @@ def fuse_with_report(
     example = _as_tuple(example_inputs) if example_inputs is not None else default_example_inputs(model)
     reference = None
     if verify:
-        with torch.no_grad():
-            reference = model(*example)
-        if not all(bool(t.isfinite().all()) for t in tensors_of(reference) if t.is_floating_point()):
+        reference = reference_run(model, example)
+        if not reference.checkable():
             raise FusionError(
-                "the unfused model's output is not finite on the example input (BatchNorm statistics overflow?), "
-                "so fusion cannot be verified: fix the model, pass other example_inputs, or verify=False"
+                "the unfused model's output has no finite value on the example input (BatchNorm statistics "
+                "overflow?), so fusion cannot be verified: fix the model, pass other example_inputs, or verify=False"
             )
     target = model if inplace else copy.deepcopy(model)
     fuser = _Fuser()
@@ -244,21 +224,24 @@ def fuse_with_report(
     report = fuser.report
     if not report.outcomes:
         report.notes.append("no fusable patterns found (no BatchNorm after a conv, no X-volution site)")
-    if verify:
-        with torch.no_grad():
-            out = target(*example)
-        abs_err, rel_err, comparable = _compare(reference, out)
-        if not comparable:
+    if reference is not None:
+        report.notes.extend(reference.notes)
+        try:
+            verdict = verify_model(reference, target, example, rtol=rtol, atol=atol)
+        except OutputMismatchError:
+            verdict = None
+        if verdict is None or verdict.candidate.compared == 0:
             report.notes.append(
                 "outputs are empty or have data-dependent shapes (e.g. detections): verification compared nothing"
             )
         else:
-            report.max_abs_error, report.max_rel_error = abs_err, rel_err
-            too_far = rel_err > rtol if atol is None else abs_err > atol and rel_err > rtol
-            if too_far or rel_err != rel_err:  # NaN: the fused output is not finite
+            report.max_abs_error, report.max_rel_error = verdict.candidate.max_abs, verdict.candidate.max_rel
+            if verdict.unfused is not None or reference.stages:
+                report.notes.append(f"verified: {verdict.describe()}")
+            if not verdict.ok:
                 raise FusionVerificationError(
-                    f"fused model differs from the unfused one: max abs error {abs_err:.3g}, relative {rel_err:.3g} "
-                    f"(rtol={rtol}); the unfused model is untouched{'' if not inplace else ' (inplace: it is not)'}"
+                    f"fused model differs from the unfused one: {verdict.describe()}; the unfused model is "
+                    f"untouched{'' if not inplace else ' (inplace: it is not)'}"
                 )
     target.xvol_fusion_report = report
     log.info("%s", report.summary())
@@ -271,16 +254,35 @@ def fuse(
     example_inputs: Any = None,
     verify: bool = True,
     atol: float | None = None,
-    rtol: float = 1e-4,
+    rtol: float | None = None,
     inplace: bool = False,
 ) -> nn.Module:
     """Deploy form of ``model``: every fusable site one convolution; report at ``.xvol_fusion_report``.
 
     The model must be in eval mode. The result keeps the model's class and call
-    signature (a GraphModule in gives a GraphModule out). With ``verify`` the
-    fused and unfused outputs on ``example_inputs`` are compared and a
-    ``FusionVerificationError`` is raised beyond ``rtol`` (relative to the
-    largest output magnitude). Fusing a fused model changes nothing.
+    signature (a GraphModule in gives a GraphModule out). Fusing a fused model
+    changes nothing.
+
+    With ``verify`` the fused model is checked on ``example_inputs`` by the rule
+    of :mod:`xvol_compiler.verify`, and ``FusionVerificationError`` (naming the
+    errors, the bound and the dtype) is raised when it fails:
+
+    - error: the largest absolute difference, relative to the largest
+      ``|reference|`` of its tensor; non-finite values must match the
+      reference's, only finite ones are compared;
+    - accepted when the relative error is at most ``rtol`` (None: by dtype,
+      ``1e-4`` for float32 and float64, ``1e-2`` for float16, ``5e-2`` for
+      bfloat16), or the absolute error at most ``atol`` when given;
+    - float32 / float64 models: the reference is the unfused model itself;
+      float16 / bfloat16 models: a float64 run of (a copy of) the unfused model,
+      and the fused model is also accepted when its error is at most 4 times
+      the unfused model's own error against that run;
+    - detection models (a ``transform``, a ``backbone`` and a ``head`` or an
+      ``rpn``, as torchvision's) are compared on the outputs of ``backbone`` and
+      ``head`` / ``rpn.head``, before post-processing, whose thresholds and
+      non-maximum suppression turn rounding into different box sets.
+
+    The model itself is not changed by the check (it runs in eval mode, without grad).
     """
     fused, _ = fuse_with_report(model, example_inputs=example_inputs, verify=verify, atol=atol, rtol=rtol,
                                 inplace=inplace)

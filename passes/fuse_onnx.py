@@ -11,16 +11,13 @@ so.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
 from xvol_compiler.arguments import ArgumentError, check_bool, check_choice, check_path, check_tolerance
-from xvol_compiler.files import written_now
 from xvol_compiler.fusion_report import FusionReport
 from xvol_compiler.onnx_io import (
     PROTOBUF_LIMIT,
@@ -36,6 +33,7 @@ from xvol_compiler.onnx_io import (
 )
 from xvol_compiler.passes.onnx_graph import Interleave, OnnxGraphAdapter, infer_shapes
 from xvol_compiler.rules import run_rules
+from xvol_compiler.verify import ErrorStats, OutputMismatchError, accepts, default_rtol, error_stats, onnx_session
 
 __all__ = [
     "NO_SITES_NOTE",
@@ -45,6 +43,7 @@ __all__ = [
     "OutputExistsError",
     "OnnxVerificationError",
     "compare_onnx",
+    "onnx_dtype",
     "export_onnx",
     "fuse_onnx",
     "random_inputs",
@@ -54,8 +53,21 @@ NO_SITES_NOTE = "no fusable patterns: the model is returned unchanged"
 ExampleInputs = Mapping[str, Any] | Sequence[Any] | Any
 
 
+API_FIX = "pass example_inputs, or verify=False to skip the check"
+FLOAT64_FIX = "convert the model to float32 to verify it, or skip the check (verify=False)"
+
+
 class OnnxVerificationError(OnnxError):
-    """The fused model does not compute what the original computes (or cannot be run to check it)."""
+    """The fused model does not compute what the original computes (or cannot be run to check it).
+
+    ``problem`` says what went wrong, ``fix`` what to do in API terms (empty when
+    there is nothing to pass); the message is both. A command line reuses
+    ``problem`` with its own flags.
+    """
+
+    def __init__(self, problem: str, fix: str = "") -> None:
+        super().__init__(f"{problem}: {fix}" if fix else problem)
+        self.problem, self.fix = " ".join(problem.split()), fix
 
 
 def _as_numpy(value: Any) -> np.ndarray:
@@ -66,11 +78,11 @@ def _as_numpy(value: Any) -> np.ndarray:
 
 def random_inputs(
     model: onnx.ModelProto, example_inputs: ExampleInputs | None = None, *, seed: int = 0,
-    dynamic_dim: int = 32,
+    dynamic_dim: int = 32, batch: int = 1,
 ) -> dict[str, np.ndarray]:
     """Feeds for every graph input: the given examples (a dict by name, a sequence in graph
     order, or a single array/tensor) or random values of the declared shape and type.
-    Dynamic dimensions become 1 on axis 0 (batch) and ``dynamic_dim`` elsewhere."""
+    Dynamic dimensions become ``batch`` on axis 0 and ``dynamic_dim`` elsewhere."""
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     given: dict[str, np.ndarray] = {}
@@ -94,7 +106,7 @@ def random_inputs(
             raise OnnxVerificationError(f"graph input {vi.name!r} is not a tensor: pass example_inputs")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
         shape = [
-            d.dim_value if d.HasField("dim_value") else (1 if axis == 0 else dynamic_dim)
+            d.dim_value if d.HasField("dim_value") else (batch if axis == 0 else dynamic_dim)
             for axis, d in enumerate(t.shape.dim)
         ]
         if np.issubdtype(dtype, np.floating):
@@ -106,21 +118,37 @@ def random_inputs(
     return feeds
 
 
-def _session(model: onnx.ModelProto, tmp: Path, label: str) -> Any:
-    import onnxruntime as ort
+def float64_inputs(model: onnx.ModelProto) -> list[str]:
+    """Names of the graph inputs of type double (onnxruntime's CPU provider has no double Conv)."""
+    initializers = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in initializers
+            and i.type.tensor_type.elem_type == onnx.TensorProto.DOUBLE]
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = min(2, os.cpu_count() or 1)
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    if model_data_bytes(model) > PROTOBUF_LIMIT - 2**26:
-        path = tmp / f"{label}.onnx"
-        with written_now():  # read back at once, even while the command's own outputs are held back
-            save_onnx(model, path, external_data=True, force=True)
-        source: Any = str(path)
-    else:
-        source = model.SerializeToString()
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+def _run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], label: str, fix: str) -> list[Any]:
+    """Outputs of ``model`` in onnxruntime; ``OnnxVerificationError`` naming ``label`` when it cannot run
+    (with ``fix``, or the float64 advice when onnxruntime lacks a double kernel)."""
+    try:
+        return onnx_session(model, threads=min(2, os.cpu_count() or 1)).run(None, dict(feeds))
+    except Exception as err:  # onnxruntime raises many types
+        text = " ".join(str(err).split())
+        if float64_inputs(model) and ("NOT_IMPLEMENTED" in text or "implementation" in text.lower()):
+            raise OnnxVerificationError(
+                f"the {label} cannot run in onnxruntime, which has no float64 kernel for some of its operators "
+                f"(Conv among them) ({text})", FLOAT64_FIX,
+            ) from err
+        raise OnnxVerificationError(f"the {label} does not run in onnxruntime ({text})", fix) from err
+
+
+def onnx_dtype(model: onnx.ModelProto) -> str:
+    """Element type of the model's first floating graph output (then input), e.g. ``"float16"``."""
+    for vi in list(model.graph.output) + list(model.graph.input):
+        elem = vi.type.tensor_type.elem_type
+        if elem in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                    onnx.TensorProto.BFLOAT16):
+            return {onnx.TensorProto.BFLOAT16: "bfloat16"}.get(
+                elem, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)).name)
+    return "float32"
 
 
 def compare_onnx(
@@ -128,53 +156,45 @@ def compare_onnx(
     fused: onnx.ModelProto,
     example_inputs: ExampleInputs | None = None,
     notes: list[str] | None = None,
+    *,
+    labels: tuple[str, str] = ("original model", "fused model"),
 ) -> tuple[float, float]:
     """Run both models in onnxruntime (CPU) on the same inputs; (max abs, max rel) error over outputs.
 
-    The relative error of an output is ``max|fused - original| / max|original|``.
+    The errors follow the package's rule (:func:`xvol_compiler.verify.error_stats`):
+    the relative error of an output is ``max|fused - original| / max|original|``.
     Raises ``OnnxVerificationError`` when a model cannot be run, when the fused one
     gives a non-finite number where the original does not (or the reverse),
     and when the original gives no finite number at all (nothing to compare:
     overflowing BatchNorm statistics, usually). Non-finite values of the
-    original are listed in ``notes`` when given.
+    original are listed in ``notes`` when given. ``labels`` name the two models
+    in messages.
     """
+    first, second = labels
     feeds = random_inputs(original, example_inputs)
-    with tempfile.TemporaryDirectory(prefix="xvol-verify-") as tmp:
-        try:
-            ref_session = _session(original, Path(tmp), "original")
-            ref = ref_session.run(None, feeds)
-        except Exception as err:  # onnxruntime raises many types
-            raise OnnxVerificationError(
-                f"cannot run the original model in onnxruntime to verify the fusion ({err}); "
-                "pass example_inputs, or verify=False to skip"
-            ) from err
-        try:
-            got = _session(fused, Path(tmp), "fused").run(None, feeds)
-        except Exception as err:
-            raise OnnxVerificationError(f"the fused model does not run in onnxruntime: {err}") from err
+    ref = _run(original, feeds, first, API_FIX)
+    got = _run(fused, feeds, second, "")
+    names = [o.name for o in original.graph.output]
+    if len(ref) != len(got):
+        raise OnnxVerificationError(f"the {first} has {len(ref)} outputs, the {second} {len(got)}")
     abs_err = rel_err = 0.0
-    for name, r, g in zip([o.name for o in original.graph.output], ref, got, strict=True):
-        r64, g64 = np.asarray(r, dtype=np.float64), np.asarray(g, dtype=np.float64)
-        if r64.shape != g64.shape:
-            raise OnnxVerificationError(f"output {name!r}: shape {g64.shape} after fusion, {r64.shape} before")
-        finite = np.isfinite(r64)
-        if not np.array_equal(finite, np.isfinite(g64)):
-            raise OnnxVerificationError(f"output {name!r}: the fused model gives non-finite values where the "
-                                    "original does not (or the reverse)")
-        if not finite.all():
-            bad = int(finite.size - finite.sum())
-            if not finite.any():
-                raise OnnxVerificationError(
-                    f"output {name!r} of the original model is not finite on the verification inputs, so the "
-                    "fusion cannot be checked (BatchNorm statistics overflow?): pass example_inputs, or verify=False"
-                )
-            if notes is not None:
-                notes.append(f"output {name!r}: {bad} of {finite.size} values of the original model are not "
-                             "finite (the fused model agrees); compared the finite ones")
-        diff = np.abs(g64[finite] - r64[finite])
-        scale = max(float(np.abs(r64[finite]).max()), 1e-12)
-        abs_err = max(abs_err, float(diff.max()))
-        rel_err = max(rel_err, float(diff.max()) / scale)
+    for name, r, g in zip(names, ref, got, strict=True):
+        try:
+            stats = error_stats(np.asarray(r), np.asarray(g), [repr(name)])
+        except OutputMismatchError:
+            raise OnnxVerificationError(f"output {name!r}: shape {np.shape(g)} in the {second}, "
+                                        f"{np.shape(r)} in the {first}") from None
+        if stats.mismatch:
+            raise OnnxVerificationError(f"output {name!r}: the {second} gives non-finite values where the "
+                                        f"{first} does not (or the reverse)")
+        if not stats.checkable:
+            raise OnnxVerificationError(
+                f"output {name!r} of the {first} is not finite on the verification inputs, so the models cannot "
+                "be compared (BatchNorm statistics overflow?)", API_FIX)
+        if stats.nonfinite and notes is not None:
+            notes.append(f"output {name!r}: {stats.nonfinite} of {np.size(r)} values of the {first} are not "
+                         f"finite (the {second} agrees); compared the finite ones")
+        abs_err, rel_err = max(abs_err, stats.max_abs), max(rel_err, stats.max_rel)
     return abs_err, rel_err
 
 
@@ -182,7 +202,7 @@ def fuse_onnx(
     model_or_path: str | os.PathLike[str] | bytes | onnx.ModelProto,
     *,
     verify: bool = True,
-    rtol: float = 1e-4,
+    rtol: float | None = None,
     example_inputs: ExampleInputs | None = None,
     output_path: str | os.PathLike[str] | None = None,
     force: bool = False,
@@ -194,7 +214,10 @@ def fuse_onnx(
     models run in onnxruntime on ``example_inputs`` (or random inputs of the
     graph's input shapes, dynamic dimensions 1 for the batch and 32 elsewhere)
     and ``report.max_abs_error`` / ``max_rel_error`` are filled; a relative
-    error above ``rtol`` raises ``OnnxVerificationError`` and nothing is written.
+    error above ``rtol`` (None: by the model's dtype, as in
+    :mod:`xvol_compiler.verify`: ``1e-4`` for float32 and float64, ``1e-2`` for
+    float16, ``5e-2`` for bfloat16) raises ``OnnxVerificationError`` and
+    nothing is written.
     ``output_path`` is written atomically, with external data (``<out>.data``)
     when the input had external data or the model exceeds 2 GiB; an existing
     file is only replaced with ``force=True``. A model with nothing to fuse is
@@ -212,7 +235,7 @@ def fuse_onnx(
             "or an onnx.ModelProto (export a torch model with export_onnx first)"
         )
     check_bool("verify", verify)
-    check_tolerance("rtol", rtol)
+    check_tolerance("rtol", rtol, optional=True)
     check_path("output_path", output_path, optional=True)
     check_bool("force", force)
     check_choice("interleave", interleave, ("reshape", "gather"))
@@ -237,9 +260,12 @@ def fuse_onnx(
         _check(fused)
         if verify:
             report.max_abs_error, report.max_rel_error = compare_onnx(model, fused, example_inputs, report.notes)
-            if report.max_rel_error > rtol:
+            dtype = onnx_dtype(model)
+            bound = default_rtol(dtype) if rtol is None else rtol
+            if not accepts(ErrorStats(report.max_abs_error, report.max_rel_error, 1), rtol=bound):
                 raise OnnxVerificationError(
-                    f"fused model differs from the original by {report.max_rel_error:.3g} (relative) > rtol={rtol}"
+                    f"fused model differs from the original by {report.max_rel_error:.3g} (relative) > "
+                    f"rtol={bound:g} ({dtype})"
                 )
     if out_path is not None:
         big = model_data_bytes(fused) > PROTOBUF_LIMIT - 2**26

@@ -25,6 +25,7 @@ from xvol_compiler import XVolution
 from xvol_compiler.fold import FoldError
 from xvol_compiler.onnx_io import OnnxFileError, OutputExistsError, export_onnx, external_data_path, save_onnx
 from xvol_compiler.passes.fuse_onnx import NO_SITES_NOTE, OnnxVerificationError, fuse_onnx
+from xvol_compiler.verify import onnx_session
 
 CONFIGS = {
     "dynamo": dict(dynamo=True, optimize=True),
@@ -40,11 +41,7 @@ TOL = 1e-4
 
 
 def session(model: onnx.ModelProto | str | Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return onnx_session(model, threads=1)
 
 
 def run(model: onnx.ModelProto | str | Path, x: torch.Tensor) -> np.ndarray:

@@ -234,12 +234,9 @@ def _export(model: nn.Module, x: torch.Tensor, dynamo: bool) -> Any:
 
 
 def _ort(model: Any, x: np.ndarray) -> list[torch.Tensor]:
-    import onnxruntime as ort
+    from xvol_compiler.verify import onnx_session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = onnx_session(model, threads=1, optimize=False)
     name = sess.get_inputs()[0].name
     return [torch.from_numpy(np.asarray(o)) for o in sess.run(None, {name: x})]
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,6 +26,7 @@ from xvol_compiler.checkpoint import save_checkpoint
 from xvol_compiler.cli import main
 from xvol_compiler.onnx_io import OnnxFileError, export_onnx, external_data_path, load_onnx, save_onnx
 from xvol_compiler.passes.fuse_onnx import fuse_onnx
+from xvol_compiler.verify import onnx_session
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--num-classes", "10", "--input-size", "32"]
@@ -108,7 +108,7 @@ def reference_conv_bn(x: np.ndarray, weights: dict[str, np.ndarray], pads: tuple
 
 
 def ort_run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = onnx_session(model)
     return session.run(None, {"x": x})[0]
 
 

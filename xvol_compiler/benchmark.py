@@ -27,6 +27,7 @@ from xvol_compiler.io import torchvision_model
 from xvol_compiler.measure import Latency, PeakMemory, count_macs, count_params, interleaved_latency, max_error
 from xvol_compiler.ops import XVolution
 from xvol_compiler.passes.fuse_onnx import export_onnx, fuse_onnx
+from xvol_compiler.verify import onnx_session
 
 __all__ = ["BACKENDS", "VARIANTS", "Prepared", "prepare", "prepare_onnx", "time_backend"]
 
@@ -148,15 +149,7 @@ def prepare_onnx(p: Prepared, *, rtol: float = 1e-4, opset: int | None = None) -
 
 
 def _ort_session(path: Path, device: torch.device) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
-    opts.log_severity_level = 3
-    providers = ["CPUExecutionProvider"]
-    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(str(path), opts, providers=providers)
+    return onnx_session(path, threads=torch.get_num_threads(), cuda=device.type == "cuda")
 
 
 def time_backend(

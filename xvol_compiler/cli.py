@@ -112,6 +112,17 @@ def _input_size(values: Sequence[int] | None) -> list[int] | None:
     raise ValueError(f"--input-size takes S, H W or C H W, got {len(values)} numbers")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _sites(text: str) -> Any:
     """``os16``, ``all``, ``re:<pattern>``, a name, or comma-separated names."""
     names = [s.strip() for s in text.split(",") if s.strip()]
@@ -322,9 +333,15 @@ def cmd_fuse_onnx(args: argparse.Namespace, out: Output) -> int:
 
     report_path = None if args.report in (None, "-") else Path(args.report)
     check_outputs([args.output, *([report_path] if report_path else [])], force=args.force)
+    from xvol_compiler.passes.fuse_onnx import OnnxVerificationError
+
     with written_together():  # the fused model (with its external data) and the report, or nothing
-        _, report = fuse_onnx(args.input, verify=not args.no_verify, rtol=args.rtol, output_path=args.output,
-                              force=args.force)
+        try:
+            _, report = fuse_onnx(args.input, verify=not args.no_verify, rtol=args.rtol, output_path=args.output,
+                                  force=args.force)
+        except OnnxVerificationError as err:
+            raise ValueError(_cli_message(err, "skip the check with --no-verify",
+                                          "convert the model to float32, or skip the check with --no-verify")) from err
         if report_path is not None:
             if report_path.suffix == ".json":
                 atomic_write_json(report_path, report.to_dict(), force=args.force)
@@ -336,31 +353,112 @@ def cmd_fuse_onnx(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
-def _run_torch(model: Any, inputs: tuple[Any, ...]) -> Any:
+def _batched(inputs: tuple[Any, ...], batch: int) -> tuple[Any, ...]:
+    """``inputs`` (batch 1) repeated to ``batch``: tensors along axis 0, lists of images (detection) as lists."""
     import torch
 
-    with torch.no_grad():
-        return model(*inputs)
+    def grow(t: Any) -> Any:
+        if isinstance(t, torch.Tensor):
+            return t.repeat(batch, *([1] * (t.dim() - 1)))
+        if isinstance(t, list):
+            return t * batch
+        return t
+
+    return tuple(grow(t) for t in inputs)
+
+
+CLI_INPUT_FIX = "give the input shape with --input-size (S, H W or C H W) and the batch with --batch"
+CLI_FLOAT64_FIX = "onnxruntime has no float64 Conv: convert the model to float32 to verify it"
+
+
+def _cli_message(err: Any, fix_for_inputs: str, fix_for_float64: str) -> str:
+    """An ``OnnxVerificationError``'s problem with the advice in command-line flags instead of API words."""
+    from xvol_compiler.passes.fuse_onnx import API_FIX, FLOAT64_FIX
+
+    fix = {API_FIX: fix_for_inputs, FLOAT64_FIX: fix_for_float64}.get(err.fix, err.fix)
+    return f"{err.problem}: {fix}" if fix else err.problem
 
 
 def _run_onnx(path: str, inputs: tuple[Any, ...]) -> list[Any]:
-    import onnxruntime as ort
+    import numpy as np
 
     from xvol_compiler.onnx_io import load_onnx
+    from xvol_compiler.passes.fuse_onnx import float64_inputs
+    from xvol_compiler.verify import onnx_session
 
     proto = load_onnx(path).model
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    return session.run(None, {n: t.numpy() for n, t in zip(names, inputs, strict=True)})
+    try:
+        session = onnx_session(proto)
+        names = [i.name for i in session.get_inputs()]
+        if len(names) != len(inputs):
+            raise ValueError(f"{len(names)} inputs expected, {len(inputs)} given")
+        return session.run(None, {n: np.asarray(t.numpy()) for n, t in zip(names, inputs, strict=True)})
+    except Exception as err:  # onnxruntime raises many types
+        text = " ".join(str(err).split())
+        shapes = ", ".join(str(tuple(t.shape)) for t in inputs if hasattr(t, "shape"))
+        fix = CLI_FLOAT64_FIX if float64_inputs(proto) else CLI_INPUT_FIX
+        raise ValueError(f"{path} does not run in onnxruntime on inputs of shape {shapes} ({text}): {fix}") from err
+
+
+def _onnx_feeds(model: Any, path: str, size: list[int] | None, batch: int | None) -> dict[str, Any]:
+    """Random feeds for ``model``: ``--input-size`` for its single input, else its declared shapes; ``--batch``
+    on axis 0 (a fixed batch size that differs from an explicit ``--batch`` is refused)."""
+    import numpy as np
+    import onnx
+    import torch
+
+    from xvol_compiler.passes.fuse_onnx import random_inputs
+
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if size is not None:
+        if len(inputs) != 1:
+            raise ValueError(f"{path} has {len(inputs)} inputs; --input-size gives the shape of a single one")
+        elem = inputs[0].type.tensor_type.elem_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(elem) if elem else np.float32
+        return {inputs[0].name: torch.randn(batch or 2, *size).numpy().astype(dtype)}
+    for vi in inputs:
+        dims = vi.type.tensor_type.shape.dim
+        if batch is not None and dims and dims[0].HasField("dim_value") and dims[0].dim_value != batch:
+            raise ValueError(f"{path}: input {vi.name!r} has a fixed batch size of {dims[0].dim_value}, so "
+                             f"--batch {batch} cannot apply: drop --batch (or export with a dynamic batch)")
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    return random_inputs(model, seed=seed, batch=batch or 2)
+
+
+def _declared_inputs(model: Any) -> dict[str, list[int | str]]:
+    """Graph inputs (initializers excluded) and their declared shapes: numbers, or names of dynamic axes."""
+    initializers = {t.name for t in model.graph.initializer}
+    return {i.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                     for d in i.type.tensor_type.shape.dim]
+            for i in model.graph.input if i.name not in initializers}
+
+
+def _check_same_inputs(first: Any, a: str, second: Any, b: str) -> None:
+    """Two ONNX files are compared on the same feeds: refuse different input names or fixed sizes up front."""
+    ins_a, ins_b = _declared_inputs(first), _declared_inputs(second)
+    if set(ins_a) != set(ins_b):
+        raise ValueError(f"{a} and {b} take different inputs ({sorted(ins_a)} vs {sorted(ins_b)}): xvol verify "
+                         "runs both models on the same inputs")
+    for name, dims_a in ins_a.items():
+        dims_b = ins_b[name]
+        fixed_differ = len(dims_a) != len(dims_b) or any(
+            isinstance(x, int) and isinstance(y, int) and x != y for x, y in zip(dims_a, dims_b, strict=True))
+        if fixed_differ:
+            raise ValueError(f"input {name!r} has shape {dims_a} in {a} but {dims_b} in {b}: xvol verify runs "
+                             "both models on the same inputs")
 
 
 def cmd_verify(args: argparse.Namespace, out: Output) -> int:
-    """Compare two ONNX files, a model and its fused form, or a model and an ONNX file, on random inputs."""
+    """Compare two ONNX files, a model and its fused form, or a model and an ONNX file, on random inputs.
+
+    The tolerance follows the dtype unless ``--rtol`` is given (1e-4 for float32 and float64, 1e-2 for
+    float16, 5e-2 for bfloat16); float16 / bfloat16 torch models are compared against a float64 run of the
+    first model, and torchvision detection models on their backbone and head outputs (before post-processing).
+    """
     import torch
 
-    from xvol_compiler.measure import max_error
+    from xvol_compiler.verify import ErrorStats, accepts, default_rtol
 
     torch.manual_seed(args.seed)
     size = _input_size(args.input_size)
@@ -368,47 +466,58 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
     how: str
     if a.endswith(".onnx") and (b is None or b.endswith(".onnx")):
         from xvol_compiler.onnx_io import load_onnx
-        from xvol_compiler.passes.fuse_onnx import compare_onnx, fuse_onnx
+        from xvol_compiler.passes.fuse_onnx import OnnxVerificationError, compare_onnx, fuse_onnx, onnx_dtype
 
         first = load_onnx(a).model
         if b is None:
             second, _ = fuse_onnx(first, verify=False)
             how = f"{a} vs its fused form (fuse_onnx)"
+            labels = (f"model {a}", f"fused form of {a}")
         else:
             second = load_onnx(b).model
             how = f"{a} vs {b} (onnxruntime)"
-        feeds = None
-        if size is not None:
-            feeds = [torch.randn(args.batch, *size).numpy()]
-        abs_err, rel_err = compare_onnx(first, second, feeds)
+            labels = (f"first model ({a})", f"second model ({b})")
+            _check_same_inputs(first, a, second, b)
+        feeds = _onnx_feeds(first, a, size, args.batch)
+        try:
+            abs_err, rel_err = compare_onnx(first, second, feeds, labels=labels)
+        except OnnxVerificationError as err:
+            raise ValueError(_cli_message(err, CLI_INPUT_FIX, CLI_FLOAT64_FIX)) from err
+        dtype = onnx_dtype(first)
+        rtol = default_rtol(dtype) if args.rtol is None else args.rtol
+        ok = accepts(ErrorStats(abs_err, rel_err, 1), rtol=rtol)
+        detail = f"max abs error {abs_err:.3g}, relative {rel_err:.3g} ({dtype}, rtol {rtol:g})"
+        extra: dict[str, Any] = {"dtype": dtype}
     else:
         from xvol_compiler.io import load_model
+        from xvol_compiler.verify import reference_run, verify_model, verify_outputs
 
-        torch_arg, onnx_arg = (a, b) if not a.endswith(".onnx") else (b, a)
+        torch_arg, other_arg = (a, b) if not a.endswith(".onnx") else (b, a)
         model, spec = load_model(torch_arg, num_classes=args.num_classes, input_size=size)
-        inputs = tuple(t.repeat(args.batch, *([1] * (t.dim() - 1))) if isinstance(t, torch.Tensor) else t
-                       for t in spec.example_inputs(model))
-        ref = _run_torch(model, inputs)
-        if onnx_arg is not None and onnx_arg.endswith(".onnx"):
-            got = _run_onnx(onnx_arg, inputs)
-            how = f"{torch_arg} (torch) vs {onnx_arg} (onnxruntime)"
-        elif onnx_arg is not None:
-            other, _ = load_model(onnx_arg, num_classes=args.num_classes, input_size=size)
-            got = _run_torch(other, inputs)
-            how = f"{torch_arg} vs {onnx_arg} (torch)"
+        model.eval()  # a model given by name is built in training mode: the check is of inference
+        inputs = _batched(spec.example_inputs(model), args.batch or 2)
+        reference = reference_run(model, inputs)
+        if other_arg is not None and other_arg.endswith(".onnx"):
+            verdict = verify_outputs(reference, _run_onnx(other_arg, inputs), rtol=args.rtol, name=torch_arg)
+            how = f"{torch_arg} (torch) vs {other_arg} (onnxruntime)"
+        elif other_arg is not None:
+            other, _ = load_model(other_arg, num_classes=args.num_classes, input_size=size)
+            verdict = verify_model(reference, other.eval(), inputs, rtol=args.rtol, name=torch_arg)
+            how = f"{torch_arg} vs {other_arg} (torch)"
         else:
             from xvol_compiler import fuse
 
-            fused = fuse(model.eval(), example_inputs=inputs, verify=False)
-            got = _run_torch(fused, inputs)
+            fused = fuse(model, example_inputs=inputs, verify=False)
+            verdict = verify_model(reference, fused, inputs, rtol=args.rtol, name=f"{torch_arg} (unfused)")
             how = f"{torch_arg} vs its fused form (fuse)"
-        abs_err, rel_err = max_error(ref, got)
-    ok = rel_err <= args.rtol
-    out.json({"compared": how, "max_abs_error": abs_err, "max_rel_error": rel_err, "rtol": args.rtol, "ok": ok})
-    out.line(f"{how}: max abs error {abs_err:.3g}, relative {rel_err:.3g} (rtol {args.rtol:g}): "
-             f"{'ok' if ok else 'FAILED'}")
+        abs_err, rel_err, rtol, ok = verdict.candidate.max_abs, verdict.candidate.max_rel, verdict.rtol, verdict.ok
+        detail = verdict.describe()
+        extra = {"dtype": verdict.dtype, "reference": verdict.reference, "on": verdict.compared,
+                 "unfused_rel_error": verdict.unfused.max_rel if verdict.unfused is not None else None}
+    out.json({"compared": how, "max_abs_error": abs_err, "max_rel_error": rel_err, "rtol": rtol, "ok": ok, **extra})
+    out.line(f"{how}: {detail}: {'ok' if ok else 'FAILED'}")
     if not ok:
-        raise VerificationFailed(f"outputs differ: relative error {rel_err:.3g} > rtol {args.rtol:g}")
+        raise VerificationFailed(f"outputs differ: {detail}")
     return EXIT_OK
 
 
@@ -575,7 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("-o", "--output", required=True, help="fused checkpoint to write (.pt)")
     p.add_argument("--onnx", help="also export the fused model to this ONNX file")
-    p.add_argument("--rtol", type=float, default=1e-4, help="verification tolerance (default 1e-4)")
+    p.add_argument("--rtol", type=float, default=None,
+                   help="verification tolerance (default: by dtype, 1e-4 for float32)")
     p.add_argument("--no-verify", action="store_true", help="skip the fused-vs-unfused check")
     p.add_argument("--force", action="store_true", help="overwrite the outputs")
     _add_json(p)
@@ -599,7 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="fused ONNX file to write")
     p.add_argument("--report", nargs="?", const="-", default=None, metavar="PATH",
                    help="print the per-site report; with PATH write it there (.json or text)")
-    p.add_argument("--rtol", type=float, default=1e-4, help="verification tolerance (default 1e-4)")
+    p.add_argument("--rtol", type=float, default=None,
+                   help="verification tolerance (default: by dtype, 1e-4 for float32)")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
     p.add_argument("--force", action="store_true", help="overwrite the outputs")
     _add_json(p)
@@ -611,8 +722,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("b", metavar="B", nargs="?", help="second model; omitted: A's fused form")
     p.add_argument("--num-classes", type=int, default=1000, help="classifier size for models given by name")
     p.add_argument("--input-size", type=int, nargs="+", metavar="N", help="input: S, H W or C H W")
-    p.add_argument("--batch", type=int, default=2, help="batch size of the random input (default 2)")
-    p.add_argument("--rtol", type=float, default=1e-4, help="largest relative error allowed (default 1e-4)")
+    p.add_argument("--batch", type=_positive_int, default=None,
+                   help="batch size of the random input (default 2; an ONNX input with a fixed batch keeps it)")
+    p.add_argument("--rtol", type=float, default=None, help="largest relative error allowed (default: by dtype, "
+                   "1e-4 for float32)")
     p.add_argument("--seed", type=int, default=0)
     _add_json(p)
 

@@ -20,12 +20,14 @@ import resource
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from xvol_compiler.verify import error_stats, tensors_of
 
 __all__ = [
     "Latency",
@@ -54,42 +56,15 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def tensors_of(value: Any) -> Iterator[torch.Tensor]:
-    """Every tensor in a (nested) output: tensors, sequences, mappings; numpy arrays become tensors."""
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, Mapping):
-        for v in value.values():
-            yield from tensors_of(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from tensors_of(v)
-    elif hasattr(value, "__array__"):
-        yield torch.as_tensor(value)
-
-
 def max_error(reference: Any, output: Any) -> tuple[float, float]:
-    """(max absolute error, max absolute error / max |reference|) over all tensors of two outputs.
+    """(max absolute error, max absolute error / max |reference|) over all floating tensors of two outputs.
 
-    Non-finite values give ``inf``; a structure mismatch raises ``ValueError``.
+    The package's one rule (:func:`xvol_compiler.verify.error_stats`): non-finite
+    values must match the reference's and only finite ones are compared; a
+    mismatch, or an output with no finite value, gives ``inf``. A structure or
+    shape mismatch raises ``ValueError``.
     """
-    refs, outs = list(tensors_of(reference)), list(tensors_of(output))
-    if len(refs) != len(outs):
-        raise ValueError(f"outputs differ in structure: {len(refs)} vs {len(outs)} tensors")
-    worst_abs, worst_rel = 0.0, 0.0
-    for r, o in zip(refs, outs, strict=True):
-        r, o = r.detach().double().cpu(), o.detach().double().cpu()
-        if r.shape != o.shape:
-            raise ValueError(f"output shapes differ: {tuple(r.shape)} vs {tuple(o.shape)}")
-        if r.numel() == 0:
-            continue
-        if not (torch.isfinite(r).all() and torch.isfinite(o).all()):
-            return float("inf"), float("inf")
-        err = float((r - o).abs().max())
-        scale = float(r.abs().max())
-        worst_abs = max(worst_abs, err)
-        worst_rel = max(worst_rel, err / scale if scale > 0 else err)
-    return worst_abs, worst_rel
+    return error_stats(reference, output).to_tuple()
 
 
 # ---------------------------------------------------------------------------
