@@ -251,7 +251,7 @@ def conv_forward_reason(conv: nn.Module) -> str:
     g = conv_geometry(conv)
     wanted = (g.stride, g.padding, g.dilation, g.groups)
     try:
-        found = tuple(_int_tuple(args[k], ndim) for k in ("stride", "padding", "dilation")) + (int(args["groups"]),)
+        found = (*(_int_tuple(args[k], ndim) for k in ("stride", "padding", "dilation")), int(args["groups"]))
     except (TypeError, ValueError):
         found = ()
     if found != wanted or g.padding_mode != "zeros":
