@@ -238,8 +238,13 @@ def conv_forward_reason(conv: nn.Module) -> str:
             dependent.add(node)
     convs = [n for n in dependent if n.op == "call_function" and n.target in _CONV_CALLS]
     output = next(n for n in graph.nodes if n.op == "output")
-    if len(convs) != 1 or dependent != {inputs[0], convs[0], output} or output.args[0] is not convs[0]:
-        return f"{head} and computes more than one convolution of its input; a swap would drop that behaviour"
+    if len(convs) != 1:
+        return f"{head} and calls {len(convs)} convolutions on its input; a swap would drop that behaviour"
+    others = [str(n.target) for n in dependent if n not in (inputs[0], convs[0], output)]
+    if others or output.args[0] is not convs[0]:
+        what = f" ({', '.join(sorted(others)[:3])})" if others else ""
+        return (f"{head} and computes more than a convolution of its input{what}; "
+                "a swap would drop that behaviour")
     call = convs[0]
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     args = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
