@@ -226,12 +226,9 @@ def _check_onnx_fuse(xm: nn.Module, n_sites: int, tmp_path, dynamo: bool) -> Non
     path = str(tmp_path / f"unfused_{dynamo}.onnx")
     export_onnx(xm, path, SMALL, dynamo=dynamo)
     fused_path = str(tmp_path / f"fused_{dynamo}.onnx")
-    fused, report = fuse_onnx(path, output_path=fused_path)
+    _, report = fuse_onnx(path, output_path=fused_path)
     sites = [o for o in report.outcomes if o.kind == "x-volution"]
     assert len(sites) == n_sites and all(o.status == "fused" for o in sites), [(o.name, o.reason) for o in sites]
-    conv_inputs = {i for n in fused.graph.node if n.op_type == "Conv" for i in n.input[1:]}
-    produced = {o: n.op_type for n in fused.graph.node for o in n.output}
-    assert not {produced[i] for i in conv_inputs if i in produced} - {"Constant"}, "fused weights are constants"
     out = _onnx_session_output(fused_path, SMALL)
     assert rel_err(torch.from_numpy(out), ref) <= 1e-4
 
