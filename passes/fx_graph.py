@@ -32,6 +32,11 @@ _CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _SOFTMAX = {F.softmax, torch.softmax, F.scaled_dot_product_attention}
 _LINEAR = {torch.matmul, torch.bmm, F.linear, torch.einsum, operator.matmul}
+# Random ops: a value computed with one is not a constant, whatever its inputs.
+_RANDOM = {torch.rand_like, torch.randn_like, torch.randint_like, torch.bernoulli, torch.normal, torch.poisson,
+           torch.multinomial, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+           F.feature_alpha_dropout}
+_RANDOM_METHODS = {"bernoulli", "multinomial"}
 
 
 def _tuple(value: object, ndim: int) -> tuple[int, ...]:
@@ -238,7 +243,8 @@ class FxAdapter:
             if n.op == "get_attr":
                 roots.append(n)
                 continue
-            pure = n.op == "call_function" or (n.op == "call_method" and not str(n.target).endswith("_"))
+            pure = (n.op == "call_function" and n.target not in _RANDOM) or (
+                n.op == "call_method" and not str(n.target).endswith("_") and n.target not in _RANDOM_METHODS)
             if not pure or not n.all_input_nodes:
                 return None
             stack.extend(n.all_input_nodes)

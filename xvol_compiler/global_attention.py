@@ -78,7 +78,7 @@ class GlobalAttentionXVolution(XVolution):
         qk_channels: int | None = None,
         extra_branches: Sequence[str] = (),
     ) -> GlobalAttentionXVolution:
-        """Wrap an ``nn.Conv1d/2d/3d``: its weight and bias are kept (copied), the output is unchanged."""
+        """Wrap an ``nn.Conv1d/2d/3d``: its weight and bias are kept (the same Parameter objects), output unchanged."""
         return cls._wrap(conv, qk_channels=qk_channels, extra_branches=extra_branches)  # type: ignore[return-value]
 
     def attention(self, x: Tensor) -> Tensor:

@@ -6,6 +6,7 @@ dimensions is read from the site's kernel, never hard-coded.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -264,7 +265,18 @@ def conv_forward_reason(conv: nn.Module) -> str:
     for node in graph.nodes:
         if node.op == "call_module" or (node.op == "call_method" and str(node.target).endswith("_")):
             return f"{head} and its weight computation calls {node.target} (a module or in-place op)"
+    own = (set(vars(conv)) - _CONV_ATTRIBUTES) | (set(conv._parameters) - {"weight", "bias"}) | set(conv._buffers)
+    clash = sorted(own & _site_attribute_names())
+    if clash:
+        return f"{head} and its attribute(s) {', '.join(clash)} clash with the X-volution site's own"
     return ""
+
+
+@functools.cache
+def _site_attribute_names() -> frozenset[str]:
+    """Names an X-volution site defines itself (class and instance attributes, global-attention ones too)."""
+    site = XVolution(ConvGeometry(1, 1, (1,), (1,), (0,), (1,), 1))
+    return frozenset(dir(site)) | frozenset(vars(site)) | {"attn_q", "attn_k", "attn_v", "qk_channels"}
 
 
 class _Captured(Exception):
@@ -465,21 +477,14 @@ class XVolution(nn.Module):
         """Take ``conv``'s own state (extra parameters, buffers, attributes) and its forward as the conv branch."""
         if type(conv).forward in _PLAIN_CONV_FORWARDS:
             return  # a subclass that keeps nn.ConvNd's forward is a plain conv
-        own = set(dir(self))
+        # (conv_forward_reason has checked that none of these names clashes with the site's own.)
         for name, value in vars(conv).items():
-            if name in _CONV_ATTRIBUTES:
-                continue
-            if name in own:
-                raise TypeError(f"{type(conv).__name__}.{name} clashes with the X-volution site's own {name!r}")
-            setattr(self, name, value)
+            if name not in _CONV_ATTRIBUTES:
+                setattr(self, name, value)
         for name, param in conv._parameters.items():
             if name not in ("weight", "bias"):
-                if name in own:
-                    raise TypeError(f"{type(conv).__name__}.{name} clashes with the X-volution site's own {name!r}")
                 self.register_parameter(name, param)
         for name, buf in conv._buffers.items():
-            if name in own:
-                raise TypeError(f"{type(conv).__name__}.{name} clashes with the X-volution site's own {name!r}")
             self.register_buffer(name, buf, persistent=name not in conv._non_persistent_buffers_set)
         self.conv_class = type(conv)
 
