@@ -200,6 +200,7 @@ def _check_insert_and_fx_fuse(model: nn.Module, ws_type: type[nn.Module]) -> nn.
     reference = copy.deepcopy(xm).double()
     with torch.no_grad():
         ref = reference(SMALL.double())
+        unfused_err = rel_err(xm(SMALL), ref)  # float32 rounding of the unfused model itself
     fused, fusion = xc.fuse_with_report(xm, example_inputs=SMALL)
     fused_sites = [o for o in fusion.outcomes if o.kind == "x-volution" and o.status == "fused"]
     assert sorted(o.name for o in fused_sites) == expected
@@ -207,7 +208,8 @@ def _check_insert_and_fx_fuse(model: nn.Module, ws_type: type[nn.Module]) -> nn.
         assert type(fused.get_submodule(name)) is nn.Conv2d
     with torch.no_grad():
         out = fused(SMALL)
-    assert rel_err(out, ref) < 1e-5
+    # Exact to float rounding: as close to the float64 reference as the unfused float32 model is.
+    assert rel_err(out, ref) <= max(1e-5, 2 * unfused_err), (rel_err(out, ref), unfused_err)
     return xm
 
 
