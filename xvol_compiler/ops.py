@@ -513,8 +513,8 @@ class XVolution(nn.Module):
             return self.weight, self.bias
         state = {n: t.detach().double() if t.is_floating_point() else t.detach()
                  for n, t in itertools.chain(self.named_parameters(recurse=False), self.named_buffers(recurse=False))}
-        probe = torch.zeros(1, self.in_channels, *(d * (k - 1) + 1 for k, d in zip(self.kernel_size, self.dilation,
-                                                                                   strict=True)), dtype=torch.float64)
+        extent = (d * (k - 1) + 1 for k, d in zip(self.kernel_size, self.dilation, strict=True))
+        probe = torch.zeros(1, self.in_channels, *extent, dtype=torch.float64, device=self.weight.device)
         capture = _CaptureConv()
         with torch.no_grad(), capture:
             try:  # forward() calls the conv branch first: the capture stops it there
