@@ -97,7 +97,7 @@ class FxAdapter:
             return str(node.target)
         if node.op == "call_function" and (node.target in _CONV_FUNCTIONS or node.target is padded_conv):
             w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-            owner = self._param_owner(w) if isinstance(w, fx.Node) else None
+            owner = self._param_owner(w, node) if isinstance(w, fx.Node) else None
             if owner is not None:
                 return owner or "<root>"
         stack = node.meta.get("nn_module_stack")
@@ -287,11 +287,28 @@ class FxAdapter:
             raise FoldError(f"{node.name} is not a tensor")
         return value.to(dtype) if dtype is not None and value.is_floating_point() else value
 
-    def _param_owner(self, node: fx.Node) -> str | None:
-        """Module path of the parameters a constant value is computed from (their common prefix), else None."""
+    def _param_owner(self, node: fx.Node, conv: fx.Node | None = None) -> str | None:
+        """Module path of the parameters a constant value is computed from (their common prefix), else None.
+
+        A parameter shared by several modules (tied weights) is read under its first name: when that
+        name belongs to a module unrelated to the one ``conv`` was traced in, that module is the owner.
+        """
         roots = self._constant_roots(node)
         if not roots:
             return None
+        owner = self._common_path(roots)
+        stack = conv.meta.get("nn_module_stack") if conv is not None else None
+        if stack and owner:
+            inner = next(reversed(stack.values()))
+            path = inner[0] if isinstance(inner, tuple) else None
+            related = isinstance(path, str) and (
+                not path or owner == path or owner.startswith(path + ".") or path.startswith(owner + "."))
+            if isinstance(path, str) and not related:
+                return path
+        return owner
+
+    @staticmethod
+    def _common_path(roots: Sequence[fx.Node]) -> str:
         paths = [str(r.target).split(".")[:-1] for r in roots]
         common: list[str] = []
         for parts in zip(*paths, strict=False):
@@ -300,6 +317,13 @@ class FxAdapter:
             common.append(parts[0])
         return ".".join(common)
 
+    def _module_called(self, path: str) -> bool:
+        """Whether a module call still in the graph runs the module at ``path`` (itself or an ancestor)."""
+        return any(
+            n.op == "call_module" and (path == str(n.target) or path.startswith(f"{n.target}."))
+            for n in self.gm.graph.nodes
+        )
+
     # ------------------------------------------------------------------ apply
 
     def _owned_target(self, anchor: fx.Node) -> str:
@@ -307,7 +331,7 @@ class FxAdapter:
         if anchor.op == "call_module":
             return str(anchor.target)
         w = anchor.args[1] if len(anchor.args) > 1 else anchor.kwargs["weight"]
-        return self._param_owner(w) or ""
+        return self._param_owner(w, anchor) or ""
 
     def apply(self, rewrite: Rewrite) -> None:
         graph = self.gm.graph
@@ -396,7 +420,8 @@ class FxAdapter:
             if n in erased or n.users or self._constant_roots(n) is None:
                 continue
             stack.extend(n.all_input_nodes)
-            if n.op == "get_attr":
+            # A parameter tied to a module still called (read here under that module's name) stays with it.
+            if n.op == "get_attr" and not self._module_called(str(n.target).rpartition(".")[0]):
                 self.replaced_targets.add(str(n.target))
             self.gm.graph.erase_node(n)
             erased.add(n)

@@ -21,7 +21,7 @@ from timm.models.resnetv2 import ResNetV2
 from torch import nn
 
 import xvol_compiler as xc
-from tests.strategies import rel_err
+from tests.strategies import randomize_bn, rel_err
 from xvol_compiler import XVolution
 from xvol_compiler.onnx_io import export_onnx
 from xvol_compiler.passes.fuse_onnx import fuse_onnx
@@ -95,6 +95,24 @@ def test_tied_and_shared_parameters_stay_tied() -> None:
     opt.step()
     assert xm.a.weight is xm.b.weight and xm.a.bias is xm.c.bias
     assert not torch.equal(xm.a.weight, model.a.weight)
+
+
+@pytest.mark.parametrize("sites", [["a", "b"], ["a"], ["b"]])
+def test_tied_parameters_fuse_exactly_and_stay_with_their_modules(sites: list[str]) -> None:
+    """A weight tied between a site and a plain conv (or two sites) is read under one name in the trace:
+    each fused conv takes its own site's path and the plain conv keeps the shared weight."""
+    torch.manual_seed(0)
+    model = _Tied().eval()
+    x = torch.randn(1, 4, 16, 16)
+    xm = randomize_bn(xc.xvolify(model, sites=sites, example_inputs=x), 3).eval()
+    with torch.no_grad():
+        ref = copy.deepcopy(xm).double()(x.double())
+        fused, report = xc.fuse_with_report(xm, example_inputs=x)
+        assert rel_err(fused(x), ref) < 1e-5
+    assert sorted(o.name for o in report.outcomes if o.kind == "x-volution" and o.status == "fused") == sites
+    assert {n: type(m) for n, m in fused.named_children()} == {"a": nn.Conv2d, "b": nn.Conv2d, "c": nn.Conv2d}
+    for name in {"a", "b"} - set(sites):
+        assert torch.equal(getattr(fused, name).weight, xm.get_submodule(name).weight)
 
 
 class _Aliased(nn.Module):
