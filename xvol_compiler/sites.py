@@ -851,7 +851,8 @@ def _nothing_selected(analysis: ModelAnalysis, sel: SiteSelection, decisions: li
         lines.append(
             f"All {len(spatial)} spatial (kernel > 1) convs of this model cannot become sites ("
             + "; ".join(f"{n} {r}" for r, n in unswappable.most_common())
-            + f"), e.g. {example.name}: {example.not_swappable}."
+            + f"), e.g. {example.name}: {example.not_swappable}. A site needs a conv whose forward is "
+            "nn.Conv1d/2d/3d's, or one that only computes its weight from its parameters (weight standardization)."
         )
     else:
         lines.append(
