@@ -3,7 +3,9 @@ and ``Rewrite`` values applied back to the graph.
 
 Convolutions are recognised both as ``call_module`` (``nn.Conv1d/2d/3d``) and as
 ``call_function`` (``F.conv*d`` / ``torch.conv*d`` on ``get_attr`` weights, which is
-how an ``XVolution``'s own conv branch traces). A conv reading an
+how an ``XVolution``'s own conv branch traces; or on weights computed from
+parameters alone, which is how a weight-standardized conv traces: that
+computation is evaluated once, in float64). A conv reading an
 ``interleave_groups`` node is presented as one multi-input branch, so fused
 convolutions keep taking part in later rewrites.
 """
@@ -30,6 +32,11 @@ _CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _SOFTMAX = {F.softmax, torch.softmax, F.scaled_dot_product_attention}
 _LINEAR = {torch.matmul, torch.bmm, F.linear, torch.einsum, operator.matmul}
+# Random ops: a value computed with one is not a constant, whatever its inputs.
+_RANDOM = {torch.rand_like, torch.randn_like, torch.randint_like, torch.bernoulli, torch.normal, torch.poisson,
+           torch.multinomial, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+           F.feature_alpha_dropout}
+_RANDOM_METHODS = {"bernoulli", "multinomial"}
 
 
 def _tuple(value: object, ndim: int) -> tuple[int, ...]:
@@ -90,8 +97,9 @@ class FxAdapter:
             return str(node.target)
         if node.op == "call_function" and (node.target in _CONV_FUNCTIONS or node.target is padded_conv):
             w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-            if isinstance(w, fx.Node) and w.op == "get_attr":
-                return str(w.target).rsplit(".", 1)[0] if "." in str(w.target) else "<root>"
+            owner = self._param_owner(w, node) if isinstance(w, fx.Node) else None
+            if owner is not None:
+                return owner or "<root>"
         stack = node.meta.get("nn_module_stack")
         if stack:
             return f"{next(reversed(stack))}:{node.name}"
@@ -190,14 +198,15 @@ class FxAdapter:
             args.setdefault(key, value)
         weight, bias = args["weight"], args["bias"]
         const = [weight] + ([bias] if bias is not None else [])
-        if not all(isinstance(v, fx.Node) and v.op == "get_attr" for v in const):
+        roots = [self._constant_roots(v) if isinstance(v, fx.Node) else None for v in const]
+        if any(r is None for r in roots):
             attrs["branch"] = None
             return "conv", list(node.all_input_nodes)
-        for v in const:
+        for v in dict.fromkeys(r for rs in roots for r in rs):  # type: ignore[union-attr]
             if calls[v.target] > 1:
                 attrs["refusal"] = f"parameter {v.target} is read by {calls[v.target]} nodes"
-        w = self._fetch(str(weight.target))
-        b = None if bias is None else self._fetch(str(bias.target))
+        w = self._constant(weight)
+        b = None if bias is None else self._constant(bias)
         ndim = w.dim() - 2
         padding = args["padding"] if isinstance(args["padding"], str) else _tuple(args["padding"], ndim)
         geometry = ConvGeometry(
@@ -215,6 +224,106 @@ class FxAdapter:
             obj = getattr(obj, part)
         return obj  # type: ignore[return-value]
 
+    @staticmethod
+    def _constant_roots(node: fx.Node) -> list[fx.Node] | None:
+        """The ``get_attr`` nodes a value is computed from, or None when it is not computed from them alone.
+
+        Constant means: a ``get_attr``, or a function/method call (not in place)
+        whose inputs are all constant, such as the weight standardization of a
+        ``StdConv2d`` traced through. Module calls and graph inputs are not constant.
+        """
+        roots: list[fx.Node] = []
+        seen: set[fx.Node] = set()
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n.op == "get_attr":
+                roots.append(n)
+                continue
+            pure = (n.op == "call_function" and n.target not in _RANDOM) or (
+                n.op == "call_method" and not str(n.target).endswith("_") and n.target not in _RANDOM_METHODS)
+            if not pure or not n.all_input_nodes:
+                return None
+            stack.extend(n.all_input_nodes)
+        return roots
+
+    def _constant(self, node: fx.Node) -> torch.Tensor:
+        """A constant value: a parameter as it is, or a computation on parameters evaluated in float64.
+
+        The computed value is cast once to the dtype of its first floating-point parameter.
+        """
+        if node.op == "get_attr":
+            return self._fetch(str(node.target))
+        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        needed: set[fx.Node] = set()
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if n not in needed:
+                needed.add(n)
+                stack.extend(n.all_input_nodes)
+        env: dict[fx.Node, object] = {}
+        dtype: torch.dtype | None = None
+        with torch.no_grad():
+            for n in sorted(needed, key=order.__getitem__):
+                if n.op == "get_attr":
+                    t = self._fetch(str(n.target))
+                    if isinstance(t, torch.Tensor) and t.is_floating_point():
+                        dtype = dtype or t.dtype
+                        t = t.detach().double()
+                    env[n] = t
+                    continue
+                args = fx.node.map_arg(n.args, env.__getitem__)
+                kwargs = fx.node.map_arg(n.kwargs, env.__getitem__)
+                if n.op == "call_function":
+                    env[n] = n.target(*args, **kwargs)  # type: ignore[operator]
+                else:
+                    env[n] = getattr(args[0], str(n.target))(*args[1:], **kwargs)
+        value = env[node]
+        if not isinstance(value, torch.Tensor):
+            raise FoldError(f"{node.name} is not a tensor")
+        return value.to(dtype) if dtype is not None and value.is_floating_point() else value
+
+    def _param_owner(self, node: fx.Node, conv: fx.Node | None = None) -> str | None:
+        """Module path of the parameters a constant value is computed from (their common prefix), else None.
+
+        A parameter shared by several modules (tied weights) is read under its first name: when that
+        name belongs to a module unrelated to the one ``conv`` was traced in, that module is the owner.
+        """
+        roots = self._constant_roots(node)
+        if not roots:
+            return None
+        owner = self._common_path(roots)
+        stack = conv.meta.get("nn_module_stack") if conv is not None else None
+        if stack and owner:
+            inner = next(reversed(stack.values()))
+            path = inner[0] if isinstance(inner, tuple) else None
+            related = isinstance(path, str) and (
+                not path or owner == path or owner.startswith(path + ".") or path.startswith(owner + "."))
+            if isinstance(path, str) and not related:
+                return path
+        return owner
+
+    @staticmethod
+    def _common_path(roots: Sequence[fx.Node]) -> str:
+        paths = [str(r.target).split(".")[:-1] for r in roots]
+        common: list[str] = []
+        for parts in zip(*paths, strict=False):
+            if len(set(parts)) != 1:
+                break
+            common.append(parts[0])
+        return ".".join(common)
+
+    def _module_called(self, path: str) -> bool:
+        """Whether a module call still in the graph runs the module at ``path`` (itself or an ancestor)."""
+        return any(
+            n.op == "call_module" and (path == str(n.target) or path.startswith(f"{n.target}."))
+            for n in self.gm.graph.nodes
+        )
+
     # ------------------------------------------------------------------ apply
 
     def _owned_target(self, anchor: fx.Node) -> str:
@@ -222,7 +331,7 @@ class FxAdapter:
         if anchor.op == "call_module":
             return str(anchor.target)
         w = anchor.args[1] if len(anchor.args) > 1 else anchor.kwargs["weight"]
-        return str(w.target).rsplit(".", 1)[0] if "." in str(w.target) else ""
+        return self._param_owner(w, anchor) or ""
 
     def apply(self, rewrite: Rewrite) -> None:
         graph = self.gm.graph
@@ -315,13 +424,26 @@ class FxAdapter:
             self.created.pop(node, None)
             self.origin.pop(node, None)
             for inp in inputs:
-                dead_helper = inp.op == "get_attr" or (
-                    inp.op == "call_function" and inp.target is interleave_groups
-                )
-                if dead_helper and not inp.users:
-                    if inp.op == "get_attr":
-                        self.replaced_targets.add(str(inp.target))
-                    graph.erase_node(inp)
+                if inp.op == "call_function" and inp.target is interleave_groups:
+                    if not inp.users:
+                        graph.erase_node(inp)
+                else:
+                    self._erase_dead_constant(inp)
+
+    def _erase_dead_constant(self, node: fx.Node) -> None:
+        """Erase a constant nothing reads any more (a get_attr, or a weight computation) and its dead inputs."""
+        erased: set[fx.Node] = set()
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            if n in erased or n.users or self._constant_roots(n) is None:
+                continue
+            stack.extend(n.all_input_nodes)
+            # A parameter tied to a module still called (read here under that module's name) stays with it.
+            if n.op == "get_attr" and not self._module_called(str(n.target).rpartition(".")[0]):
+                self.replaced_targets.add(str(n.target))
+            self.gm.graph.erase_node(n)
+            erased.add(n)
 
     def finalize(self) -> fx.GraphModule:
         """Give fused convs their site's path where it is free, drop modules nothing calls, recompile."""

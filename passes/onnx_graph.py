@@ -72,6 +72,8 @@ _FOLDABLE = {
     "Identity", "Cast", "CastLike", "Shape", "Size", "Expand", "Reshape", "Unsqueeze", "Squeeze", "Flatten",
     "Concat", "Transpose", "Gather", "Slice", "Add", "Sub", "Mul", "Div", "Neg", "Sqrt", "Reciprocal", "Pow",
     "Abs", "ConstantOfShape", "Range", "Tile",
+    # Weight standardization (StdConv2d / ScaledStdConv2d) as the TorchScript exporter writes it.
+    "ReduceMean", "BatchNormalization",
 }
 _SHAPE_ONLY = {("Shape", 0), ("Size", 0), ("CastLike", 1)}  # (op, input): only the tensor's type/shape is read
 _PAD_MODES = {"constant": "zeros", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}

@@ -5,9 +5,13 @@ every alias of a module registered twice), for ``XVolution.from_conv(conv)``
 (or ``GlobalAttentionXVolution`` with ``attention="global"``) by ``setattr``
 on its parent. Nothing else of the model changes: its class, methods, forward
 signature and the Python code that calls the conv (loops in detection heads
-included). The new module keeps the conv's ``weight``/``bias`` under the same
-state_dict keys and starts with BN_a's gamma = 0, so the result computes
-exactly what the original computed until it trains.
+included). The new module keeps the conv's ``weight``/``bias`` (the same
+``Parameter`` objects of the copy, so ``requires_grad`` flags and ties
+survive) under the same state_dict keys and starts with BN_a's gamma = 0, so
+the result computes exactly what the original computed until it trains. Its
+new parameters are trainable unless the conv's weight is frozen, then frozen
+too; build the optimizer after xvolify. A weight-standardized conv keeps its
+own forward as the site's conv branch.
 """
 
 from __future__ import annotations
@@ -283,6 +287,10 @@ def xvolify(
     ``shift``/``directions``/``directional``/``extra_branches``: the
     XVolution options. ``attention="global"`` uses true global self-attention
     (``GlobalAttentionXVolution``; trains, never fuses).
+
+    The sites hold the convs' own Parameter objects (flags and ties kept); the
+    new parameters are frozen where the conv's weight is frozen, else
+    trainable. Build the optimizer after xvolify.
 
     The result has ``result.xvol_report`` (an :class:`XvolifyReport`; ``print``
     it). Raises :class:`SiteSelectionError` when a name is unknown or nothing

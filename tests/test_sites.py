@@ -412,20 +412,25 @@ def test_empty_selection_says_what_exists() -> None:
 
 
 def test_functional_and_custom_convs_are_reported() -> None:
-    class WS(nn.Conv2d):  # weight-standardised conv: its own forward
+    class WS(nn.Conv2d):  # weight-standardised conv: its forward only computes its weight
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             w = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
             return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+    class Scaled(nn.Conv2d):  # its forward does more than a convolution: a swap would drop it
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * 2.0
 
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.a = nn.Conv2d(3, 4, 3, 2, 1)
             self.ws = WS(4, 4, 3, 1, 1)
+            self.sc = Scaled(4, 4, 3, 1, 1)
             self.k = nn.Parameter(torch.randn(4, 4, 3, 3))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return F.conv2d(self.ws(self.a(x)), self.k, padding=1)
+            return F.conv2d(self.sc(self.ws(self.a(x))), self.k, padding=1)
 
     model = Net().eval()
     found = analyze_model(model, torch.randn(1, 3, 16, 16))
@@ -433,10 +438,10 @@ def test_functional_and_custom_convs_are_reported() -> None:
     assert len(found.functional_convs) == 1 and "output stride 2" in found.functional_convs[0]
     assert found.convs["ws"].calls, "a conv subclass is a leaf: its calls are recorded"
     decisions = {d.info.name: d for d in select_sites(model, found, "all")}
-    assert decisions["a"].selected and not decisions["ws"].selected
-    assert decisions["ws"].reason.startswith("custom forward")
+    assert decisions["a"].selected and decisions["ws"].selected and not decisions["sc"].selected
+    assert decisions["sc"].reason.startswith("custom forward")
     with pytest.raises(SiteSelectionError, match="custom forward"):
-        select_sites(model, found, ["ws"])
+        select_sites(model, found, ["sc"])
 
 
 def test_analysis_leaves_the_model_as_it_was() -> None:

@@ -79,7 +79,7 @@ class GlobalAttentionXVolution(XVolution):
         qk_channels: int | None = None,
         extra_branches: Sequence[str] = (),
     ) -> GlobalAttentionXVolution:
-        """Wrap an ``nn.Conv1d/2d/3d``: its weight and bias are kept (copied), the output is unchanged."""
+        """Wrap an ``nn.Conv1d/2d/3d``: its weight and bias are kept (the same Parameter objects), output unchanged."""
         if isinstance(conv, nn.Module):
             check_initialized(conv, f"conv ({type(conv).__name__})")
         check_optional_int("qk_channels", qk_channels, 1)

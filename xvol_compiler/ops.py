@@ -6,14 +6,16 @@ dimensions is read from the site's kernel, never hard-coded.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from xvol_compiler.arguments import (
     check_bool,
@@ -38,6 +40,7 @@ __all__ = [
     "EXTRA_BRANCHES",
     "XVolution",
     "XVolutionDeploy",
+    "conv_forward_reason",
     "conv_geometry",
     "interleave_groups",
     "neighbour_offsets",
@@ -201,6 +204,111 @@ def conv_geometry(conv: nn.Module) -> ConvGeometry:
     )
 
 
+# --------------------------------------------------------------------------- convs with a weight transform
+
+_PLAIN_CONV_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
+# Instance attributes every ConvNd has: what a conv subclass adds beyond them is its own state.
+_CONV_ATTRIBUTES = frozenset(vars(nn.Conv2d(1, 1, 1)))
+_CONV_CALLS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
+
+
+def _int_tuple(value: object, ndim: int) -> tuple[int, ...] | str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return (value,) * ndim
+    return tuple(int(v) for v in value)  # type: ignore[union-attr]
+
+
+def conv_forward_reason(conv: nn.Module) -> str:
+    """'' when ``conv``'s forward is one convolution of its input, else why it is not.
+
+    A plain ``nn.Conv1d/2d/3d`` qualifies. A subclass that overrides
+    ``forward`` qualifies when its forward, traced with torch.fx, is one
+    ``F.conv{1,2,3}d`` of the unchanged input with the module's own geometry,
+    returned as is, whose weight and bias are computed from the module's
+    parameters and constants only (weight standardization: timm's
+    ``StdConv2d``/``ScaledStdConv2d``). Such a weight is constant in eval
+    mode, so the conv can become a site and fold like a plain one.
+    """
+    if type(conv).forward in _PLAIN_CONV_FORWARDS:
+        return ""
+    cls = type(conv).__qualname__
+    head = f"custom forward: {cls} overrides forward()"
+    try:
+        graph = torch.fx.Tracer().trace(conv)
+    except Exception as err:  # any tracing failure: the forward cannot be checked
+        return f"{head} and does not trace with torch.fx ({type(err).__name__}); a swap would drop that behaviour"
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        return f"{head} with {len(inputs)} inputs; a swap would drop that behaviour"
+    dependent: set[torch.fx.Node] = set()
+    for node in graph.nodes:  # topological order: everything the input flows into
+        if node in inputs or any(a in dependent for a in node.all_input_nodes):
+            dependent.add(node)
+    convs = [n for n in dependent if n.op == "call_function" and n.target in _CONV_CALLS]
+    output = next(n for n in graph.nodes if n.op == "output")
+    if len(convs) != 1:
+        return f"{head} and calls {len(convs)} convolutions on its input; a swap would drop that behaviour"
+    others = [str(n.target) for n in dependent if n not in (inputs[0], convs[0], output)]
+    if others or output.args[0] is not convs[0]:
+        what = f" ({', '.join(sorted(others)[:3])})" if others else ""
+        return (f"{head} and computes more than a convolution of its input{what}; "
+                "a swap would drop that behaviour")
+    call = convs[0]
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    args = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+    args.update(zip(names, call.args, strict=False))
+    args.update(call.kwargs)
+    if args["input"] is not inputs[0]:
+        return f"{head} and transforms its input before the convolution; a swap would drop that behaviour"
+    ndim = _CONV_CALLS[call.target]
+    g = conv_geometry(conv)
+    wanted = (g.stride, g.padding, g.dilation, g.groups)
+    try:
+        found = (*(_int_tuple(args[k], ndim) for k in ("stride", "padding", "dilation")), int(args["groups"]))
+    except (TypeError, ValueError):
+        found = ()
+    if found != wanted or g.padding_mode != "zeros":
+        return f"{head} and convolves with another geometry than its own; a swap would drop that behaviour"
+    for node in graph.nodes:
+        if node.op == "call_module" or (node.op == "call_method" and str(node.target).endswith("_")):
+            return f"{head} and its weight computation calls {node.target} (a module or in-place op)"
+    own = (set(vars(conv)) - _CONV_ATTRIBUTES) | (set(conv._parameters) - {"weight", "bias"}) | set(conv._buffers)
+    clash = sorted(own & _site_attribute_names())
+    if clash:
+        return f"{head} and its attribute(s) {', '.join(clash)} clash with the X-volution site's own"
+    return ""
+
+
+@functools.cache
+def _site_attribute_names() -> frozenset[str]:
+    """Names an X-volution site defines itself (class and instance attributes, global-attention ones too)."""
+    site = XVolution(ConvGeometry(1, 1, (1,), (1,), (0,), (1,), 1))
+    return frozenset(dir(site)) | frozenset(vars(site)) | {"attn_q", "attn_k", "attn_v", "qk_channels"}
+
+
+class _Captured(Exception):
+    """Raised by :class:`_CaptureConv` to stop a forward at its first convolution."""
+
+
+class _CaptureConv(TorchFunctionMode):
+    """Records the (weight, bias) of the first convolution called, then stops the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight: Tensor | None = None
+        self.bias: Tensor | None = None
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _CONV_CALLS:
+            self.weight = args[1] if len(args) > 1 else kwargs["weight"]
+            self.bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            raise _Captured
+        return func(*args, **kwargs)
+
+
 def bn_params(bn: nn.Module) -> BatchNormParams:
     """Plain-tensor view of an eval BatchNorm; refuses one that would not fold exactly."""
     if bn.training:
@@ -238,6 +346,21 @@ class XVolution(nn.Module):
     so a checkpoint of the original model loads with ``strict=False`` and only
     the new keys missing: ``attn_conv.weight``, ``attn_bn.*`` and, when chosen,
     ``branch_1x1.{0,1}.*``, ``branch_identity.*``, ``conv_bn.*``.
+
+    :meth:`from_conv` keeps the conv's own ``Parameter`` objects (not copies),
+    so ``requires_grad`` flags and weights tied to other modules survive. Rule
+    for the new parameters (attention conv and BatchNorm, extra branches):
+    trainable, unless the conv's weight is frozen (``requires_grad=False``),
+    then they are frozen too. Build the optimizer after the site exists: one
+    built before holds neither the new parameters nor, for a copied model, the
+    copy's.
+
+    A conv subclass whose forward computes its weight from its parameters
+    (weight standardization, see :func:`conv_forward_reason`) keeps that
+    forward as the conv branch: ``conv_class`` is the subclass, its extra
+    parameters and attributes (e.g. ``gain``, ``eps``) move onto the site
+    under the same names, and :meth:`conv_weights` evaluates the weight it
+    computes (constant in eval mode).
     """
 
     def __init__(
@@ -274,6 +397,7 @@ class XVolution(nn.Module):
         )
         self.attn_bn = _zero_gamma_bn(g.out_channels, ndim).to(**factory)
         self.extra_branches = tuple(extra_branches)
+        self.conv_class: type[nn.Module] | None = None  # a conv subclass whose forward is the conv branch
         if "1x1" in extra_branches:
             self.branch_1x1 = self._make_1x1_branch(g).to(**factory)
         if "identity" in extra_branches:
@@ -326,7 +450,11 @@ class XVolution(nn.Module):
         directional: bool = False,
         extra_branches: Sequence[str] = (),
     ) -> XVolution:
-        """Wrap an existing ``nn.Conv1d/2d/3d``: its weight and bias are kept (copied, not shared)."""
+        """Wrap an existing ``nn.Conv1d/2d/3d``: its weight and bias are kept (the same Parameter objects).
+
+        The new parameters are trainable unless ``conv.weight`` is frozen, then
+        frozen too. Deep-copy ``conv`` first for a site that shares nothing.
+        """
         if isinstance(conv, nn.Module):
             check_initialized(conv, f"conv ({type(conv).__name__})")
         check_shift(shift)
@@ -338,25 +466,79 @@ class XVolution(nn.Module):
 
     @classmethod
     def _wrap(cls, conv: nn.Module, **options: object) -> XVolution:
-        """A site of this class around ``conv``: same geometry, weight and bias copied, training flag kept."""
+        """A site of this class around ``conv``: same geometry and Parameter objects, training flag kept."""
         if not isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or isinstance(conv, XVolution):
             raise TypeError(f"{cls.__name__}.from_conv needs an nn.Conv1d/2d/3d, got {type(conv).__name__}")
+        reason = conv_forward_reason(conv)
+        if reason:
+            raise TypeError(f"{cls.__name__}.from_conv cannot wrap this conv: {reason}")
         p = conv.weight
         site = cls(conv_geometry(conv), bias=conv.bias is not None, device=p.device, dtype=p.dtype, **options)
         with torch.no_grad():
-            site.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                site.bias.copy_(conv.bias)
             # Conv_a starts like a fresh conv of the site's geometry; BN_a's zero gamma silences it.
             nn.init.kaiming_uniform_(site.attn_conv.weight, a=5**0.5)
+        if not conv.weight.requires_grad:  # a frozen conv gives a frozen site
+            for param in site.parameters():
+                param.requires_grad_(False)
+        site.weight = conv.weight
+        site.bias = conv.bias
+        site._adopt_conv_class(conv)
         site.train(conv.training)
         return site
 
+    def _adopt_conv_class(self, conv: nn.Module) -> None:
+        """Take ``conv``'s own state (extra parameters, buffers, attributes) and its forward as the conv branch."""
+        if type(conv).forward in _PLAIN_CONV_FORWARDS:
+            return  # a subclass that keeps nn.ConvNd's forward is a plain conv
+        # (conv_forward_reason has checked that none of these names clashes with the site's own.)
+        for name, value in vars(conv).items():
+            if name not in _CONV_ATTRIBUTES:
+                setattr(self, name, value)
+        for name, param in conv._parameters.items():
+            if name not in ("weight", "bias"):
+                self.register_parameter(name, param)
+        for name, buf in conv._buffers.items():
+            self.register_buffer(name, buf, persistent=name not in conv._non_persistent_buffers_set)
+        self.conv_class = type(conv)
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """nn.ConvNd's helper, for adopted forwards that call it."""
+        return padded_conv(input, weight, bias, self.stride, self.padding, self.dilation, self.groups,
+                           self.padding_mode)
+
     def _conv(self, x: Tensor) -> Tensor:
+        if self.conv_class is not None:
+            return self.conv_class.forward(self, x)  # the adopted conv's own forward, weight transform included
         if self.padding_mode != "zeros":
             return padded_conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
                                self.padding_mode)
         return CONV_FNS[self.ndim](x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def conv_weights(self) -> tuple[Tensor, Tensor | None]:
+        """The (weight, bias) the conv branch convolves with.
+
+        The parameters themselves, or for an adopted ``conv_class`` what its
+        forward computes from them: evaluated once from float64 copies of the
+        site's floating-point parameters and buffers, then cast back to the
+        weight's dtype.
+        """
+        if self.conv_class is None:
+            return self.weight, self.bias
+        state = {n: t.detach().double() if t.is_floating_point() else t.detach()
+                 for n, t in itertools.chain(self.named_parameters(recurse=False), self.named_buffers(recurse=False))}
+        extent = (d * (k - 1) + 1 for k, d in zip(self.kernel_size, self.dilation, strict=True))
+        probe = torch.zeros(1, self.in_channels, *extent, dtype=torch.float64, device=self.weight.device)
+        capture = _CaptureConv()
+        with torch.no_grad(), capture:
+            try:  # forward() calls the conv branch first: the capture stops it there
+                torch.func.functional_call(self, state, (probe,))
+            except _Captured:
+                pass
+        if capture.weight is None:
+            raise FoldError(f"{self.conv_class.__name__}.forward called no convolution")
+        dtype = self.weight.dtype
+        bias = None if capture.bias is None else capture.bias.to(dtype)
+        return capture.weight.to(dtype), bias
 
     def attention(self, x: Tensor) -> Tensor:
         """The attention branch's input transform: T_L(x) (PSSA)."""
@@ -381,6 +563,7 @@ class XVolution(nn.Module):
             f"{g.in_channels}, {g.out_channels}, kernel_size={g.kernel_size}, stride={g.stride}, "
             f"padding={g.padding}, dilation={g.dilation}, groups={g.groups}, {self._attention_repr()}, "
             f"extra_branches={self.extra_branches}"
+            + (f", conv_class={self.conv_class.__name__}" if self.conv_class is not None else "")
         )
 
     def deploy_weights(self) -> tuple[Tensor, Tensor]:
@@ -388,7 +571,7 @@ class XVolution(nn.Module):
         if not all(torch.isfinite(p).all() for p in self.parameters()):
             raise FoldError("non-finite values in the site's parameters")
         g = self.geometry
-        w, b = self.weight, self.bias
+        w, b = self.conv_weights()
         if "bn" in self.extra_branches:
             w, b = fold_conv_bn(w, b, bn_params(self.conv_bn))
         x, t = "x", "T(x)"

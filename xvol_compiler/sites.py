@@ -58,7 +58,7 @@ from torch import Tensor, nn
 
 from xvol_compiler.arguments import check_example_inputs, check_module
 from xvol_compiler.fold import ConvGeometry
-from xvol_compiler.ops import XVolution, XVolutionDeploy, conv_geometry
+from xvol_compiler.ops import XVolution, XVolutionDeploy, conv_forward_reason, conv_geometry
 from xvol_compiler.report import format_stride, with_article
 
 __all__ = [
@@ -316,7 +316,10 @@ def _not_swappable(m: nn.Module) -> str:
     if torch.nn.utils.parametrize.is_parametrized(m):
         return "parametrized: its weight is computed by a parametrization that a swap would drop"
     if type(m).forward not in _PLAIN_FORWARDS:
-        return f"custom forward: {type(m).__qualname__} overrides forward(); a swap would drop that behaviour"
+        # A forward that only computes its weight (weight standardization) becomes the site's conv branch.
+        reason = conv_forward_reason(m)
+        if reason:
+            return reason
     if m._forward_pre_hooks or m._forward_hooks:
         return "hooked: the module has forward hooks (e.g. weight_norm) that a swap would drop"
     return ""
@@ -820,7 +823,13 @@ def _nothing_selected(analysis: ModelAnalysis, sel: SiteSelection, decisions: li
             lines.append(f"no spatial (kernel > 1) {conv_type} that runs outside patch embeddings.")
     if sel.output_strides is not None:
         wanted = ",".join(format_stride(s) for s in sel.output_strides)
-        lines.append(f"no candidate at output stride {wanted}.")
+        there = Counter(
+            d.reason.split(":")[0] for d in decisions
+            if not d.selected and not d.info.pointwise and any(s in sel.output_strides for s in d.info.output_strides)
+        )
+        lines.append(f"no candidate at output stride {wanted}"
+                     + (" (spatial convs there skipped: " + "; ".join(f"{n} {r}" for r, n in there.most_common())
+                        + ")" if there else "") + ".")
     reasons = Counter(d.reason.split(":")[0] for d in decisions if not d.selected)
     lines.append("skipped: " + "; ".join(f"{n} {r}" for r, n in reasons.most_common()) + ".")
     existing = [n for n, t in analysis.other_modules.items() if t in _SITE_TYPE_NAMES]
@@ -831,7 +840,8 @@ def _nothing_selected(analysis: ModelAnalysis, sel: SiteSelection, decisions: li
     if patches:
         lines.append(f"patch embeddings (kernel == stride): {', '.join(patches[:6])}"
                      + (" ..." if len(patches) > 6 else "") + ".")
-    spatial = [i for i in convs if not i.pointwise and not i.patch_embedding and not i.not_swappable]
+    spatial = [i for i in convs if not i.pointwise and not i.patch_embedding]
+    unswappable = Counter(i.not_swappable.split(":")[0] for i in spatial if i.not_swappable)
     if not spatial and patches:
         lines.append(
             "This model has no spatial convolution besides patch embeddings (a vision transformer?): X-volution "
@@ -839,6 +849,14 @@ def _nothing_selected(analysis: ModelAnalysis, sel: SiteSelection, decisions: li
         )
     elif not spatial:
         lines.append("This model has no spatial (kernel > 1) convolution; name convs (sites=[...]) to force sites.")
+    elif sum(unswappable.values()) == len(spatial):
+        example = next(i for i in spatial if i.not_swappable)
+        lines.append(
+            f"All {len(spatial)} spatial (kernel > 1) convs of this model cannot become sites ("
+            + "; ".join(f"{n} {r}" for r, n in unswappable.most_common())
+            + f"), e.g. {example.name}: {example.not_swappable}. A site needs a conv whose forward is "
+            "nn.Conv1d/2d/3d's, or one that only computes its weight from its parameters (weight standardization)."
+        )
     else:
         lines.append(
             "Choose sites= another output stride (e.g. 'os8'), 'all', names, 're:<pattern>' or a SiteSelection."
