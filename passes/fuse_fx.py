@@ -10,7 +10,9 @@ a model of the user's own class.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,7 +26,7 @@ from xvol_compiler.ops import XVolution
 from xvol_compiler.passes.fx_graph import FxAdapter
 from xvol_compiler.rules import Outcome, run_rules
 
-__all__ = ["FusionError", "FusionVerificationError", "fuse", "fuse_graph", "fuse_with_report"]
+__all__ = ["FusedSubmoduleError", "FusionError", "FusionVerificationError", "fuse", "fuse_graph", "fuse_with_report"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,10 @@ class FusionError(ValueError):
 
 class FusionVerificationError(FusionError):
     """The fused model does not reproduce the unfused one within tolerance."""
+
+
+class FusedSubmoduleError(FusionError):
+    """A submodule of a fused model cannot run on its own: a rewrite merged it with modules outside it."""
 
 
 def fuse_graph(
@@ -66,6 +72,16 @@ def _set_path(root: nn.Module, path: str, value: nn.Module | torch.Tensor | None
         setattr(parent, name, value)
 
 
+def _fused_class(cls: type, forward: Callable[..., Any], aliases: tuple[str, ...] = ()) -> type:
+    """A subclass of the user's class (same name) whose ``forward``, and the methods in ``aliases``, is ``forward``."""
+    if getattr(cls, "_xvol_fused_graph", False):  # fusing a fused model: derive from the user's class again
+        cls = cls.__bases__[0]
+    namespace: dict[str, Any] = {"forward": forward, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                                 "_xvol_fused_graph": True}
+    namespace.update({name: forward for name in aliases})
+    return type(cls.__name__, (cls,), namespace)
+
+
 def _realize(original: nn.Module, gm: fx.GraphModule, replaced: set[str]) -> nn.Module:
     """``original`` running the rewritten graph while keeping its class and module tree.
 
@@ -73,12 +89,8 @@ def _realize(original: nn.Module, gm: fx.GraphModule, replaced: set[str]) -> nn.
     ``forward`` is the graph's code), its methods and attributes, and its
     module hierarchy (``model.layer3[0]`` still indexes); the modules the
     rewrite created are set at their paths, and those it folded away are removed.
+    ``_rebuild_forwards`` then gives the submodules forwards that work again.
     """
-    cls = type(original)
-    if getattr(cls, "_xvol_fused_graph", False):  # fusing a fused model: derive from the user's class again
-        cls = cls.__bases__[0]
-    fused_cls = type(cls.__name__, (cls,), {"forward": type(gm).forward, "__module__": cls.__module__,
-                                            "__qualname__": cls.__qualname__, "_xvol_fused_graph": True})
     used = {str(n.target) for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
     for path in sorted(replaced, key=lambda p: -p.count(".")):
         if path not in used and not any(u.startswith(path + ".") for u in used):
@@ -104,8 +116,217 @@ def _realize(original: nn.Module, gm: fx.GraphModule, replaced: set[str]) -> nn.
             parent_path, _, name = path.rpartition(".")
             value = getattr(gm.get_submodule(parent_path) if parent_path else gm, name)
         _set_path(original, path, value)
-    original.__class__ = fused_cls
+    original.__class__ = _fused_class(type(original), type(gm).forward)
     return original
+
+
+# ---------------------------------------------------------------- submodules of a fused model
+#
+# The whole model is fused as one flat graph (rewrites may cross module boundaries: a site in
+# ``layer3.0.conv2`` absorbs the ``layer3.0.bn2`` of its parent). Afterwards every container of
+# the user's tree gets a forward of its own, so that ``fused.layer1(x)``, forward hooks and feature
+# extractors work: its subtree is traced again from an unfused copy, with the containers below it
+# that already work kept as calls, and fused alone. That graph is used only if every module it
+# needs is in the fused tree as it is (the same object, or the same fused conv): then the container
+# computes what it computed before. Otherwise (a rewrite crossed its boundary) its forward raises
+# ``FusedSubmoduleError`` naming it and the reason.
+
+
+class _LeafTracer(fx.Tracer):
+    """``fx.Tracer`` that also keeps the submodules at ``leaves`` (qualified names) as calls."""
+
+    def __init__(self, leaves: frozenset[str]) -> None:
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self.leaves or super().is_leaf_module(m, module_qualified_name)
+
+
+def _user_methods(module: nn.Module) -> list[str]:
+    """Plain methods defined by the model's own classes (not torch's), other than ``forward``."""
+    names: list[str] = []
+    for klass in type(module).__mro__:
+        if klass is object or klass.__module__.split(".")[0] == "torch":
+            continue
+        for name, value in vars(klass).items():
+            if inspect.isfunction(value) and name != "forward" and not name.startswith("__") and name not in names:
+                names.append(name)
+    return names
+
+
+def _trace(module: nn.Module, leaves: frozenset[str] = frozenset()) -> tuple[fx.GraphModule, tuple[str, ...]]:
+    """Trace ``module`` keeping ``leaves`` as calls; also the names of its methods equivalent to forward.
+
+    A method is equivalent to forward when forward calls it with forward's own
+    arguments and returns its result (ResNet's ``_forward_impl``): the fused
+    class gives it the fused forward, since its Python code calls modules fusion removed.
+    """
+    calls: list[tuple[str, tuple[Any, ...], dict[str, Any], Any]] = []
+    names = _user_methods(module)
+    for name in names:
+        def record(*args: Any, _name: str = name, _bound: Any = getattr(module, name), **kwargs: Any) -> Any:
+            out = _bound(*args, **kwargs)
+            calls.append((_name, args, kwargs, out))
+            return out
+
+        module.__dict__[name] = record  # an instance attribute shadows the method while tracing
+    try:
+        tracer = _LeafTracer(leaves)
+        graph = tracer.trace(module)
+    finally:
+        for name in names:
+            module.__dict__.pop(name, None)
+    gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    result = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    equivalent = []
+    for name, args, kwargs, out in calls:
+        same_args = len(args) == len(placeholders) and all(
+            isinstance(a, fx.Proxy) and a.node is p for a, p in zip(args, placeholders, strict=True))
+        if not kwargs and same_args and isinstance(out, fx.Proxy) and out.node is result and name not in equivalent:
+            equivalent.append(name)
+    return gm, tuple(equivalent)
+
+
+def _lookup(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for part in path.split(".") if path else ():
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _identities(module: nn.Module) -> dict[str, int]:
+    """``id`` of every module, parameter and buffer of ``module`` by qualified name."""
+    ids = {p: id(m) for p, m in module.named_modules(remove_duplicate=False)}
+    ids.update((p, id(t)) for p, t in module.named_parameters(remove_duplicate=False))
+    ids.update((p, id(t)) for p, t in module.named_buffers(remove_duplicate=False))
+    return ids
+
+
+def _same_fused_conv(a: nn.Module, b: nn.Module) -> bool:
+    """Two fused convs of the same geometry whose weights agree to float rounding (fold order may differ)."""
+    if type(a) is not type(b) or a.extra_repr() != b.extra_repr():
+        return False
+    sa, sb = a.state_dict(), b.state_dict()
+    if sa.keys() != sb.keys():
+        return False
+    for key, ta in sa.items():
+        tb = sb[key]
+        if ta.shape != tb.shape or ta.dtype != tb.dtype:
+            return False
+        if tb.numel() and not torch.equal(ta, tb):
+            scale = float(tb.abs().max()) if tb.is_floating_point() else 0.0
+            if not tb.is_floating_point() or float((ta - tb).abs().max()) > 1e-5 * max(scale, 1e-30):
+                return False
+    return True
+
+
+def _bind(gm: fx.GraphModule, adapter: FxAdapter, path: str, root: nn.Module, before: dict[str, int],
+          flat_products: set[int]) -> tuple[str | None, list[tuple[str, Any]]]:
+    """Why ``gm`` (the container at ``path`` fused alone) cannot run on the fused ``root`` (None: it can).
+
+    Also the constants the tracer created, which the container must hold.
+    """
+    prefix = f"{path}." if path else ""
+    products = {str(n.target) for n in adapter.origin}
+    constants: list[tuple[str, Any]] = []
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "get_attr"):
+            continue
+        target = str(node.target)
+        full = prefix + target
+        final = _lookup(root, full)
+        if target in products:
+            mine = _lookup(gm, target)
+            if final is None or id(final) not in flat_products or not _same_fused_conv(final, mine):
+                return (f"fusing it alone does not give {full} the form the whole model's fusion gave it "
+                        "(a rewrite crosses its boundary)"), []
+        elif full in before:
+            if final is None or id(final) != before[full]:
+                return f"{full}, which it uses, was fused with modules outside it", []
+        else:
+            constants.append((target, _lookup(gm, target)))
+    return None, constants
+
+
+def _own_level_intact(original: nn.Module, final: nn.Module, prefix: str, before: dict[str, int],
+                      working: set[str]) -> bool:
+    """Whether ``final`` holds the same direct children, parameters and buffers as before fusion, its
+    child containers all working: then its own Python code (forward and every method) still computes
+    what it computed."""
+    for name, child in original.named_children():
+        now = final._modules.get(name)
+        if now is None or id(now) != before.get(prefix + name):
+            return False
+        if any(True for _ in child.children()) and prefix + name not in working:
+            return False
+    for name in list(original._parameters) + list(original._buffers):
+        now = final._parameters.get(name, final._buffers.get(name))
+        if (now is None) != (before.get(prefix + name) is None) or (now is not None and id(now) != before[prefix + name]):
+            return False
+    return True
+
+
+def _unavailable_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    raise FusedSubmoduleError(self.__dict__.get("_xvol_unavailable", "this submodule was fused with its parent"))
+
+
+def _rebuild_forwards(root: nn.Module, pristine: nn.Module, before: dict[str, int], flat_gm: fx.GraphModule, flat_products: set[int]) -> None:
+    """Give every container of the fused ``root`` a forward that computes what it computed before.
+
+    ``pristine`` is an unfused copy of ``root``; ``before`` the identities of
+    ``root``'s objects before fusion; ``flat_products`` the ids of the convs
+    the flat fusion created. Containers are done innermost first: one whose
+    direct children are intact keeps its own code; the others get a fused
+    graph of their own that keeps the working containers below them as calls
+    (so forward hooks on those fire and feature extractors see them).
+    """
+    final = dict(root.named_modules())
+    originals = dict(pristine.named_modules())
+    containers = [
+        p for p, m in final.items()
+        if p in originals and id(m) == before.get(p) and any(True for _ in originals[p].children())
+    ]
+    containers.sort(key=lambda p: (p == "", -p.count(".")))
+    working: set[str] = set()
+    for path in containers:
+        prefix = f"{path}." if path else ""
+        if path and _own_level_intact(originals[path], final[path], prefix, before, working):
+            working.add(path)  # it calls what it called before (children that work): its own code still works
+            continue
+        leaves = frozenset(q[len(prefix):] for q in working if q.startswith(prefix))
+        attempts = [leaves] if not path else ([leaves, frozenset()] if leaves else [leaves])
+        reason, aliases = "", ()
+        for attempt in attempts:
+            try:
+                gm, aliases = _trace(originals[path], attempt)
+                adapter = FxAdapter(gm)
+                run_rules(adapter)
+                adapter.finalize()
+            except Exception as err:  # noqa: BLE001 - any failure means: this container cannot be rebuilt
+                reason = f"it does not trace on its own ({type(err).__name__}: {err})"
+                continue
+            why, constants = _bind(gm, adapter, path, root, before, flat_products)
+            if why is None:
+                for target, value in constants:
+                    _set_path(final[path], target, value)
+                final[path].__class__ = _fused_class(type(final[path]), type(gm).forward, aliases)
+                working.add(path)
+                break
+            reason = why
+        else:
+            if not path:  # the model itself: keep the flat graph, which is always right
+                root.__class__ = _fused_class(type(root), type(flat_gm).forward, aliases)
+                continue
+            module = final[path]
+            module.__dict__["_xvol_unavailable"] = (
+                f"{path} ({type(module).__name__}) cannot run on its own in the fused model: {reason}; "
+                "call the model or a module that contains it"
+            )
+            module.__class__ = _fused_class(type(module), _unavailable_forward, aliases)
 
 
 class _Fuser:
@@ -126,6 +347,8 @@ class _Fuser:
                 if fused is not child:
                     setattr(module, name, fused)
             return module
+        before = _identities(module)
+        pristine = copy.deepcopy(module)  # the containers are traced again, unfused, afterwards
         if example is not None:
             try:
                 ShapeProp(gm).propagate(*example)
@@ -139,7 +362,10 @@ class _Fuser:
             self.report.outcomes.append(Outcome(o.kind, prefix + o.name, o.status, o.reason, o.params_before,
                                                 o.params_after, o.macs_before, o.macs_after))
         self.report.paths[path or "<model>"] = "fx graph"
-        return _realize(module, gm, adapter.replaced_targets)
+        flat_products = {id(gm.get_submodule(str(n.target))) for n in adapter.origin}
+        fused = _realize(module, gm, adapter.replaced_targets)
+        _rebuild_forwards(fused, pristine, before, gm, flat_products)
+        return fused
 
     def _fuse_site(self, site: XVolution, path: str) -> nn.Module:
         try:
