@@ -10,6 +10,7 @@ a model of the user's own class.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 from collections.abc import Callable
@@ -270,6 +271,19 @@ def _own_level_intact(original: nn.Module, final: nn.Module, prefix: str, before
     return True
 
 
+def _check_interleaved_input(path: str, sources: int, module: nn.Module, args: tuple[Any, ...]) -> None:
+    """Forward pre-hook of a fused conv that reads interleaved inputs: a direct call with the site's input fails
+    clearly (the graph always passes the interleaved tensor)."""
+    x = args[0] if args else None
+    expected = getattr(module, "in_channels", None)
+    if isinstance(x, torch.Tensor) and x.dim() >= 2 and expected is not None and x.shape[1] != expected:
+        raise FusedSubmoduleError(
+            f"{path} is a fused convolution over the interleaved channels of {sources} inputs (an X-volution "
+            f"site: x and T(x)), {expected} channels in all, and got {x.shape[1]}: it cannot run on the site's "
+            "input alone; call the module that contains it"
+        )
+
+
 def _unavailable_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     raise FusedSubmoduleError(self.__dict__.get("_xvol_unavailable", "this submodule was fused with its parent"))
 
@@ -364,6 +378,9 @@ class _Fuser:
         self.report.paths[path or "<model>"] = "fx graph"
         flat_products = {id(gm.get_submodule(str(n.target))) for n in adapter.origin}
         fused = _realize(module, gm, adapter.replaced_targets)
+        for node, (sources, _) in adapter.created.items():
+            fused.get_submodule(str(node.target)).register_forward_pre_hook(
+                functools.partial(_check_interleaved_input, prefix + str(node.target), len(sources)))
         _rebuild_forwards(fused, pristine, before, gm, flat_products)
         return fused
 
