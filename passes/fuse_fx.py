@@ -76,9 +76,10 @@ def _set_path(root: nn.Module, path: str, value: nn.Module | torch.Tensor | None
 def _fused_class(cls: type, forward: Callable[..., Any], aliases: tuple[str, ...] = ()) -> type:
     """A subclass of the user's class (same name) whose ``forward``, and the methods in ``aliases``, is ``forward``."""
     if getattr(cls, "_xvol_fused_graph", False):  # fusing a fused model: derive from the user's class again
+        aliases = tuple(sorted(set(aliases) | set(getattr(cls, "_xvol_aliases", ()))))
         cls = cls.__bases__[0]
     namespace: dict[str, Any] = {"forward": forward, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
-                                 "_xvol_fused_graph": True}
+                                 "_xvol_fused_graph": True, "_xvol_aliases": tuple(aliases)}
     namespace.update({name: forward for name in aliases})
     return type(cls.__name__, (cls,), namespace)
 
@@ -381,7 +382,8 @@ class _Fuser:
         for node, (sources, _) in adapter.created.items():
             fused.get_submodule(str(node.target)).register_forward_pre_hook(
                 functools.partial(_check_interleaved_input, prefix + str(node.target), len(sources)))
-        _rebuild_forwards(fused, pristine, before, gm, flat_products)
+        with torch.random.fork_rng(devices=[]):  # the convs built while fusing containers again draw random init
+            _rebuild_forwards(fused, pristine, before, gm, flat_products)
         return fused
 
     def _fuse_site(self, site: XVolution, path: str) -> nn.Module:
