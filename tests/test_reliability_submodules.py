@@ -180,7 +180,8 @@ def test_create_feature_extractor_on_fused_model():
     model = _resnet18(True)
     x = torch.randn(2, 3, 64, 64)
     fused = fuse(model, example_inputs=(x,))
-    nodes = {"layer1": "c2", "layer2": "c3", "layer3.0": "c4_0", "layer3": "c4", "layer4": "c5"}
+    # "layer2.1.add" (the residual sum before its ReLU) exists only where the block keeps its own graph
+    nodes = {"layer1": "c2", "layer2.1.add": "c3_sum", "layer2": "c3", "layer3.0": "c4_0", "layer3": "c4", "layer4": "c5"}
     reference = create_feature_extractor(copy.deepcopy(model).double(), nodes).eval()
     extractor = create_feature_extractor(fused, nodes).eval()
     with torch.no_grad():
