@@ -166,13 +166,16 @@ def _trace(module: nn.Module, leaves: frozenset[str] = frozenset()) -> tuple[fx.
     """
     calls: list[tuple[str, tuple[Any, ...], dict[str, Any], Any]] = []
     names = _user_methods(module)
-    for name in names:
-        def record(*args: Any, _name: str = name, _bound: Any = getattr(module, name), **kwargs: Any) -> Any:
-            out = _bound(*args, **kwargs)
-            calls.append((_name, args, kwargs, out))
+    def recorder(name: str, bound: Callable[..., Any]) -> Callable[..., Any]:
+        def record(*args: Any, **kwargs: Any) -> Any:
+            out = bound(*args, **kwargs)
+            calls.append((name, args, kwargs, out))
             return out
 
-        module.__dict__[name] = record  # an instance attribute shadows the method while tracing
+        return record
+
+    for name in names:
+        module.__dict__[name] = recorder(name, getattr(module, name))  # shadows the method while tracing
     try:
         tracer = _LeafTracer(leaves)
         graph = tracer.trace(module)
@@ -267,7 +270,8 @@ def _own_level_intact(original: nn.Module, final: nn.Module, prefix: str, before
             return False
     for name in list(original._parameters) + list(original._buffers):
         now = final._parameters.get(name, final._buffers.get(name))
-        if (now is None) != (before.get(prefix + name) is None) or (now is not None and id(now) != before[prefix + name]):
+        then = before.get(prefix + name)
+        if (now is None) != (then is None) or (now is not None and id(now) != then):
             return False
     return True
 
@@ -289,7 +293,8 @@ def _unavailable_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     raise FusedSubmoduleError(self.__dict__.get("_xvol_unavailable", "this submodule was fused with its parent"))
 
 
-def _rebuild_forwards(root: nn.Module, pristine: nn.Module, before: dict[str, int], flat_gm: fx.GraphModule, flat_products: set[int]) -> None:
+def _rebuild_forwards(root: nn.Module, pristine: nn.Module, before: dict[str, int], flat_gm: fx.GraphModule,
+                      flat_products: set[int]) -> None:
     """Give every container of the fused ``root`` a forward that computes what it computed before.
 
     ``pristine`` is an unfused copy of ``root``; ``before`` the identities of
@@ -321,7 +326,7 @@ def _rebuild_forwards(root: nn.Module, pristine: nn.Module, before: dict[str, in
                 adapter = FxAdapter(gm)
                 run_rules(adapter)
                 adapter.finalize()
-            except Exception as err:  # noqa: BLE001 - any failure means: this container cannot be rebuilt
+            except Exception as err:  # any failure means: this container cannot be rebuilt
                 reason = f"it does not trace on its own ({type(err).__name__}: {err})"
                 continue
             why, constants = _bind(gm, adapter, path, root, before, flat_products)

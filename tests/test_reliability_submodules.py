@@ -63,7 +63,8 @@ def _record(model: nn.Module, *args: Any) -> dict[str, tuple[tuple[Any, ...], An
         handles.append(module.register_forward_pre_hook(
             lambda m, a, name=name: None if name in inputs else inputs.__setitem__(name, _clone(a))))
         handles.append(module.register_forward_hook(
-            lambda m, a, out, name=name: None if name in calls else calls.__setitem__(name, (inputs[name], _clone(out)))))
+            lambda m, a, out, name=name: None if name in calls else calls.__setitem__(
+                name, (inputs[name], _clone(out)))))
     try:
         model(*args)
     finally:
@@ -181,7 +182,8 @@ def test_create_feature_extractor_on_fused_model():
     x = torch.randn(2, 3, 64, 64)
     fused = fuse(model, example_inputs=(x,))
     # "layer2.1.add" (the residual sum before its ReLU) exists only where the block keeps its own graph
-    nodes = {"layer1": "c2", "layer2.1.add": "c3_sum", "layer2": "c3", "layer3.0": "c4_0", "layer3": "c4", "layer4": "c5"}
+    nodes = {"layer1": "c2", "layer2.1.add": "c3_sum", "layer2": "c3", "layer3.0": "c4_0", "layer3": "c4",
+             "layer4": "c5"}
     reference = create_feature_extractor(copy.deepcopy(model).double(), nodes).eval()
     extractor = create_feature_extractor(fused, nodes).eval()
     with torch.no_grad():
