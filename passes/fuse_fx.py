@@ -318,6 +318,9 @@ def _rebuild_forwards(root: nn.Module, pristine: nn.Module, before: dict[str, in
             working.add(path)  # it calls what it called before (children that work): its own code still works
             continue
         leaves = frozenset(q[len(prefix):] for q in working if q.startswith(prefix))
+        if not path and not leaves:  # no container below works as a call: the flat graph is the model's own
+            root.__class__ = _fused_class(type(root), type(flat_gm).forward, _trace(originals[path])[1])
+            continue
         attempts = [leaves] if not path else ([leaves, frozenset()] if leaves else [leaves])
         reason, aliases = "", ()
         for attempt in attempts:

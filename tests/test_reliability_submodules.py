@@ -281,3 +281,17 @@ def test_fusing_a_fused_model_keeps_its_submodules_working():
     assert _check_submodules(again, reference, calls, skip=_fused_convs(again, model)) == 27
     with torch.no_grad():
         assert rel_err(again._forward_impl(x), reference(x.double())) <= TOL
+
+
+def test_fused_container_exports_and_traces():
+    model = _resnet18(True)
+    x = torch.randn(2, 3, 64, 64)
+    fused = fuse(model, example_inputs=(x,))
+    reference = copy.deepcopy(model).double()
+    with torch.no_grad():
+        feat = reference.layer2(reference.layer1(reference.maxpool(reference.relu(reference.bn1(
+            reference.conv1(x.double()))))))
+        expected = reference.layer3(feat)
+    exported = torch.export.export(fused.layer3, (feat.float(),))
+    assert rel_err(exported.module()(feat.float()), expected) <= TOL
+    assert rel_err(torch.fx.symbolic_trace(fused.layer3)(feat.float()), expected) <= TOL
