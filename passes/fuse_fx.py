@@ -294,12 +294,13 @@ def _unavailable_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 
 def _rebuild_forwards(root: nn.Module, pristine: nn.Module, before: dict[str, int], flat_gm: fx.GraphModule,
-                      flat_products: set[int]) -> None:
+                      flat_products: set[int], root_aliases: tuple[str, ...]) -> None:
     """Give every container of the fused ``root`` a forward that computes what it computed before.
 
     ``pristine`` is an unfused copy of ``root``; ``before`` the identities of
     ``root``'s objects before fusion; ``flat_products`` the ids of the convs
-    the flat fusion created. Containers are done innermost first: one whose
+    the flat fusion created; ``root_aliases`` the model's methods equivalent
+    to forward. Containers are done innermost first: one whose
     direct children are intact keeps its own code; the others get a fused
     graph of their own that keeps the working containers below them as calls
     (so forward hooks on those fire and feature extractors see them).
@@ -319,7 +320,7 @@ def _rebuild_forwards(root: nn.Module, pristine: nn.Module, before: dict[str, in
             continue
         leaves = frozenset(q[len(prefix):] for q in working if q.startswith(prefix))
         if not path and not leaves:  # no container below works as a call: the flat graph is the model's own
-            root.__class__ = _fused_class(type(root), type(flat_gm).forward, _trace(originals[path])[1])
+            root.__class__ = _fused_class(type(root), type(flat_gm).forward, root_aliases)
             continue
         attempts = [leaves] if not path else ([leaves, frozenset()] if leaves else [leaves])
         reason, aliases = "", ()
@@ -342,7 +343,7 @@ def _rebuild_forwards(root: nn.Module, pristine: nn.Module, before: dict[str, in
             reason = why
         else:
             if not path:  # the model itself: keep the flat graph, which is always right
-                root.__class__ = _fused_class(type(root), type(flat_gm).forward, aliases)
+                root.__class__ = _fused_class(type(root), type(flat_gm).forward, root_aliases)
                 continue
             module = final[path]
             module.__dict__["_xvol_unavailable"] = (
@@ -362,7 +363,7 @@ class _Fuser:
         if isinstance(module, XVolution):
             return self._fuse_site(module, path)
         try:
-            gm = fx.symbolic_trace(module)
+            gm, aliases = _trace(module)
         except Exception as err:  # any tracing failure means: try the children
             self.report.paths[path or "<model>"] = f"not traceable ({type(err).__name__}); children fused separately"
             for name, child in list(module.named_children()):
@@ -371,7 +372,6 @@ class _Fuser:
                     setattr(module, name, fused)
             return module
         before = _identities(module)
-        pristine = copy.deepcopy(module)  # the containers are traced again, unfused, afterwards
         if example is not None:
             try:
                 ShapeProp(gm).propagate(*example)
@@ -385,13 +385,23 @@ class _Fuser:
             self.report.outcomes.append(Outcome(o.kind, prefix + o.name, o.status, o.reason, o.params_before,
                                                 o.params_after, o.macs_before, o.macs_after))
         self.report.paths[path or "<model>"] = "fx graph"
-        flat_products = {id(gm.get_submodule(str(n.target))) for n in adapter.origin}
+        products = {str(n.target) for n in adapter.origin}
+        flat_products = {id(gm.get_submodule(p)) for p in products}
+        gone = set(adapter.replaced_targets) | products
+        changed = {p.rsplit(".", i)[0] for p in gone for i in range(1, p.count(".") + 1)}
+        changed = {c for c in changed if not any(c == g or c.startswith(g + ".") for g in gone)}
+        # The module is still unfused here (the rewrites built new modules): copy it for the containers to
+        # be traced again, if any container below the model changed.
+        pristine = copy.deepcopy(module) if changed else None
         fused = _realize(module, gm, adapter.replaced_targets)
         for node, (sources, _) in adapter.created.items():
             fused.get_submodule(str(node.target)).register_forward_pre_hook(
                 functools.partial(_check_interleaved_input, prefix + str(node.target), len(sources)))
-        with torch.random.fork_rng(devices=[]):  # the convs built while fusing containers again draw random init
-            _rebuild_forwards(fused, pristine, before, gm, flat_products)
+        if pristine is None:
+            fused.__class__ = _fused_class(type(fused), type(gm).forward, aliases)
+        else:
+            with torch.random.fork_rng(devices=[]):  # the convs built while fusing containers again draw random init
+                _rebuild_forwards(fused, pristine, before, gm, flat_products, aliases)
         return fused
 
     def _fuse_site(self, site: XVolution, path: str) -> nn.Module:
