@@ -10,7 +10,10 @@ a model of the user's own class.
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,7 +29,7 @@ from xvol_compiler.rules import Outcome, run_rules
 from xvol_compiler.training_flags import training_sensitive_modules
 from xvol_compiler.verify import OutputMismatchError, reference_run, verify_model
 
-__all__ = ["FusionError", "FusionVerificationError", "fuse", "fuse_graph", "fuse_with_report"]
+__all__ = ["FusedSubmoduleError", "FusionError", "FusionVerificationError", "fuse", "fuse_graph", "fuse_with_report"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,10 @@ class FusionError(ValueError):
 
 class FusionVerificationError(FusionError):
     """The fused model does not reproduce the unfused one within tolerance."""
+
+
+class FusedSubmoduleError(FusionError):
+    """A submodule of a fused model cannot run on its own: a rewrite merged it with modules outside it."""
 
 
 def fuse_graph(
@@ -73,6 +80,17 @@ def _set_path(root: nn.Module, path: str, value: nn.Module | torch.Tensor | None
         setattr(parent, name, value)
 
 
+def _fused_class(cls: type, forward: Callable[..., Any], aliases: tuple[str, ...] = ()) -> type:
+    """A subclass of the user's class (same name) whose ``forward``, and the methods in ``aliases``, is ``forward``."""
+    if getattr(cls, "_xvol_fused_graph", False):  # fusing a fused model: derive from the user's class again
+        aliases = tuple(sorted(set(aliases) | set(getattr(cls, "_xvol_aliases", ()))))
+        cls = cls.__bases__[0]
+    namespace: dict[str, Any] = {"forward": forward, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                                 "_xvol_fused_graph": True, "_xvol_aliases": tuple(aliases)}
+    namespace.update({name: forward for name in aliases})
+    return type(cls.__name__, (cls,), namespace)
+
+
 def _realize(original: nn.Module, gm: fx.GraphModule, replaced: set[str]) -> nn.Module:
     """``original`` running the rewritten graph while keeping its class and module tree.
 
@@ -80,12 +98,8 @@ def _realize(original: nn.Module, gm: fx.GraphModule, replaced: set[str]) -> nn.
     ``forward`` is the graph's code), its methods and attributes, and its
     module hierarchy (``model.layer3[0]`` still indexes); the modules the
     rewrite created are set at their paths, and those it folded away are removed.
+    ``_rebuild_forwards`` then gives the submodules forwards that work again.
     """
-    cls = type(original)
-    if getattr(cls, "_xvol_fused_graph", False):  # fusing a fused model: derive from the user's class again
-        cls = cls.__bases__[0]
-    fused_cls = type(cls.__name__, (cls,), {"forward": type(gm).forward, "__module__": cls.__module__,
-                                            "__qualname__": cls.__qualname__, "_xvol_fused_graph": True})
     used = {str(n.target) for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
     for path in sorted(replaced, key=lambda p: -p.count(".")):
         if path not in used and not any(u.startswith(path + ".") for u in used):
@@ -111,8 +125,239 @@ def _realize(original: nn.Module, gm: fx.GraphModule, replaced: set[str]) -> nn.
             parent_path, _, name = path.rpartition(".")
             value = getattr(gm.get_submodule(parent_path) if parent_path else gm, name)
         _set_path(original, path, value)
-    original.__class__ = fused_cls
+    original.__class__ = _fused_class(type(original), type(gm).forward)
     return original
+
+
+# ---------------------------------------------------------------- submodules of a fused model
+#
+# The whole model is fused as one flat graph (rewrites may cross module boundaries: a site in
+# ``layer3.0.conv2`` absorbs the ``layer3.0.bn2`` of its parent). Afterwards every container of
+# the user's tree gets a forward of its own, so that ``fused.layer1(x)``, forward hooks and feature
+# extractors work: its subtree is traced again from an unfused copy, with the containers below it
+# that already work kept as calls, and fused alone. That graph is used only if every module it
+# needs is in the fused tree as it is (the same object, or the same fused conv): then the container
+# computes what it computed before. Otherwise (a rewrite crossed its boundary) its forward raises
+# ``FusedSubmoduleError`` naming it and the reason.
+
+
+class _LeafTracer(fx.Tracer):
+    """``fx.Tracer`` that also keeps the submodules at ``leaves`` (qualified names) as calls."""
+
+    def __init__(self, leaves: frozenset[str]) -> None:
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self.leaves or super().is_leaf_module(m, module_qualified_name)
+
+
+def _user_methods(module: nn.Module) -> list[str]:
+    """Plain methods defined by the model's own classes (not torch's), other than ``forward``."""
+    names: list[str] = []
+    for klass in type(module).__mro__:
+        if klass is object or klass.__module__.split(".")[0] == "torch":
+            continue
+        for name, value in vars(klass).items():
+            if inspect.isfunction(value) and name != "forward" and not name.startswith("__") and name not in names:
+                names.append(name)
+    return names
+
+
+def _trace(module: nn.Module, leaves: frozenset[str] = frozenset()) -> tuple[fx.GraphModule, tuple[str, ...]]:
+    """Trace ``module`` keeping ``leaves`` as calls; also the names of its methods equivalent to forward.
+
+    A method is equivalent to forward when forward calls it with forward's own
+    arguments and returns its result (ResNet's ``_forward_impl``): the fused
+    class gives it the fused forward, since its Python code calls modules fusion removed.
+    """
+    calls: list[tuple[str, tuple[Any, ...], dict[str, Any], Any]] = []
+    names = _user_methods(module)
+    def recorder(name: str, bound: Callable[..., Any]) -> Callable[..., Any]:
+        def record(*args: Any, **kwargs: Any) -> Any:
+            out = bound(*args, **kwargs)
+            calls.append((name, args, kwargs, out))
+            return out
+
+        return record
+
+    for name in names:
+        module.__dict__[name] = recorder(name, getattr(module, name))  # shadows the method while tracing
+    try:
+        tracer = _LeafTracer(leaves)
+        graph = tracer.trace(module)
+    finally:
+        for name in names:
+            module.__dict__.pop(name, None)
+    gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    result = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    equivalent = []
+    for name, args, kwargs, out in calls:
+        same_args = len(args) == len(placeholders) and all(
+            isinstance(a, fx.Proxy) and a.node is p for a, p in zip(args, placeholders, strict=True))
+        if not kwargs and same_args and isinstance(out, fx.Proxy) and out.node is result and name not in equivalent:
+            equivalent.append(name)
+    return gm, tuple(equivalent)
+
+
+def _lookup(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for part in path.split(".") if path else ():
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _identities(module: nn.Module) -> dict[str, int]:
+    """``id`` of every module, parameter and buffer of ``module`` by qualified name."""
+    ids = {p: id(m) for p, m in module.named_modules(remove_duplicate=False)}
+    ids.update((p, id(t)) for p, t in module.named_parameters(remove_duplicate=False))
+    ids.update((p, id(t)) for p, t in module.named_buffers(remove_duplicate=False))
+    return ids
+
+
+def _same_fused_conv(a: nn.Module, b: nn.Module) -> bool:
+    """Two fused convs of the same geometry whose weights agree to float rounding (fold order may differ)."""
+    if type(a) is not type(b) or a.extra_repr() != b.extra_repr():
+        return False
+    sa, sb = a.state_dict(), b.state_dict()
+    if sa.keys() != sb.keys():
+        return False
+    for key, ta in sa.items():
+        tb = sb[key]
+        if ta.shape != tb.shape or ta.dtype != tb.dtype:
+            return False
+        if tb.numel() and not torch.equal(ta, tb):
+            scale = float(tb.abs().max()) if tb.is_floating_point() else 0.0
+            if not tb.is_floating_point() or float((ta - tb).abs().max()) > 1e-5 * max(scale, 1e-30):
+                return False
+    return True
+
+
+def _bind(gm: fx.GraphModule, adapter: FxAdapter, path: str, root: nn.Module, before: dict[str, int],
+          flat_products: set[int]) -> tuple[str | None, list[tuple[str, Any]]]:
+    """Why ``gm`` (the container at ``path`` fused alone) cannot run on the fused ``root`` (None: it can).
+
+    Also the constants the tracer created, which the container must hold.
+    """
+    prefix = f"{path}." if path else ""
+    products = {str(n.target) for n in adapter.origin}
+    constants: list[tuple[str, Any]] = []
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "get_attr"):
+            continue
+        target = str(node.target)
+        full = prefix + target
+        final = _lookup(root, full)
+        if target in products:
+            mine = _lookup(gm, target)
+            if final is None or id(final) not in flat_products or not _same_fused_conv(final, mine):
+                return (f"fusing it alone does not give {full} the form the whole model's fusion gave it "
+                        "(a rewrite crosses its boundary)"), []
+        elif full in before:
+            if final is None or id(final) != before[full]:
+                return f"{full}, which it uses, was fused with modules outside it", []
+        else:
+            constants.append((target, _lookup(gm, target)))
+    return None, constants
+
+
+def _own_level_intact(original: nn.Module, final: nn.Module, prefix: str, before: dict[str, int],
+                      working: set[str]) -> bool:
+    """Whether ``final`` holds the same direct children, parameters and buffers as before fusion, its
+    child containers all working: then its own Python code (forward and every method) still computes
+    what it computed."""
+    for name, child in original.named_children():
+        now = final._modules.get(name)
+        if now is None or id(now) != before.get(prefix + name):
+            return False
+        if any(True for _ in child.children()) and prefix + name not in working:
+            return False
+    for name in list(original._parameters) + list(original._buffers):
+        now = final._parameters.get(name, final._buffers.get(name))
+        then = before.get(prefix + name)
+        if (now is None) != (then is None) or (now is not None and id(now) != then):
+            return False
+    return True
+
+
+def _check_interleaved_input(path: str, sources: int, module: nn.Module, args: tuple[Any, ...]) -> None:
+    """Forward pre-hook of a fused conv that reads interleaved inputs: a direct call with the site's input fails
+    clearly (the graph always passes the interleaved tensor)."""
+    x = args[0] if args else None
+    expected = getattr(module, "in_channels", None)
+    if isinstance(x, torch.Tensor) and x.dim() >= 2 and expected is not None and x.shape[1] != expected:
+        raise FusedSubmoduleError(
+            f"{path} is a fused convolution over the interleaved channels of {sources} inputs (an X-volution "
+            f"site: x and T(x)), {expected} channels in all, and got {x.shape[1]}: it cannot run on the site's "
+            "input alone; call the module that contains it"
+        )
+
+
+def _unavailable_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    raise FusedSubmoduleError(self.__dict__.get("_xvol_unavailable", "this submodule was fused with its parent"))
+
+
+def _rebuild_forwards(root: nn.Module, pristine: nn.Module, before: dict[str, int], flat_gm: fx.GraphModule,
+                      flat_products: set[int], root_aliases: tuple[str, ...]) -> None:
+    """Give every container of the fused ``root`` a forward that computes what it computed before.
+
+    ``pristine`` is an unfused copy of ``root``; ``before`` the identities of
+    ``root``'s objects before fusion; ``flat_products`` the ids of the convs
+    the flat fusion created; ``root_aliases`` the model's methods equivalent
+    to forward. Containers are done innermost first: one whose
+    direct children are intact keeps its own code; the others get a fused
+    graph of their own that keeps the working containers below them as calls
+    (so forward hooks on those fire and feature extractors see them).
+    """
+    final = dict(root.named_modules())
+    originals = dict(pristine.named_modules())
+    containers = [
+        p for p, m in final.items()
+        if p in originals and id(m) == before.get(p) and any(True for _ in originals[p].children())
+    ]
+    containers.sort(key=lambda p: (p == "", -p.count(".")))
+    working: set[str] = set()
+    for path in containers:
+        prefix = f"{path}." if path else ""
+        if path and _own_level_intact(originals[path], final[path], prefix, before, working):
+            working.add(path)  # it calls what it called before (children that work): its own code still works
+            continue
+        leaves = frozenset(q[len(prefix):] for q in working if q.startswith(prefix))
+        if not path and not leaves:  # no container below works as a call: the flat graph is the model's own
+            root.__class__ = _fused_class(type(root), type(flat_gm).forward, root_aliases)
+            continue
+        attempts = [leaves] if not path else ([leaves, frozenset()] if leaves else [leaves])
+        reason, aliases = "", ()
+        for attempt in attempts:
+            try:
+                gm, aliases = _trace(originals[path], attempt)
+                adapter = FxAdapter(gm)
+                run_rules(adapter)
+                adapter.finalize()
+            except Exception as err:  # any failure means: this container cannot be rebuilt
+                reason = f"it does not trace on its own ({type(err).__name__}: {err})"
+                continue
+            why, constants = _bind(gm, adapter, path, root, before, flat_products)
+            if why is None:
+                for target, value in constants:
+                    _set_path(final[path], target, value)
+                final[path].__class__ = _fused_class(type(final[path]), type(gm).forward, aliases)
+                working.add(path)
+                break
+            reason = why
+        else:
+            if not path:  # the model itself: keep the flat graph, which is always right
+                root.__class__ = _fused_class(type(root), type(flat_gm).forward, root_aliases)
+                continue
+            module = final[path]
+            module.__dict__["_xvol_unavailable"] = (
+                f"{path} ({type(module).__name__}) cannot run on its own in the fused model: {reason}; "
+                "call the model or a module that contains it"
+            )
+            module.__class__ = _fused_class(type(module), _unavailable_forward, aliases)
 
 
 class _Fuser:
@@ -125,7 +370,7 @@ class _Fuser:
         if isinstance(module, XVolution):
             return self._fuse_site(module, path)
         try:
-            gm = fx.symbolic_trace(module)
+            gm, aliases = _trace(module)
         except Exception as err:  # any tracing failure means: try the children
             self.report.paths[path or "<model>"] = f"not traceable ({type(err).__name__}); children fused separately"
             for name, child in list(module.named_children()):
@@ -133,6 +378,7 @@ class _Fuser:
                 if fused is not child:
                     setattr(module, name, fused)
             return module
+        before = _identities(module)
         if example is not None:
             try:
                 ShapeProp(gm).propagate(*example)
@@ -146,7 +392,24 @@ class _Fuser:
             self.report.outcomes.append(Outcome(o.kind, prefix + o.name, o.status, o.reason, o.params_before,
                                                 o.params_after, o.macs_before, o.macs_after))
         self.report.paths[path or "<model>"] = "fx graph"
-        return _realize(module, gm, adapter.replaced_targets)
+        products = {str(n.target) for n in adapter.origin}
+        flat_products = {id(gm.get_submodule(p)) for p in products}
+        gone = set(adapter.replaced_targets) | products
+        changed = {p.rsplit(".", i)[0] for p in gone for i in range(1, p.count(".") + 1)}
+        changed = {c for c in changed if not any(c == g or c.startswith(g + ".") for g in gone)}
+        # The module is still unfused here (the rewrites built new modules): copy it for the containers to
+        # be traced again, if any container below the model changed.
+        pristine = copy.deepcopy(module) if changed else None
+        fused = _realize(module, gm, adapter.replaced_targets)
+        for node, (sources, _) in adapter.created.items():
+            fused.get_submodule(str(node.target)).register_forward_pre_hook(
+                functools.partial(_check_interleaved_input, prefix + str(node.target), len(sources)))
+        if pristine is None:
+            fused.__class__ = _fused_class(type(fused), type(gm).forward, aliases)
+        else:
+            with torch.random.fork_rng(devices=[]):  # the convs built while fusing containers again draw random init
+                _rebuild_forwards(fused, pristine, before, gm, flat_products, aliases)
+        return fused
 
     def _fuse_site(self, site: XVolution, path: str) -> nn.Module:
         try:
