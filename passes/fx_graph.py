@@ -56,6 +56,19 @@ def _tuple(value: object, ndim: int) -> tuple[int, ...]:
     return tuple(int(v) for v in value)  # type: ignore[union-attr]
 
 
+# Copies of a constant that torch.export writes around a tensor literal (lift_fresh_copy, detach_).
+_CONSTANT_COPIES = {_ATEN.lift_fresh_copy.default, _ATEN.detach.default, _ATEN.detach_.default,
+                    _ATEN.clone.default}
+
+
+def _constant_attr(value: object) -> object:
+    """The ``get_attr`` node behind copies of a constant, else ``value`` itself."""
+    while (isinstance(value, fx.Node) and value.op == "call_function" and value.target in _CONSTANT_COPIES
+           and len(value.all_input_nodes) == 1 and len(value.users) == 1):
+        value = value.args[0]
+    return value
+
+
 def _spatial(node: fx.Node) -> int | None:
     meta = node.meta.get("tensor_meta")
     shape = getattr(meta, "shape", None)
@@ -220,7 +233,7 @@ class FxAdapter:
         args.update(node.kwargs)
         for key, value in defaults.items():
             args.setdefault(key, value)
-        weight, bias = args["weight"], args["bias"]
+        weight, bias = _constant_attr(args["weight"]), _constant_attr(args["bias"])
         const = [weight] + ([bias] if bias is not None else [])
         if not all(isinstance(v, fx.Node) and v.op == "get_attr" for v in const):
             attrs["branch"] = None

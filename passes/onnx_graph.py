@@ -74,7 +74,7 @@ _RESHAPES = {"Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand", "Identity"}
 _FOLDABLE = {
     "Identity", "Cast", "CastLike", "Shape", "Size", "Expand", "Reshape", "Unsqueeze", "Squeeze", "Flatten",
     "Concat", "Transpose", "Gather", "Slice", "Add", "Sub", "Mul", "Div", "Neg", "Sqrt", "Reciprocal", "Pow",
-    "Abs", "ConstantOfShape", "Range", "Tile",
+    "Abs", "ConstantOfShape", "Range", "Tile", "Mod",
 }
 _SHAPE_ONLY = {("Shape", 0), ("Size", 0), ("CastLike", 1)}  # (op, input): only the tensor's type/shape is read
 _PAD_MODES = {"constant": "zeros", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}

@@ -25,13 +25,16 @@ def is_pssa_conv(conv: Any, nodes: list[Any]) -> bool:
             name = producer[name].input[0]
         return name
 
+    def users(name: str) -> list[Any]:  # (a Shape reads no values)
+        return [n for n in consumers.get(name, []) if n.op_type not in ("Shape", "Size")]
+
     value = conv.output[0]
-    while len(consumers.get(value, [])) == 1 and consumers[value][0].op_type in _VIEWS:
-        value = consumers[value][0].output[0]
-    users = consumers.get(value, [])
-    if len(users) != 1 or users[0].op_type != "Mul":
+    while len(users(value)) == 1 and users(value)[0].op_type in _VIEWS and users(value)[0].input[0] == value:
+        value = users(value)[0].output[0]
+    readers = users(value)
+    if len(readers) != 1 or readers[0].op_type != "Mul":
         return False
-    others = [i for i in users[0].input if i != value]
+    others = [i for i in readers[0].input if i != value]
     return len(others) == 1 and source(others[0]) == source(conv.input[0])
 
 

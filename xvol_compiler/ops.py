@@ -141,10 +141,29 @@ def pssa_kernel(
     device = torch.device("cpu") if device is None else torch.device(device)
     if channels < 1:
         raise ValueError(f"channels must be >= 1, got {channels}")
+    if torch.compiler.is_compiling():
+        # torch.compile / torch.export trace this call: a literal tensor, which they keep as one constant.
+        return torch.tensor(_kernel_values(ndim, offsets, directional, channels), dtype=dtype, device=device)
     return _cached_kernel(ndim, offsets, directional, channels, dtype, device)
 
 
-@torch.compiler.assume_constant_result  # torch.compile / torch.export: one constant, not the ops building it
+def _kernel_values(
+    ndim: int, offsets: tuple[tuple[int, ...], ...], directional: bool, channels: int
+) -> list[object]:
+    """The kernel as nested lists of Python floats: tap ``o + 1`` of filter d holds offset d's weight."""
+    if directional:
+        filters = [{tuple(o + 1 for o in off): 1.0} for off in offsets]
+    else:
+        filters = [{tuple(o + 1 for o in off): 1.0 / len(offsets) for off in offsets}]
+
+    def nest(taps: dict[tuple[int, ...], float], prefix: tuple[int, ...]) -> object:
+        if len(prefix) == ndim:
+            return taps.get(prefix, 0.0)
+        return [nest(taps, (*prefix, i)) for i in range(3)]
+
+    return [[nest(taps, ())] for taps in filters] * channels
+
+
 def _cached_kernel(
     ndim: int, offsets: tuple[tuple[int, ...], ...], directional: bool, channels: int, dtype: torch.dtype,
     device: torch.device,
@@ -165,12 +184,14 @@ def _untraced() -> Iterator[None]:
     from torch.utils._python_dispatch import _disable_current_modes
 
     state = torch._C._get_tracing_state()
-    torch._C._set_tracing_state(None)
+    if state is not None:
+        torch._C._set_tracing_state(None)
     try:
         with _disable_current_modes():
             yield
     finally:
-        torch._C._set_tracing_state(state)
+        if state is not None:
+            torch._C._set_tracing_state(state)
 
 
 def _build_kernel(
@@ -179,12 +200,7 @@ def _build_kernel(
 ) -> Tensor:
     # A plain tensor even when first asked for under inference_mode: training reuses it.
     with torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext():
-        k = len(offsets) if directional else 1
-        pattern = torch.zeros((k, 1) + (3,) * ndim, dtype=torch.float64)
-        for d, offset in enumerate(offsets):
-            tap = (d if directional else 0, 0, *(o + 1 for o in offset))
-            pattern[tap] = 1.0 if directional else 1.0 / len(offsets)
-        return pattern.repeat(channels, *([1] * (ndim + 1))).to(dtype=dtype, device=device)
+        return torch.tensor(_kernel_values(ndim, offsets, directional, channels), dtype=dtype, device=device)
 
 
 @dataclass(frozen=True)

@@ -273,13 +273,13 @@ def pssa_conv_layout(branch: Branch) -> PssaKernelLayout | None:
 
 
 def _through_reshapes(view: nx.DiGraph, key: Key, forward: bool) -> Iterator[Key]:
-    """``key`` and the nodes reached from it through single-user (forward) or
-    single-input (backward) reshape-like nodes."""
+    """``key`` and the nodes reached from it through reshape-like nodes: forward while the
+    value has that one consumer in the view, backward while the node has one input."""
     yield key
     for _ in range(_RESHAPE_CHAIN_LIMIT):
         if forward:
             nxt = list(view.successors(key))
-            if _attrs(view, key).get("users", 1) != 1 or len(nxt) != 1 or _attrs(view, nxt[0]).get("kind") != "reshape":
+            if len(nxt) != 1 or _attrs(view, nxt[0]).get("kind") != "reshape":
                 return
         else:
             if _attrs(view, key).get("kind") != "reshape":
@@ -296,7 +296,10 @@ def pssa_products(view: nx.DiGraph) -> dict[Key, Key]:
     transform, each with the product node that completes it: conv key -> product key.
 
     The conv (``pssa_conv_layout``) must feed, alone and possibly through reshapes, a
-    ``mul`` whose other operand is the conv's own input (possibly through reshapes)."""
+    ``mul`` whose other operand is the conv's own input (possibly through reshapes).
+    Consumers outside the view (an ONNX ``Shape``: only the value's shape) do not count.
+    Correctness never rests on this: the rules only merge convs over the tensors they read,
+    and a conv taken for a transform is just left as it is."""
     found: dict[Key, Key] = {}
     for key, attrs in view.nodes(data=True):
         branch = attrs.get("branch")
@@ -305,7 +308,7 @@ def pssa_products(view: nx.DiGraph) -> dict[Key, Key]:
         source = branch.inputs[0]
         chain = list(_through_reshapes(view, key, forward=True))
         last = chain[-1]
-        products = list(view.successors(last)) if _attrs(view, last).get("users", 1) == 1 else []
+        products = list(view.successors(last))
         if len(products) != 1 or _attrs(view, products[0]).get("kind") != "mul":
             continue
         product = products[0]
