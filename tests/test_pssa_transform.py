@@ -18,7 +18,7 @@ from torch import fx, nn
 from tests.hyp import examples
 from tests.onnx_counts import is_pssa_conv, site_convs
 from tests.strategies import randomize_bn, rel_err
-from xvol_compiler import XVolution, fuse_with_report, pssa_transform
+from xvol_compiler import XVolution, analyze_model, fuse_with_report, pssa_transform, xvolify
 from xvol_compiler.measure import count_macs
 from xvol_compiler.onnx_io import export_onnx
 from xvol_compiler.ops import neighbour_offsets, pssa_kernel, pssa_kernel_layout
@@ -164,6 +164,17 @@ def test_macs_do_not_count_the_transform_conv() -> None:
     depthwise = 8 * 9 * 100
     assert count_macs(site, (x,)) == 2 * depthwise  # the site's conv and Conv_a only
     assert count_macs(site.fuse(), (x,)) == 2 * depthwise  # one conv over 2 * C_in channels
+
+
+def test_xvolify_report_counts_the_transform_as_elements() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU())
+    x = torch.randn(1, 3, 10, 10)
+    xm = xvolify(model, sites="all", example_inputs=(x,))
+    (site,) = xm.xvol_report.selected
+    depthwise = 8 * 9 * 100
+    assert (site.macs, site.added_macs, site.transform_elements) == (depthwise, depthwise, 8 * 100)
+    pointwise = 3 * 8 * 100
+    assert analyze_model(xm, example_inputs=(x,)).total_macs == pointwise + 2 * depthwise  # no ring conv MACs
 
 
 # ----------------------------------------------------------------------------- spelled-out encodings
