@@ -145,17 +145,32 @@ def test_kernel_is_no_state_and_survives_inference_mode() -> None:
     assert not any("ring" in k or "kernel" in k for k in keys)
 
 
-def test_one_constant_in_traces_and_compiles() -> None:
+def test_one_constant_in_traces() -> None:
     torch.manual_seed(0)
-    site = XVolution.from_conv(nn.Conv2d(3, 3, 3, padding=1, groups=3)).eval()
+    site = _trained(XVolution.from_conv(nn.Conv2d(3, 3, 3, padding=1, groups=3)))
     x = torch.randn(2, 3, 6, 6)
     gm = fx.symbolic_trace(site)
     assert [n.target for n in gm.graph.nodes if n.op == "call_function"].count(pssa_transform) == 1
     ep = torch.export.export(site, (x,))
-    assert len(ep.constants) == 1 and not any(n.target in (torch.ops.aten.zeros.default,
-                                                          torch.ops.aten.fill_.Scalar) for n in ep.graph.nodes)
-    compiled = torch.compile(pssa_transform, fullgraph=True)
-    assert rel_err(compiled(x), pssa_transform(x)) <= 1e-6
+    assert len(ep.constants) == 1
+    built = {torch.ops.aten.zeros.default, torch.ops.aten.fill_.Scalar, torch.ops.aten.index_put_.default,
+             torch.ops.aten.repeat.default}
+    assert not any(n.target in built for n in ep.graph.nodes)
+    assert rel_err(ep.module()(x), site(x)) <= 1e-6
+
+
+@pytest.mark.compile
+def test_sites_of_several_kernels_compile_fullgraph() -> None:
+    """Two kernels (3 and 6 channels, 2-D full and 1-D) in one compiled graph."""
+    torch.manual_seed(0)
+    model = nn.Sequential(XVolution.from_conv(nn.Conv2d(3, 6, 3, padding=1)),
+                          XVolution.from_conv(nn.Conv2d(6, 6, 3, padding=1, groups=6), directions="axial"),
+                          nn.Flatten(2), XVolution.from_conv(nn.Conv1d(6, 6, 3, padding=1)))
+    model = _trained(model)
+    x = torch.randn(2, 3, 6, 6)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        assert rel_err(compiled(x), model(x)) <= 1e-5
 
 
 def test_macs_do_not_count_the_transform_conv() -> None:
