@@ -238,6 +238,13 @@ class FxAdapter:
         if not all(isinstance(v, fx.Node) and v.op == "get_attr" for v in const):
             attrs["branch"] = None
             return "conv", list(node.all_input_nodes)
+        computed: list[fx.Node] = []  # e.g. groups=x.shape[1]: known only when the graph runs
+        fx.node.map_arg(tuple(args.get(k) for k in ("stride", "padding", "dilation", "groups", "padding_mode")),
+                        computed.append)
+        if computed:
+            attrs["branch"] = None
+            attrs["refusal"] = f"{self._name(node)}: conv arguments computed in the graph ({computed[0].name})"
+            return "conv", list(node.all_input_nodes)
         for v in const:
             if calls[v.target] > 1:
                 attrs["refusal"] = f"parameter {v.target} is read by {calls[v.target]} nodes"

@@ -285,6 +285,20 @@ def test_fx_ring_conv_with_bn_folds_as_a_conv() -> None:
     assert rel_err(fused(x), _eager64(model, x).float()) <= 1e-5
 
 
+def test_fx_conv_with_groups_computed_in_the_graph_is_left_alone() -> None:
+    """``groups=x.shape[1]`` traces as a graph value: the conv cannot be read, the pass must not fail."""
+
+    class ComputedGroups(SpelledSite):
+        def transform(self, x: torch.Tensor) -> torch.Tensor:
+            return x * F.conv2d(x, self.ring, None, 1, 1, 1, x.shape[1])
+
+    model = _trained(ComputedGroups(4, "ring"))
+    x = torch.randn(2, 4, 7, 7)
+    fused, report = fuse_with_report(model, example_inputs=(x,))
+    assert report.count("x-volution") == 0
+    assert rel_err(fused(x), _eager64(model, x).float()) <= 1e-5
+
+
 def test_view_recognises_only_products_with_the_convs_input() -> None:
     x = torch.randn(1, 4, 6, 6)
     gm = fx.symbolic_trace(RingTimesOther(4))
