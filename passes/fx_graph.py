@@ -30,6 +30,24 @@ __all__ = ["FxAdapter"]
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul, torch.ops.aten.mul.Tensor}
+_MUL_METHODS = {"mul", "mul_"}
+_ATEN = torch.ops.aten
+# Views of one value (the directional PSSA form multiplies (N, C, |D|, ...) views).
+_RESHAPE_FUNCTIONS = {
+    torch.reshape, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze,
+    _ATEN.view.default, _ATEN.reshape.default, _ATEN._unsafe_view.default, _ATEN.unsqueeze.default,
+    _ATEN.squeeze.dim, _ATEN.flatten.using_ints, _ATEN.unflatten.int, _ATEN.expand.default,
+}
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "expand", "expand_as"}
+# Aten-level graphs (make_fx, torch.export): the convolution ops and the names of their arguments.
+_ATEN_CONVS = {
+    _ATEN.conv1d.default: ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    _ATEN.conv2d.default: ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    _ATEN.conv3d.default: ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+    _ATEN.convolution.default: ("input", "weight", "bias", "stride", "padding", "dilation", "transposed",
+                                "output_padding", "groups"),
+}
 _SOFTMAX = {F.softmax, torch.softmax, F.scaled_dot_product_attention}
 _LINEAR = {torch.matmul, torch.bmm, F.linear, torch.einsum, operator.matmul}
 # Random ops: a value computed with one is not a constant, whatever its inputs.
@@ -43,6 +61,19 @@ def _tuple(value: object, ndim: int) -> tuple[int, ...]:
     if isinstance(value, int):
         return (value,) * ndim
     return tuple(int(v) for v in value)  # type: ignore[union-attr]
+
+
+# Copies of a constant that torch.export writes around a tensor literal (lift_fresh_copy, detach_).
+_CONSTANT_COPIES = {_ATEN.lift_fresh_copy.default, _ATEN.detach.default, _ATEN.detach_.default,
+                    _ATEN.clone.default}
+
+
+def _constant_attr(value: object) -> object:
+    """The ``get_attr`` node behind copies of a constant, else ``value`` itself."""
+    while (isinstance(value, fx.Node) and value.op == "call_function" and value.target in _CONSTANT_COPIES
+           and len(value.all_input_nodes) == 1 and len(value.users) == 1):
+        value = value.args[0]
+    return value
 
 
 def _spatial(node: fx.Node) -> int | None:
@@ -134,8 +165,16 @@ class FxAdapter:
             target = node.target
             if target in _CONV_FUNCTIONS or target is padded_conv:
                 return self._conv_function(node, calls, attrs)
+            if target in _ATEN_CONVS:
+                if target is _ATEN.convolution.default and len(node.args) > 6 and node.args[6]:
+                    return "conv_like", data_inputs  # a transposed convolution
+                return self._conv_function(node, calls, attrs, _ATEN_CONVS[target])
             if target in _ADD_FUNCTIONS and self._is_plain_add(node):
                 return "add", data_inputs
+            if target in _MUL_FUNCTIONS and self._is_plain_add(node):
+                return "mul", data_inputs
+            if target in _RESHAPE_FUNCTIONS and len(data_inputs) == 1:
+                return "reshape", data_inputs
             if target is pssa_transform:
                 return "pssa", data_inputs
             if target in _SOFTMAX:
@@ -146,6 +185,10 @@ class FxAdapter:
         if node.op == "call_method":
             if node.target in ("add", "add_") and self._is_plain_add(node):
                 return "add", data_inputs
+            if node.target in _MUL_METHODS and self._is_plain_add(node):
+                return "mul", data_inputs
+            if node.target in _RESHAPE_METHODS and len(data_inputs) == 1:
+                return "reshape", data_inputs
             if node.target == "softmax":
                 return "softmax", data_inputs
             return "other", data_inputs
@@ -153,7 +196,7 @@ class FxAdapter:
 
     @staticmethod
     def _is_plain_add(node: fx.Node) -> bool:
-        """x + y of two graph values, no alpha, no scalar operand."""
+        """x + y (or x * y) of two graph values, no alpha, no scalar operand."""
         args = node.args[:2]
         return (
             len(node.args) == 2
@@ -188,19 +231,28 @@ class FxAdapter:
                                  None if module.bias is None else module.bias.detach())
         return "conv", sources
 
-    def _conv_function(self, node: fx.Node, calls: Counter, attrs: dict[str, object]) -> tuple[str, Sequence[fx.Node]]:
-        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups", "padding_mode")
+    def _conv_function(
+        self, node: fx.Node, calls: Counter, attrs: dict[str, object],
+        names: Sequence[str] = ("input", "weight", "bias", "stride", "padding", "dilation", "groups", "padding_mode"),
+    ) -> tuple[str, Sequence[fx.Node]]:
         defaults: dict[str, object] = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1,
                                        "padding_mode": "zeros"}
         args = dict(zip(names, node.args, strict=False))
         args.update(node.kwargs)
         for key, value in defaults.items():
             args.setdefault(key, value)
-        weight, bias = args["weight"], args["bias"]
+        weight, bias = _constant_attr(args["weight"]), _constant_attr(args["bias"])
         const = [weight] + ([bias] if bias is not None else [])
         roots = [self._constant_roots(v) if isinstance(v, fx.Node) else None for v in const]
         if any(r is None for r in roots):
             attrs["branch"] = None
+            return "conv", list(node.all_input_nodes)
+        computed: list[fx.Node] = []  # e.g. groups=x.shape[1]: known only when the graph runs
+        fx.node.map_arg(tuple(args.get(k) for k in ("stride", "padding", "dilation", "groups", "padding_mode")),
+                        computed.append)
+        if computed:
+            attrs["branch"] = None
+            attrs["refusal"] = f"{self._name(node)}: conv arguments computed in the graph ({computed[0].name})"
             return "conv", list(node.all_input_nodes)
         for v in dict.fromkeys(r for rs in roots for r in rs):  # type: ignore[union-attr]
             if calls[v.target] > 1:

@@ -15,10 +15,12 @@ bias: the weights of the nodes that read them) and shape computations (what
 ``Shape``/``Size`` of an activation and constants give, e.g. the target shape
 of a dynamic-batch ``Reshape``). Edges go from each activation a node reads to
 each activation it writes. Kinds: ``Conv`` -> ``"conv"``, ``BatchNormalization`` ->
-``"bn"``, two-input ``Add`` -> ``"add"``, ``Softmax`` -> ``"softmax"``,
+``"bn"``, two-input ``Add`` -> ``"add"``, a ``Mul`` of two activations ->
+``"mul"``, ``Reshape``/``Unsqueeze``/``Squeeze``/``Flatten``/``Expand``/``Identity``
+of one activation -> ``"reshape"``, ``Softmax`` -> ``"softmax"``,
 ``MatMul``/``Gemm``/``ConvTranspose``/... -> ``"conv_like"``, attention ops ->
-``"global_attention"``, everything else (``Identity``, ``Cast``, the
-decomposed PSSA ops ...) -> ``"other"``.
+``"global_attention"``, everything else (``Cast``, the decomposed PSSA ops ...)
+-> ``"other"``.
 
 A conv this adapter created over an interleave of several tensors is shown
 with its original inputs (``Branch.inputs`` = the interleaved tensors' names),
@@ -67,11 +69,13 @@ ADAPTER_METADATA_KEY = "xvol_compiler.rewrite"
 _CONV_LIKE = {"MatMul", "Gemm", "ConvTranspose", "ConvInteger", "QLinearConv", "MatMulInteger", "QLinearMatMul",
               "Einsum", "DeformConv"}
 _ATTENTION = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
+# Views of one activation (the directional PSSA form multiplies (N, C, |D|, ...) views).
+_RESHAPES = {"Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand", "Identity"}
 # Ops whose output is a constant when their inputs are: evaluated with onnx.reference.
 _FOLDABLE = {
     "Identity", "Cast", "CastLike", "Shape", "Size", "Expand", "Reshape", "Unsqueeze", "Squeeze", "Flatten",
     "Concat", "Transpose", "Gather", "Slice", "Add", "Sub", "Mul", "Div", "Neg", "Sqrt", "Reciprocal", "Pow",
-    "Abs", "ConstantOfShape", "Range", "Tile",
+    "Abs", "ConstantOfShape", "Range", "Tile", "Mod",
     # Weight standardization (StdConv2d / ScaledStdConv2d) as the TorchScript exporter writes it.
     "ReduceMean", "BatchNormalization",
 }
@@ -609,6 +613,10 @@ class OnnxGraphAdapter:
                 attrs.update(kind="bn", bn=bn, refusal=refusal)
             elif op == "Add" and len(node.inputs) == 2:
                 attrs.update(kind="add", refusal=self._add_refusal(node))
+            elif op == "Mul" and len(node.inputs) == 2 and not any(self._is_static(t) for t in node.inputs):
+                attrs["kind"] = "mul"
+            elif op in _RESHAPES and len(self._sources(node)) == 1:
+                attrs["kind"] = "reshape"
             elif op == "Softmax" or op == "LogSoftmax":
                 attrs["kind"] = "softmax"
             elif node.op in _CONV_LIKE:

@@ -636,11 +636,15 @@ def cmd_graph(args: argparse.Namespace, out: Output) -> int:
 
 
 def _first_onnx_site(proto: Any) -> str | None:
-    """The module scope of the first PSSA-looking pattern in an exported graph (an AveragePool feeding Mul)."""
+    """The module scope of the first PSSA-looking pattern in an exported graph: a Conv whose output is
+    multiplied with the conv's own input (the transform today), or an AveragePool (older exports)."""
+    multiplied = {(a, b) for n in proto.graph.node if n.op_type == "Mul" and len(n.input) == 2
+                  for a, b in (tuple(n.input), tuple(reversed(n.input)))}
     for node in proto.graph.node:
         meta = {p.key: p.value for p in node.metadata_props}
         scopes = meta.get("pkg.torch.onnx.name_scopes", "")
-        if node.op_type == "AveragePool" and scopes:
+        transform_conv = node.op_type == "Conv" and (node.output[0], node.input[0]) in multiplied
+        if (node.op_type == "AveragePool" or transform_conv) and scopes:
             parts = [s.strip(" '\"") for s in scopes.strip("[]").split(",")]
             if len(parts) >= 2:
                 return parts[-2]

@@ -2,7 +2,9 @@
 
 - :func:`count_macs`: multiply-accumulates of every convolution and matrix
   product that runs (``torch.utils.flop_counter``, so functional convolutions
-  of a fused ``GraphModule`` count too); element-wise work is not counted.
+  of a fused ``GraphModule`` count too); element-wise work is not counted,
+  nor the constant-kernel depthwise conv that computes a PSSA transform's
+  neighbour sums (the transform is element-wise work, reported as elements).
 - :func:`interleaved_latency`: the variants run in turn, round after round,
   so that a change in machine load hits all of them alike; ratios are the
   median of the per-round ratios, spread their 25th-75th percentiles.
@@ -14,6 +16,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import resource
@@ -26,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from xvol_compiler.verify import error_stats, tensors_of
 
@@ -42,13 +46,34 @@ __all__ = [
 
 
 def count_macs(model: nn.Module | Callable[..., Any], inputs: Sequence[Any]) -> int:
-    """Multiply-accumulates of one forward on ``inputs`` (half the counted FLOPs), no grad."""
+    """Multiply-accumulates of one forward on ``inputs`` (half the counted FLOPs), no grad;
+    the PSSA transform's constant-kernel convolutions are not counted."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    transform = _PssaConvMacs()
+    with torch.no_grad(), counter, transform:
         model(*inputs)
-    return int(counter.get_total_flops()) // 2
+    return int(counter.get_total_flops()) // 2 - transform.macs
+
+
+class _PssaConvMacs(TorchDispatchMode):
+    """MACs of the convolutions whose weight is a ``pssa_kernel`` pattern (the PSSA transform's
+    neighbour sums), as ``FlopCounterMode`` counts them (output elements x C_in/groups x kernel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.macs = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.convolution.default and not args[6]:
+            from xvol_compiler.ops import pssa_kernel_layout
+
+            x, weight, groups = args[0], args[1], int(args[8])
+            if groups == x.shape[1] and pssa_kernel_layout(weight, groups) is not None:
+                self.macs += out.numel() * weight.shape[1] * math.prod(weight.shape[2:])
+        return out
 
 
 def count_params(model: nn.Module) -> int:

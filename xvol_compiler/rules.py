@@ -11,9 +11,11 @@ Nodes are the adapter's own keys. Edges are data flow, producer -> consumer.
 Node attributes:
 
 ``kind``
-    ``"conv"``, ``"bn"``, ``"add"``, ``"pssa"`` (a recognised PSSA transform),
-    ``"global_attention"``, ``"softmax"``, ``"conv_like"`` (a linear op that is
-    not foldable), ``"input"`` (a graph input), or ``"other"``.
+    ``"conv"``, ``"bn"``, ``"add"``, ``"mul"`` (a product of two graph values),
+    ``"reshape"`` (a view, reshape, (un)squeeze, flatten or broadcast of one
+    value), ``"pssa"`` (a recognised PSSA transform), ``"global_attention"``,
+    ``"softmax"``, ``"conv_like"`` (a linear op that is not foldable),
+    ``"input"`` (a graph input), or ``"other"``.
 ``branch``
     conv nodes: a ``fold.Branch`` whose ``inputs`` are the keys of the nodes it
     reads (an interleaved conv lists every input; the adapter draws an edge from
@@ -29,6 +31,11 @@ Node attributes:
     what reports call the node.
 ``spatial``
     optional: the number of output positions (product of spatial sizes), for MAC counts.
+
+A PSSA transform spelled out as a constant-kernel depthwise conv whose output is
+multiplied with the conv's own input (``x * conv(x, pssa_kernel)``, see
+``mark_pssa_transforms``) is re-kinded ``"pssa"`` before the rules run: it is
+part of an X-volution site's T(x), never a conv to fold.
 
 Patterns are matched with ``DiGraphMatcher`` subgraph monomorphisms on node
 kinds. Edges are unordered pairs of values, so ``add`` matches with its
@@ -54,6 +61,7 @@ from xvol_compiler.fold import (
     fold_conv_bn,
     merge_branches,
 )
+from xvol_compiler.ops import PssaKernelLayout, pssa_kernel_layout
 
 __all__ = [
     "RULES",
@@ -65,7 +73,10 @@ __all__ = [
     "RewriteLog",
     "Rule",
     "conv_macs",
+    "mark_pssa_transforms",
     "pattern",
+    "pssa_conv_layout",
+    "pssa_products",
     "run_rules",
 ]
 
@@ -236,6 +247,83 @@ def _rewrite(
         replaced=tuple(replaced), branch=branch, params_before=params, macs_before=macs,
         macs_after=conv_macs(branch.geometry, _attrs(view, output).get("spatial")),
     )
+
+
+# --------------------------------------------------------------------------- PSSA spelled out
+
+# Reshape-like nodes walked between the ring conv, its input and the product (the directional
+# form multiplies (N, C, |D|, ...) views); a few suffice, the limit only bounds the walk.
+_RESHAPE_CHAIN_LIMIT = 8
+
+
+def pssa_conv_layout(branch: Branch) -> PssaKernelLayout | None:
+    """The PSSA layout of a conv branch that computes the neighbour sums of a PSSA transform:
+    one input, depthwise (groups == C_in), kernel 3 per axis, stride 1, dilation == padding
+    (the shift) per axis, zero padding, no or zero bias, a ``pssa_kernel`` pattern in every channel."""
+    g = branch.geometry
+    if len(branch.inputs) != 1 or g.groups != g.in_channels or g.padding_mode != "zeros":
+        return None
+    if any(k != 3 for k in g.kernel_size) or any(s != 1 for s in g.stride):
+        return None
+    if any(pads != (d, d) for pads, d in zip(g.pads(), g.dilation, strict=True)):
+        return None
+    if branch.bias is not None and not bool((branch.bias == 0).all()):
+        return None
+    return pssa_kernel_layout(branch.weight, g.groups)
+
+
+def _through_reshapes(view: nx.DiGraph, key: Key, forward: bool) -> Iterator[Key]:
+    """``key`` and the nodes reached from it through reshape-like nodes: forward while the
+    value has that one consumer in the view, backward while the node has one input."""
+    yield key
+    for _ in range(_RESHAPE_CHAIN_LIMIT):
+        if forward:
+            nxt = list(view.successors(key))
+            if len(nxt) != 1 or _attrs(view, nxt[0]).get("kind") != "reshape":
+                return
+        else:
+            if _attrs(view, key).get("kind") != "reshape":
+                return
+            nxt = list(view.predecessors(key))
+            if len(nxt) != 1:
+                return
+        key = nxt[0]
+        yield key
+
+
+def pssa_products(view: nx.DiGraph) -> dict[Key, Key]:
+    """Constant-kernel convs of the view that are the neighbour sums of a spelled-out PSSA
+    transform, each with the product node that completes it: conv key -> product key.
+
+    The conv (``pssa_conv_layout``) must feed, alone and possibly through reshapes, a
+    ``mul`` whose other operand is the conv's own input (possibly through reshapes).
+    Consumers outside the view (an ONNX ``Shape``: only the value's shape) do not count.
+    Correctness never rests on this: the rules only merge convs over the tensors they read,
+    and a conv taken for a transform is just left as it is."""
+    found: dict[Key, Key] = {}
+    for key, attrs in view.nodes(data=True):
+        branch = attrs.get("branch")
+        if attrs.get("kind") != "conv" or branch is None or pssa_conv_layout(branch) is None:
+            continue
+        source = branch.inputs[0]
+        chain = list(_through_reshapes(view, key, forward=True))
+        last = chain[-1]
+        products = list(view.successors(last))
+        if len(products) != 1 or _attrs(view, products[0]).get("kind") != "mul":
+            continue
+        product = products[0]
+        others = [p for p in view.predecessors(product) if p != last]
+        if len(others) == 1 and source in _through_reshapes(view, others[0], forward=False):
+            found[key] = product
+    return found
+
+
+def mark_pssa_transforms(view: nx.DiGraph) -> nx.DiGraph:
+    """Re-kind each spelled-out PSSA transform's conv and product ``"pssa"`` (in place; returns ``view``)."""
+    for conv, product in pssa_products(view).items():
+        view.nodes[conv]["kind"] = "pssa"
+        view.nodes[product]["kind"] = "pssa"
+    return view
 
 
 # --------------------------------------------------------------------------- the rules
@@ -415,7 +503,7 @@ def run_rules(adapter: GraphAdapter, rules: Sequence[Rule] = RULES, max_rounds: 
     refused: set[tuple[str, frozenset[Key]]] = set()
     reported: set[tuple[str, str, str]] = set()
     for _ in range(max_rounds):
-        view = adapter.view()
+        view = mark_pssa_transforms(adapter.view())
         batch: list[Rewrite] = []
         for rule in rules:
             taken: set[Key] = set()  # nodes the batch replaces

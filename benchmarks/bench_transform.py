@@ -1,0 +1,97 @@
+"""Time the PSSA transform alone at real site shapes: the pooling formula against ``pssa_transform``.
+
+    .venv/bin/python benchmarks/bench_transform.py [--repeats 31] [--threads 2] [--batches 1 16]
+
+The reference ("avgpool") is the transform as it was computed before it became one
+constant-kernel depthwise conv and one multiply: a 3x3 average pool, scale, subtract
+the centre, divide, multiply (five memory passes). Shapes are the inputs of the sites
+xvolify picks by default at 224 px: ResNet-50's layer3 (256 channels at 28x28 for the
+strided first block, 14x14 after) and MobileNetV3-Large's stride-16 depthwise convs
+(240 at 28x28; 200, 184, 480 and 672 at 14x14). For scale, the site's own 3x3
+conv (depthwise for MobileNet, dense for ResNet) is timed in the same rounds.
+Eager, float32, full 8-neighbourhood, shift 1; rounds interleaved; per shape the
+median, the 25-75% range and the speed-up (median of the per-round ratios).
+Run on an idle machine: the numbers are wall-clock times.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from xvol_compiler import pssa_transform, render_table
+from xvol_compiler.measure import interleaved_latency
+
+# (model, site input channels, spatial size, groups of the site's conv)
+SITES: tuple[tuple[str, int, int, str], ...] = (
+    ("resnet50 layer3.0", 256, 28, "dense"),
+    ("resnet50 layer3.1-5", 256, 14, "dense"),
+    ("mobilenet_v3_large features.7", 240, 28, "depthwise"),
+    ("mobilenet_v3_large features.8", 200, 14, "depthwise"),
+    ("mobilenet_v3_large features.9-10", 184, 14, "depthwise"),
+    ("mobilenet_v3_large features.11", 480, 14, "depthwise"),
+    ("mobilenet_v3_large features.12", 672, 14, "depthwise"),
+)
+
+
+def avgpool_transform(x: torch.Tensor) -> torch.Tensor:
+    """T(x) by the pooling formula: x * (9 * avg_pool3x3(x) - x) / 8, zero padding counted."""
+    box = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=True) * 9.0
+    return x * ((box - x) / 8.0)
+
+
+def _ms(times: Sequence[float], q: float) -> float:
+    s = sorted(times)
+    return 1e3 * s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, object]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=31, help="timed rounds per shape")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--sites", type=int, default=len(SITES), help="only the first N site shapes (smoke runs)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows, results = [], []
+    for label, channels, size, kind in SITES[: args.sites]:
+        groups = channels if kind == "depthwise" else 1
+        weight = torch.randn(channels, channels // groups, 3, 3)
+        for batch in args.batches:
+            x = torch.randn(batch, channels, size, size)
+            err = float((pssa_transform(x) - avgpool_transform(x)).abs().max() / avgpool_transform(x).abs().max())
+            with torch.no_grad():
+                latency = interleaved_latency(
+                    {"avgpool": lambda x=x: avgpool_transform(x), "pssa_transform": lambda x=x: pssa_transform(x),
+                     "site conv": lambda x=x, w=weight, g=groups: F.conv2d(x, w, None, 1, 1, 1, g)},
+                    repeats=args.repeats, warmup=args.warmup,
+                )
+            speedup = 1.0 / latency.ratio("pssa_transform", "avgpool")
+            lo, hi = latency.ratio_spread("pssa_transform", "avgpool")
+            cells = {name: (latency.median(name) * 1e3, _ms(t, 0.25), _ms(t, 0.75))
+                     for name, t in latency.times.items()}
+            rows.append([
+                label, f"{batch}x{channels}x{size}x{size}",
+                *(f"{m:.3f} ({a:.3f}-{b:.3f})" for m, a, b in cells.values()),
+                f"{speedup:.2f}x ({1 / hi:.2f}-{1 / lo:.2f})",
+                f"{latency.ratio('pssa_transform', 'site conv'):.2f}", f"{err:.1e}",
+            ])
+            results.append({"site": label, "shape": [batch, channels, size, size], "ms": cells,
+                            "speedup": speedup, "speedup_p25_p75": [1 / hi, 1 / lo], "max_rel_error": err})
+    title = (f"PSSA transform alone, eager float32: {args.repeats} interleaved rounds, {args.threads} threads, "
+             f"torch {torch.__version__}")
+    print(render_table(
+        ["site", "input", "avgpool ms (p25-p75)", "pssa_transform ms (p25-p75)", "site conv ms (p25-p75)",
+         "speed-up (p25-p75)", "transform / site conv", "rel. error"],
+        rows, title=title,
+    ))
+    return results
+
+
+if __name__ == "__main__":
+    main()
