@@ -10,6 +10,7 @@ a model of the user's own class.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from typing import Any
 
@@ -17,11 +18,13 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from xvol_compiler.fold import FoldError
+from xvol_compiler.fold import Branch, FoldError
 from xvol_compiler.fusion_report import FusionReport
+from xvol_compiler.lowering import LoweringChoice
 from xvol_compiler.measure import tensors_of
-from xvol_compiler.ops import XVolution
+from xvol_compiler.ops import XVolution, _merged_branch
 from xvol_compiler.passes.fx_graph import FxAdapter
+from xvol_compiler.passes.lower import choose_lowering, lower_sites, validate_options
 from xvol_compiler.rules import Outcome, run_rules
 
 __all__ = ["FusionError", "FusionVerificationError", "fuse", "fuse_graph", "fuse_with_report"]
@@ -38,15 +41,33 @@ class FusionVerificationError(FusionError):
 
 
 def fuse_graph(
-    gm: fx.GraphModule, example_inputs: tuple[Any, ...] | None = None
+    gm: fx.GraphModule, example_inputs: tuple[Any, ...] | None = None, *, backend: str = "eager",
+    lowering: str = "auto", single_conv: bool = True,
 ) -> tuple[fx.GraphModule, FusionReport]:
-    """Rewrite ``gm`` in place: conv+BN folds, X-volution sites and branch sums become one conv each."""
+    """Rewrite ``gm`` in place: conv+BN folds, X-volution sites and branch sums become one conv each
+    (each site in the lowering chosen for ``backend``, see ``xvol_compiler.passes.lower``)."""
+    validate_options(backend, lowering, single_conv)
     if example_inputs is not None:
         ShapeProp(gm).propagate(*example_inputs)
     adapter = FxAdapter(gm)
     rewrite_log = run_rules(adapter)
+    choices = lower_fx_sites(adapter, backend=backend, lowering=lowering, single_conv=single_conv)
     adapter.finalize()
-    return gm, FusionReport.from_log(rewrite_log, source="fx")
+    report = FusionReport.from_log(rewrite_log, source="fx")
+    report.set_lowerings(choices)
+    return gm, report
+
+
+def _input_shape(branch: Branch) -> tuple[int, ...] | None:
+    meta = getattr(branch.inputs[0], "meta", {}).get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return None if shape is None else tuple(int(d) for d in shape)
+
+
+def lower_fx_sites(adapter: FxAdapter, *, backend: str, lowering: str, single_conv: bool) -> dict[str, LoweringChoice]:
+    """Each fused site of ``adapter``'s graph in its chosen lowering (name -> choice)."""
+    return lower_sites(adapter, name_of=lambda node: adapter.origin.get(node) or adapter._name(node),
+                       shape_of=_input_shape, backend=backend, lowering=lowering, single_conv=single_conv)
 
 
 def _has_foldable(module: nn.Module) -> bool:
@@ -109,8 +130,9 @@ def _realize(original: nn.Module, gm: fx.GraphModule, replaced: set[str]) -> nn.
 
 
 class _Fuser:
-    def __init__(self) -> None:
+    def __init__(self, backend: str = "eager", lowering: str = "auto", single_conv: bool = True) -> None:
         self.report = FusionReport(source="fx")
+        self.backend, self.lowering, self.single_conv = backend, lowering, single_conv
 
     def fuse_module(self, module: nn.Module, path: str, example: tuple[Any, ...] | None) -> nn.Module:
         if not _has_foldable(module):
@@ -133,17 +155,22 @@ class _Fuser:
                 log.info("shape propagation failed (%s): fusing without MAC counts", err)
         adapter = FxAdapter(gm)
         part = FusionReport.from_log(run_rules(adapter), source="fx")
+        part.set_lowerings(lower_fx_sites(adapter, backend=self.backend, lowering=self.lowering,
+                                          single_conv=self.single_conv))
         adapter.finalize()
         prefix = f"{path}." if path else ""
         for o in part.outcomes:
-            self.report.outcomes.append(Outcome(o.kind, prefix + o.name, o.status, o.reason, o.params_before,
-                                                o.params_after, o.macs_before, o.macs_after))
+            self.report.outcomes.append(dataclasses.replace(o, name=prefix + o.name))
         self.report.paths[path or "<model>"] = "fx graph"
         return _realize(module, gm, adapter.replaced_targets)
 
     def _fuse_site(self, site: XVolution, path: str) -> nn.Module:
         try:
-            deploy = site.fuse()
+            w, b = site.deploy_weights()
+            factor = 1 + (site.directions if site.directional else 1)
+            choice = choose_lowering(_merged_branch(site.geometry, factor, w, b), backend=self.backend,
+                                     lowering=self.lowering, single_conv=self.single_conv)
+            deploy = site.fuse(choice.lowering, single_conv=self.single_conv)
         except FoldError as err:
             self.report.outcomes.append(Outcome("x-volution", path, "refused", str(err)))
             return site
@@ -151,7 +178,8 @@ class _Fuser:
             b.numel() for n, b in site.named_buffers() if "running" in n
         )
         self.report.outcomes.append(Outcome("x-volution", path, "fused", "", before,
-                                            sum(p.numel() for p in deploy.parameters())))
+                                            sum(p.numel() for p in deploy.parameters()),
+                                            lowering=choice.lowering, lowering_reason=choice.reason))
         self.report.paths[path] = "module (XVolution.fuse)"
         return deploy
 
@@ -195,8 +223,12 @@ def fuse_with_report(
     atol: float | None = None,
     rtol: float = 1e-4,
     inplace: bool = False,
+    backend: str = "eager",
+    lowering: str = "auto",
+    single_conv: bool = True,
 ) -> tuple[nn.Module, FusionReport]:
     """``fuse`` that also returns the report."""
+    validate_options(backend, lowering, single_conv)
     if model.training:
         raise FusionError(
             "the model is in training mode: BatchNorm then normalises with batch statistics, which no "
@@ -219,9 +251,9 @@ def fuse_with_report(
                 "so fusion cannot be verified: fix the model, pass other example_inputs, or verify=False"
             )
     target = model if inplace else copy.deepcopy(model)
-    fuser = _Fuser()
+    fuser = _Fuser(backend, lowering, single_conv)
     if isinstance(target, fx.GraphModule):
-        target, part = fuse_graph(target, example)
+        target, part = fuse_graph(target, example, backend=backend, lowering=lowering, single_conv=single_conv)
         fuser.report.extend(part)
         fuser.report.paths["<model>"] = "fx graph"
     else:
@@ -259,6 +291,9 @@ def fuse(
     atol: float | None = None,
     rtol: float = 1e-4,
     inplace: bool = False,
+    backend: str = "eager",
+    lowering: str = "auto",
+    single_conv: bool = True,
 ) -> nn.Module:
     """Deploy form of ``model``: every fusable site one convolution; report at ``.xvol_fusion_report``.
 
@@ -267,7 +302,13 @@ def fuse(
     fused and unfused outputs on ``example_inputs`` are compared and a
     ``FusionVerificationError`` is raised beyond ``rtol`` (relative to the
     largest output magnitude). Fusing a fused model changes nothing.
+
+    Each X-volution site is deployed in the lowering (``xvol_compiler.lowering``) that is fastest
+    for ``backend`` ("eager", "compile", "onnxruntime"), measured on the site's shapes
+    (``lowering="auto"``), or the one forced by ``lowering="channel"|"spatial"|"split"`` (a site
+    where it is not exact keeps "channel", with the reason in the report). ``single_conv=False``
+    allows "split" (two convolutions and an add per site).
     """
     fused, _ = fuse_with_report(model, example_inputs=example_inputs, verify=verify, atol=atol, rtol=rtol,
-                                inplace=inplace)
+                                inplace=inplace, backend=backend, lowering=lowering, single_conv=single_conv)
     return fused

@@ -170,6 +170,8 @@ def check_lowering(branch: Branch, lowering: str, *, single_conv: bool = True, a
     """Raise FoldError with the reason ``lowering`` cannot run ``branch`` exactly (or is not allowed)."""
     if lowering not in LOWERINGS:
         raise FoldError(f"unknown lowering {lowering!r}; choose from {', '.join(LOWERINGS)}")
+    if lowering == "channel":
+        return
     if len(branch.inputs) < 2:
         raise FoldError("a single-input conv has nothing to interleave")
     if lowering == "split":
