@@ -31,6 +31,7 @@ from xvol_compiler.onnx_io import (
     model_data_bytes,
     save_onnx,
 )
+from xvol_compiler.passes.lower import lower_sites, validate_options
 from xvol_compiler.passes.onnx_graph import Interleave, OnnxGraphAdapter, infer_shapes
 from xvol_compiler.rules import run_rules
 
@@ -182,6 +183,8 @@ def fuse_onnx(
     output_path: str | os.PathLike[str] | None = None,
     force: bool = False,
     interleave: Interleave = "reshape",
+    lowering: str = "auto",
+    single_conv: bool = True,
 ) -> tuple[onnx.ModelProto, FusionReport]:
     """Fuse every X-volution site, conv + BatchNorm and foldable branch sum of an ONNX model.
 
@@ -196,15 +199,27 @@ def fuse_onnx(
     returned unchanged (and written unchanged when ``output_path`` is given),
     its report saying "no fusable patterns".
 
+    Each X-volution site is written in the lowering (``xvol_compiler.lowering``) fastest in
+    onnxruntime, measured on a one-site model at the site's shapes (``lowering="auto"``), or the one
+    forced by ``lowering="channel"|"spatial"|"split"`` (a site where it is not exact keeps "channel",
+    the report says why); ``single_conv=False`` allows "split" (two Conv and an Add per site).
+
     Raises ``OnnxFileError`` (bad input), ``OutputExistsError``,
     ``OnnxVerificationError``; all are ``ValueError`` with one-line messages.
     """
+    validate_options("onnxruntime", lowering, single_conv)
     out_path = None if output_path is None else check_output_path(output_path, force=force)
     loaded = load_onnx(model_or_path)
     model = loaded.model
     adapter = OnnxGraphAdapter(model, infer_shapes(model), interleave=interleave)
     log = run_rules(adapter)
     report = FusionReport.from_log(log, source="onnx")
+    if log.applied:
+        report.set_lowerings(lower_sites(
+            adapter, name_of=adapter.site_name, shape_of=lambda branch: adapter.input_shape(str(branch.inputs[0])),
+            backend="onnxruntime", lowering=lowering, single_conv=single_conv, asymmetric_pads=True,
+            refusal=adapter.lowering_refusal,
+        ))
     if not log.applied:
         fused = model
         report.notes.append(NO_SITES_NOTE)
