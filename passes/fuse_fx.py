@@ -24,7 +24,7 @@ from xvol_compiler.lowering import LoweringChoice
 from xvol_compiler.measure import tensors_of
 from xvol_compiler.ops import XVolution, _merged_branch
 from xvol_compiler.passes.fx_graph import FxAdapter
-from xvol_compiler.passes.lower import choose_lowering, lower_sites, validate_options
+from xvol_compiler.passes.lower import LoweringOption, choose_lowering, lower_sites, site_option, validate_options
 from xvol_compiler.rules import Outcome, run_rules
 
 __all__ = ["FusionError", "FusionVerificationError", "fuse", "fuse_graph", "fuse_with_report"]
@@ -42,7 +42,7 @@ class FusionVerificationError(FusionError):
 
 def fuse_graph(
     gm: fx.GraphModule, example_inputs: tuple[Any, ...] | None = None, *, backend: str = "eager",
-    lowering: str = "auto", single_conv: bool = True,
+    lowering: LoweringOption = "auto", single_conv: bool = True,
 ) -> tuple[fx.GraphModule, FusionReport]:
     """Rewrite ``gm`` in place: conv+BN folds, X-volution sites and branch sums become one conv each
     (each site in the lowering chosen for ``backend``, see ``xvol_compiler.passes.lower``)."""
@@ -64,10 +64,12 @@ def _input_shape(branch: Branch) -> tuple[int, ...] | None:
     return None if shape is None else tuple(int(d) for d in shape)
 
 
-def lower_fx_sites(adapter: FxAdapter, *, backend: str, lowering: str, single_conv: bool) -> dict[str, LoweringChoice]:
+def lower_fx_sites(adapter: FxAdapter, *, backend: str, lowering: LoweringOption, single_conv: bool,
+                   prefix: str = "") -> dict[str, LoweringChoice]:
     """Each fused site of ``adapter``'s graph in its chosen lowering (name -> choice)."""
     return lower_sites(adapter, name_of=lambda node: adapter.origin.get(node) or adapter._name(node),
-                       shape_of=_input_shape, backend=backend, lowering=lowering, single_conv=single_conv)
+                       shape_of=_input_shape, backend=backend, lowering=lowering, single_conv=single_conv,
+                       prefix=prefix)
 
 
 def _has_foldable(module: nn.Module) -> bool:
@@ -130,7 +132,7 @@ def _realize(original: nn.Module, gm: fx.GraphModule, replaced: set[str]) -> nn.
 
 
 class _Fuser:
-    def __init__(self, backend: str = "eager", lowering: str = "auto", single_conv: bool = True) -> None:
+    def __init__(self, backend: str = "eager", lowering: LoweringOption = "auto", single_conv: bool = True) -> None:
         self.report = FusionReport(source="fx")
         self.backend, self.lowering, self.single_conv = backend, lowering, single_conv
 
@@ -155,10 +157,10 @@ class _Fuser:
                 log.info("shape propagation failed (%s): fusing without MAC counts", err)
         adapter = FxAdapter(gm)
         part = FusionReport.from_log(run_rules(adapter), source="fx")
-        part.set_lowerings(lower_fx_sites(adapter, backend=self.backend, lowering=self.lowering,
-                                          single_conv=self.single_conv))
-        adapter.finalize()
         prefix = f"{path}." if path else ""
+        part.set_lowerings(lower_fx_sites(adapter, backend=self.backend, lowering=self.lowering,
+                                          single_conv=self.single_conv, prefix=prefix))
+        adapter.finalize()
         for o in part.outcomes:
             self.report.outcomes.append(dataclasses.replace(o, name=prefix + o.name))
         self.report.paths[path or "<model>"] = "fx graph"
@@ -169,7 +171,7 @@ class _Fuser:
             w, b = site.deploy_weights()
             factor = 1 + (site.directions if site.directional else 1)
             choice = choose_lowering(_merged_branch(site.geometry, factor, w, b), backend=self.backend,
-                                     lowering=self.lowering, single_conv=self.single_conv)
+                                     lowering=site_option(self.lowering, path), single_conv=self.single_conv)
             deploy = site.fuse(choice.lowering, single_conv=self.single_conv)
         except FoldError as err:
             self.report.outcomes.append(Outcome("x-volution", path, "refused", str(err)))
@@ -224,7 +226,7 @@ def fuse_with_report(
     rtol: float = 1e-4,
     inplace: bool = False,
     backend: str = "eager",
-    lowering: str = "auto",
+    lowering: LoweringOption = "auto",
     single_conv: bool = True,
 ) -> tuple[nn.Module, FusionReport]:
     """``fuse`` that also returns the report."""
@@ -292,7 +294,7 @@ def fuse(
     rtol: float = 1e-4,
     inplace: bool = False,
     backend: str = "eager",
-    lowering: str = "auto",
+    lowering: LoweringOption = "auto",
     single_conv: bool = True,
 ) -> nn.Module:
     """Deploy form of ``model``: every fusable site one convolution; report at ``.xvol_fusion_report``.
@@ -307,7 +309,9 @@ def fuse(
     for ``backend`` ("eager", "compile", "onnxruntime"), measured on the site's shapes
     (``lowering="auto"``), or the one forced by ``lowering="channel"|"spatial"|"split"`` (a site
     where it is not exact keeps "channel", with the reason in the report). ``single_conv=False``
-    allows "split" (two convolutions and an add per site).
+    allows "split" (two convolutions and an add per site). ``lowering`` may also map site names to
+    lowerings (``report.lowerings()`` of an earlier fusion; sites not named keep "channel"): how a
+    saved fused model is rebuilt to load its state dict.
     """
     fused, _ = fuse_with_report(model, example_inputs=example_inputs, verify=verify, atol=atol, rtol=rtol,
                                 inplace=inplace, backend=backend, lowering=lowering, single_conv=single_conv)

@@ -30,7 +30,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -40,7 +40,7 @@ from xvol_compiler.lowering import LOWERINGS, LoweringChoice, check_lowering
 from xvol_compiler.ops import lowered_convs, run_lowering
 from xvol_compiler.rules import Rewrite
 
-__all__ = ["BACKENDS", "LOWERING_OPTIONS", "choose_lowering", "lower_sites", "validate_options"]
+__all__ = ["BACKENDS", "LOWERING_OPTIONS", "choose_lowering", "lower_sites", "site_option", "validate_options"]
 
 BACKENDS = ("eager", "compile", "onnxruntime")
 LOWERING_OPTIONS = ("auto", *LOWERINGS)
@@ -54,14 +54,25 @@ class LoweringAdapter(Protocol):
     def apply(self, rewrite: Rewrite) -> None: ...
 
 
-def validate_options(backend: str, lowering: str, single_conv: bool) -> None:
+LoweringOption = str | Mapping[str, str]
+
+
+def validate_options(backend: str, lowering: LoweringOption, single_conv: bool) -> None:
     """ValueError naming the bad option and the choices."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
-    if lowering not in LOWERING_OPTIONS:
-        raise ValueError(f"lowering={lowering!r} is not one of {', '.join(LOWERING_OPTIONS)}")
-    if lowering == "split" and single_conv:
-        raise ValueError("lowering='split' is two convolutions per site: pass single_conv=False to allow it")
+    values = list(lowering.values()) if isinstance(lowering, Mapping) else [lowering]
+    allowed = LOWERINGS if isinstance(lowering, Mapping) else LOWERING_OPTIONS
+    for value in values:
+        if value not in allowed:
+            raise ValueError(f"lowering={value!r} is not one of {', '.join(allowed)}")
+        if value == "split" and single_conv:
+            raise ValueError("lowering='split' is two convolutions per site: pass single_conv=False to allow it")
+
+
+def site_option(lowering: LoweringOption, name: str) -> str:
+    """The lowering asked for site ``name``: a mapping names sites (others keep "channel")."""
+    return lowering.get(name, "channel") if isinstance(lowering, Mapping) else lowering
 
 
 def _is_depthwise(branch: Branch) -> bool:
@@ -183,18 +194,24 @@ def lower_sites(
     name_of: Callable[[Any], str],
     shape_of: Callable[[Branch], Sequence[object] | None],
     backend: str = "eager",
-    lowering: str = "auto",
+    lowering: LoweringOption = "auto",
     single_conv: bool = True,
     asymmetric_pads: bool = False,
     refusal: Callable[[Branch, str], str | None] | None = None,
+    prefix: str = "",
 ) -> dict[str, LoweringChoice]:
-    """Choose each fused site's lowering and re-emit the sites that do not stay "channel"; name -> choice."""
+    """Choose each fused site's lowering and re-emit the sites that do not stay "channel"; name -> choice.
+
+    ``lowering`` may map site names (``prefix`` + the graph's name) to lowerings: how a saved fused
+    model is rebuilt with the lowerings it was saved with.
+    """
     validate_options(backend, lowering, single_conv)
     choices: dict[str, LoweringChoice] = {}
     for key, branch in adapter.sites():
         name = name_of(key)
         choice = choose_lowering(
-            branch, backend=backend, lowering=lowering, single_conv=single_conv, input_shape=shape_of(branch),
+            branch, backend=backend, lowering=site_option(lowering, prefix + name), single_conv=single_conv,
+            input_shape=shape_of(branch),
             asymmetric_pads=asymmetric_pads,
             refusal=None if refusal is None else (lambda name, branch=branch: refusal(branch, name)),
         )
