@@ -655,7 +655,11 @@ class OnnxGraphAdapter:
             parts = [self._slice(x, -left, _INT64_MAX, axis, base, nodes)] if left else []
             parts.append(x)
             parts += [self._slice(x, 0, right, axis, base, nodes)] if right else []
+            shape = self._shape(x)
             x = self._node("Concat", parts, base, nodes, axis=axis)
+            if shape is not None and len(shape) > axis and isinstance(shape[axis], int):
+                # Known shapes let the view read the chain back as one circular pad.
+                self.shapes[x.name] = (*shape[:axis], shape[axis] + left + right, *shape[axis + 1:])
         return x
 
     def _slice(self, x: gs.Tensor, start: int, end: int, axis: int, base: str, nodes: list[gs.Node]) -> gs.Tensor:
@@ -708,6 +712,10 @@ class OnnxGraphAdapter:
             out = self._node("Reshape", [cat, merged], base, nodes, dtype=dtype, output="interleave")
         self._interleaved[out.name] = _Interleaved(tuple(keys), tuple(channels), groups)
         self._interleave_cache[cache_key] = out
+        shape = self._shape(tensors[0])
+        if shape is not None and len(shape) == ndim + 2:
+            # Known shapes let the view see through a pad the exporters' way (Slice/Concat) to this interleave.
+            self.shapes[out.name] = (shape[0], total, *shape[2:])
         return out
 
     def _interleave_spatial(
