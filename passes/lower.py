@@ -38,7 +38,7 @@ import torch
 from xvol_compiler.fold import Branch, FoldError
 from xvol_compiler.lowering import LOWERINGS, LoweringChoice, check_lowering
 from xvol_compiler.ops import lowered_convs, run_lowering
-from xvol_compiler.rules import Rewrite
+from xvol_compiler.rules import Rewrite, RewriteLog
 
 __all__ = ["BACKENDS", "LOWERING_OPTIONS", "choose_lowering", "lower_sites", "site_option", "validate_options"]
 
@@ -199,6 +199,7 @@ def lower_sites(
     asymmetric_pads: bool = False,
     refusal: Callable[[Branch, str], str | None] | None = None,
     prefix: str = "",
+    log: RewriteLog | None = None,
 ) -> dict[str, LoweringChoice]:
     """Choose each fused site's lowering and re-emit the sites that do not stay "channel"; name -> choice.
 
@@ -206,9 +207,13 @@ def lower_sites(
     model is rebuilt with the lowerings it was saved with.
     """
     validate_options(backend, lowering, single_conv)
+    # A site is named after its X-volution rewrite; later rewrites (conv+BN after it, an added branch)
+    # keep its inputs [x, T(x)] but may take another conv's name.
+    names = {tuple(r.branch.inputs): r.name for r in (log.applied if log is not None else ())
+             if r.kind == "x-volution"}
     choices: dict[str, LoweringChoice] = {}
     for key, branch in adapter.sites():
-        name = name_of(key)
+        name = names.get(tuple(branch.inputs)) or name_of(key)
         choice = choose_lowering(
             branch, backend=backend, lowering=site_option(lowering, prefix + name), single_conv=single_conv,
             input_shape=shape_of(branch),
