@@ -73,8 +73,9 @@ class FxAdapter:
         self.replaced_targets: set[str] = set()
         # Module path each created conv stands for (its site), while it may live under a temporary name.
         self.origin: dict[fx.Node, str] = {}
-        # Lowering each created multi-input conv was emitted in.
+        # Lowering each created multi-input conv was emitted in, and the X-volution site it carries.
         self.lowered: dict[fx.Node, str] = {}
+        self.site_names: dict[fx.Node, str] = {}
 
     # ------------------------------------------------------------------ view
 
@@ -284,6 +285,11 @@ class FxAdapter:
             node.target = self._free_target(path)
             self.gm.add_submodule(str(node.target), module)
             self.origin[node] = path
+        site = next((self.site_names.pop(k) for k in rewrite.replaced if k in self.site_names), None)
+        if rewrite.kind == "x-volution" and rewrite.rule != "lowering":
+            site = rewrite.name
+        if site is not None and len(sources) > 1:
+            self.site_names[conv_nodes[0]] = site  # the site this conv carries, whatever it is named after
         if len(sources) > 1 and lowering == "channel":
             self.created[conv_nodes[0]] = (sources, branch.channels)  # type: ignore[assignment]
         if len(sources) > 1:

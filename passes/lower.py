@@ -207,13 +207,12 @@ def lower_sites(
     model is rebuilt with the lowerings it was saved with.
     """
     validate_options(backend, lowering, single_conv)
-    # A site is named after its X-volution rewrite; later rewrites (conv+BN after it, an added branch)
-    # keep its inputs [x, T(x)] but may take another conv's name.
-    names = {tuple(r.branch.inputs): r.name for r in (log.applied if log is not None else ())
-             if r.kind == "x-volution"}
+    # A site is named after its X-volution rewrite (the adapters track it): later rewrites (conv+BN after
+    # it, an added branch) may name its conv after another conv.
+    site_names = getattr(adapter, "site_names", {})
     choices: dict[str, LoweringChoice] = {}
     for key, branch in adapter.sites():
-        name = names.get(tuple(branch.inputs)) or name_of(key)
+        name = site_names.get(key) or name_of(key)
         choice = choose_lowering(
             branch, backend=backend, lowering=site_option(lowering, prefix + name), single_conv=single_conv,
             input_shape=shape_of(branch),
