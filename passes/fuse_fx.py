@@ -25,7 +25,7 @@ from xvol_compiler.measure import tensors_of
 from xvol_compiler.ops import XVolution, _merged_branch
 from xvol_compiler.passes.fx_graph import FxAdapter
 from xvol_compiler.passes.lower import LoweringOption, choose_lowering, lower_sites, site_option, validate_options
-from xvol_compiler.rules import Outcome, RewriteLog, run_rules
+from xvol_compiler.rules import Outcome, run_rules
 
 __all__ = ["FusionError", "FusionVerificationError", "fuse", "fuse_graph", "fuse_with_report"]
 
@@ -51,7 +51,7 @@ def fuse_graph(
         ShapeProp(gm).propagate(*example_inputs)
     adapter = FxAdapter(gm)
     rewrite_log = run_rules(adapter)
-    choices = lower_fx_sites(adapter, backend=backend, lowering=lowering, single_conv=single_conv, log=rewrite_log)
+    choices = lower_fx_sites(adapter, backend=backend, lowering=lowering, single_conv=single_conv)
     adapter.finalize()
     report = FusionReport.from_log(rewrite_log, source="fx")
     report.set_lowerings(choices)
@@ -65,11 +65,11 @@ def _input_shape(branch: Branch) -> tuple[int, ...] | None:
 
 
 def lower_fx_sites(adapter: FxAdapter, *, backend: str, lowering: LoweringOption, single_conv: bool,
-                   prefix: str = "", log: RewriteLog | None = None) -> dict[str, LoweringChoice]:
+                   prefix: str = "") -> dict[str, LoweringChoice]:
     """Each fused site of ``adapter``'s graph in its chosen lowering (name -> choice)."""
     return lower_sites(adapter, name_of=lambda node: adapter.origin.get(node) or adapter._name(node),
                        shape_of=_input_shape, backend=backend, lowering=lowering, single_conv=single_conv,
-                       prefix=prefix, log=log)
+                       prefix=prefix)
 
 
 def _has_foldable(module: nn.Module) -> bool:
@@ -160,7 +160,7 @@ class _Fuser:
         part = FusionReport.from_log(rewrite_log, source="fx")
         prefix = f"{path}." if path else ""
         part.set_lowerings(lower_fx_sites(adapter, backend=self.backend, lowering=self.lowering,
-                                          single_conv=self.single_conv, prefix=prefix, log=rewrite_log))
+                                          single_conv=self.single_conv, prefix=prefix))
         adapter.finalize()
         for o in part.outcomes:
             self.report.outcomes.append(dataclasses.replace(o, name=prefix + o.name))

@@ -218,7 +218,7 @@ def fuse_onnx(
         report.set_lowerings(lower_sites(
             adapter, name_of=adapter.site_name, shape_of=lambda branch: adapter.input_shape(str(branch.inputs[0])),
             backend="onnxruntime", lowering=lowering, single_conv=single_conv, asymmetric_pads=True,
-            refusal=adapter.lowering_refusal, log=log,
+            refusal=adapter.lowering_refusal,
         ))
     if not log.applied:
         fused = model

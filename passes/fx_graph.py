@@ -75,7 +75,7 @@ class FxAdapter:
         self.origin: dict[fx.Node, str] = {}
         # Lowering each created multi-input conv was emitted in, and the X-volution site it carries.
         self.lowered: dict[fx.Node, str] = {}
-        self.site_names: dict[fx.Node, str] = {}
+        self.site_names: dict[fx.Node, tuple[str, ...]] = {}
 
     # ------------------------------------------------------------------ view
 
@@ -285,11 +285,11 @@ class FxAdapter:
             node.target = self._free_target(path)
             self.gm.add_submodule(str(node.target), module)
             self.origin[node] = path
-        site = next((self.site_names.pop(k) for k in rewrite.replaced if k in self.site_names), None)
+        carried = [name for k in rewrite.replaced for name in self.site_names.pop(k, ())]
         if rewrite.kind == "x-volution" and rewrite.rule != "lowering":
-            site = rewrite.name
-        if site is not None and len(sources) > 1:
-            self.site_names[conv_nodes[0]] = site  # the site this conv carries, whatever it is named after
+            carried.append(rewrite.name)
+        if carried and len(sources) > 1:
+            self.site_names[conv_nodes[0]] = tuple(carried)  # the sites this conv carries, whatever its name
         if len(sources) > 1 and lowering == "channel":
             self.created[conv_nodes[0]] = (sources, branch.channels)  # type: ignore[assignment]
         if len(sources) > 1:

@@ -38,7 +38,7 @@ import torch
 from xvol_compiler.fold import Branch, FoldError
 from xvol_compiler.lowering import LOWERINGS, LoweringChoice, check_lowering
 from xvol_compiler.ops import lowered_convs, run_lowering
-from xvol_compiler.rules import Rewrite, RewriteLog
+from xvol_compiler.rules import Rewrite
 
 __all__ = ["BACKENDS", "LOWERING_OPTIONS", "choose_lowering", "lower_sites", "site_option", "validate_options"]
 
@@ -199,7 +199,6 @@ def lower_sites(
     asymmetric_pads: bool = False,
     refusal: Callable[[Branch, str], str | None] | None = None,
     prefix: str = "",
-    log: RewriteLog | None = None,
 ) -> dict[str, LoweringChoice]:
     """Choose each fused site's lowering and re-emit the sites that do not stay "channel"; name -> choice.
 
@@ -212,14 +211,16 @@ def lower_sites(
     site_names = getattr(adapter, "site_names", {})
     choices: dict[str, LoweringChoice] = {}
     for key, branch in adapter.sites():
-        name = site_names.get(key) or name_of(key)
+        carried = site_names.get(key) or (name_of(key),)
+        name = carried[0]
         choice = choose_lowering(
             branch, backend=backend, lowering=site_option(lowering, prefix + name), single_conv=single_conv,
             input_shape=shape_of(branch),
             asymmetric_pads=asymmetric_pads,
             refusal=None if refusal is None else (lambda name, branch=branch: refusal(branch, name)),
         )
-        choices[name] = choice
+        for site in carried:  # (sites merged into one conv share it)
+            choices[site] = choice
         if choice.lowering != "channel":
             adapter.apply(Rewrite(rule="lowering", kind="x-volution", name=name, anchor=key, output=key,
                                   replaced=(key,), branch=branch, params_before=0, macs_before=None,

@@ -241,7 +241,7 @@ class OnnxGraphAdapter:
                 self._names.add(n.name)
         self._tensors: dict[str, gs.Tensor] = {}
         self.rewrites: list[Rewrite] = []
-        self.site_names: dict[str, str] = {}  # output of a multi-input conv -> the X-volution site it carries
+        self.site_names: dict[str, tuple[str, ...]] = {}  # multi-input conv output -> X-volution sites
 
     # ------------------------------------------------------------------ constants
 
@@ -865,11 +865,11 @@ class OnnxGraphAdapter:
         for node in new_nodes:
             if node.op in ("Conv", "Add") and node.outputs and node.outputs[0] is not None:
                 self._new_metadata[id(node)] = metadata
-        site = next((self.site_names.pop(str(k)) for k in rewrite.replaced if str(k) in self.site_names), None)
+        carried = [name for k in rewrite.replaced for name in self.site_names.pop(str(k), ())]
         if rewrite.kind == "x-volution" and rewrite.rule != "lowering":
-            site = rewrite.name
-        if site is not None and len(keys) > 1:
-            self.site_names[out_t.name] = site  # the site this conv carries, whatever it is named after
+            carried.append(rewrite.name)
+        if carried and len(keys) > 1:
+            self.site_names[out_t.name] = tuple(carried)  # the sites this conv carries, whatever its name
         index = next(i for i, n in enumerate(self.graph.nodes) if n is old)
         self.graph.nodes[index:index] = new_nodes
         self._remove_dead([old])
