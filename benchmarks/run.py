@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from xvol_compiler.benchmark import BACKENDS, prepare, prepare_onnx, time_backend
+from xvol_compiler.benchmark import BACKENDS, prepare, prepare_onnx, refuse_for, time_backend
 from xvol_compiler.io import atomic_path, atomic_write_json, atomic_write_text
 from xvol_compiler.measure import machine_info
 from xvol_compiler.report import format_count
@@ -53,6 +53,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="rounds discarded first (default 3)")
     p.add_argument("--input-size", type=int, default=None, help="image size (default 224)")
     p.add_argument("--sites", default="os16", help="site policy (default os16)")
+    p.add_argument("--lowering", default="auto", choices=("auto", "channel", "spatial", "split"),
+                   help="deploy lowering of the fused sites (default auto: the fastest exact one, measured)")
+    p.add_argument("--backend-aware", action="store_true",
+                   help="fuse the model for each backend row (fuse(..., backend=b)); default: fused for eager")
     p.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads (default: torch's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quick", action="store_true",
@@ -80,19 +84,23 @@ def _mib(n: int | None) -> str:
 def bench_model(name: str, args: argparse.Namespace, device: str, log: Any) -> dict[str, Any]:
     """Every backend and batch of one model; failures are recorded, not raised."""
     entry: dict[str, Any] = {"model": name, "results": [], "errors": []}
-    p = prepare(name, sites=args.sites, input_size=(3, args.input_size, args.input_size), device=device)
+    p = prepare(name, sites=args.sites, input_size=(3, args.input_size, args.input_size), device=device,
+                lowering=args.lowering)
     try:
         entry.update(sites=p.sites, selection=p.selection, params=p.params, macs=p.macs, mac_floor=p.mac_floor,
                      fx_error=p.errors["fx"], fx_report=p.reports["fx"].summary())
         if "onnxruntime" in args.backends:
             try:
-                prepare_onnx(p)
+                prepare_onnx(p, lowering=args.lowering)
                 entry["onnx_report"] = p.reports["onnx"].summary()
             except Exception as err:  # recorded in the results: one failing model must not stop the run
                 entry["errors"].append(f"onnx: {type(err).__name__}: {err}")
         for backend in args.backends:
             if backend == "onnxruntime" and not p.onnx_paths:
                 continue
+            if args.backend_aware and backend != "onnxruntime":  # (fuse_onnx always chooses for onnxruntime)
+                refuse_for(p, backend, args.lowering)
+                entry.setdefault("lowerings", {})[backend] = p.reports["fx"].lowerings()
             for batch in args.batches:
                 t0 = time.perf_counter()
                 try:

@@ -10,6 +10,7 @@ a model of the user's own class.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 import logging
@@ -21,10 +22,12 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from xvol_compiler.arguments import ArgumentError, check_bool, check_example_inputs, check_module, check_tolerance
-from xvol_compiler.fold import FoldError
+from xvol_compiler.fold import Branch, FoldError
 from xvol_compiler.fusion_report import FusionReport
-from xvol_compiler.ops import XVolution
+from xvol_compiler.lowering import LoweringChoice
+from xvol_compiler.ops import XVolution, _merged_branch
 from xvol_compiler.passes.fx_graph import FxAdapter
+from xvol_compiler.passes.lower import LoweringOption, choose_lowering, lower_sites, site_option, validate_options
 from xvol_compiler.rules import Outcome, run_rules
 from xvol_compiler.training_flags import training_sensitive_modules
 from xvol_compiler.verify import OutputMismatchError, reference_run, verify_model
@@ -47,20 +50,40 @@ class FusedSubmoduleError(FusionError):
 
 
 def fuse_graph(
-    gm: fx.GraphModule, example_inputs: tuple[Any, ...] | None = None
+    gm: fx.GraphModule, example_inputs: tuple[Any, ...] | None = None, *, backend: str = "eager",
+    lowering: LoweringOption = "auto", single_conv: bool = True,
 ) -> tuple[fx.GraphModule, FusionReport]:
-    """Rewrite ``gm`` in place: conv+BN folds, X-volution sites and branch sums become one conv each."""
+    """Rewrite ``gm`` in place: conv+BN folds, X-volution sites and branch sums become one conv each
+    (each site in the lowering chosen for ``backend``, see ``xvol_compiler.passes.lower``)."""
     if not isinstance(gm, fx.GraphModule):
         raise ArgumentError(
             f"gm={type(gm).__name__}: fuse_graph takes a torch.fx.GraphModule (torch.fx.symbolic_trace(model)); "
             "fuse() takes any nn.Module"
         )
+    validate_options(backend, lowering, single_conv)
     if example_inputs is not None:
         ShapeProp(gm).propagate(*example_inputs)
     adapter = FxAdapter(gm)
     rewrite_log = run_rules(adapter)
+    choices = lower_fx_sites(adapter, backend=backend, lowering=lowering, single_conv=single_conv)
     adapter.finalize()
-    return gm, FusionReport.from_log(rewrite_log, source="fx")
+    report = FusionReport.from_log(rewrite_log, source="fx")
+    report.set_lowerings(choices)
+    return gm, report
+
+
+def _input_shape(branch: Branch) -> tuple[int, ...] | None:
+    meta = getattr(branch.inputs[0], "meta", {}).get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return None if shape is None else tuple(int(d) for d in shape)
+
+
+def lower_fx_sites(adapter: FxAdapter, *, backend: str, lowering: LoweringOption, single_conv: bool,
+                   prefix: str = "") -> dict[str, LoweringChoice]:
+    """Each fused site of ``adapter``'s graph in its chosen lowering (name -> choice)."""
+    return lower_sites(adapter, name_of=lambda node: adapter.origin.get(node) or adapter._name(node),
+                       shape_of=_input_shape, backend=backend, lowering=lowering, single_conv=single_conv,
+                       prefix=prefix)
 
 
 def _has_foldable(module: nn.Module) -> bool:
@@ -361,8 +384,9 @@ def _rebuild_forwards(root: nn.Module, pristine: nn.Module, before: dict[str, in
 
 
 class _Fuser:
-    def __init__(self) -> None:
+    def __init__(self, backend: str = "eager", lowering: LoweringOption = "auto", single_conv: bool = True) -> None:
         self.report = FusionReport(source="fx")
+        self.backend, self.lowering, self.single_conv = backend, lowering, single_conv
 
     def fuse_module(self, module: nn.Module, path: str, example: tuple[Any, ...] | None) -> nn.Module:
         if not _has_foldable(module):
@@ -385,12 +409,14 @@ class _Fuser:
             except Exception as err:  # only MAC counts depend on shapes
                 log.info("shape propagation failed (%s): fusing without MAC counts", err)
         adapter = FxAdapter(gm)
-        part = FusionReport.from_log(run_rules(adapter), source="fx")
-        adapter.finalize()
+        rewrite_log = run_rules(adapter)
+        part = FusionReport.from_log(rewrite_log, source="fx")
         prefix = f"{path}." if path else ""
+        part.set_lowerings(lower_fx_sites(adapter, backend=self.backend, lowering=self.lowering,
+                                          single_conv=self.single_conv, prefix=prefix))
+        adapter.finalize()
         for o in part.outcomes:
-            self.report.outcomes.append(Outcome(o.kind, prefix + o.name, o.status, o.reason, o.params_before,
-                                                o.params_after, o.macs_before, o.macs_after))
+            self.report.outcomes.append(dataclasses.replace(o, name=prefix + o.name))
         self.report.paths[path or "<model>"] = "fx graph"
         products = {str(n.target) for n in adapter.origin}
         flat_products = {id(gm.get_submodule(p)) for p in products}
@@ -413,7 +439,11 @@ class _Fuser:
 
     def _fuse_site(self, site: XVolution, path: str) -> nn.Module:
         try:
-            deploy = site.fuse()
+            w, b = site.deploy_weights()
+            factor = 1 + (site.directions if site.directional else 1)
+            choice = choose_lowering(_merged_branch(site.geometry, factor, w, b), backend=self.backend,
+                                     lowering=site_option(self.lowering, path), single_conv=self.single_conv)
+            deploy = site.fuse(choice.lowering, single_conv=self.single_conv)
         except FoldError as err:
             self.report.outcomes.append(Outcome("x-volution", path, "refused", str(err)))
             return site
@@ -421,7 +451,8 @@ class _Fuser:
             b.numel() for n, b in site.named_buffers() if "running" in n
         )
         self.report.outcomes.append(Outcome("x-volution", path, "fused", "", before,
-                                            sum(p.numel() for p in deploy.parameters())))
+                                            sum(p.numel() for p in deploy.parameters()),
+                                            lowering=choice.lowering, lowering_reason=choice.reason))
         self.report.paths[path] = "module (XVolution.fuse)"
         return deploy
 
@@ -446,8 +477,12 @@ def fuse_with_report(
     atol: float | None = None,
     rtol: float | None = None,
     inplace: bool = False,
+    backend: str = "eager",
+    lowering: LoweringOption = "auto",
+    single_conv: bool = True,
 ) -> tuple[nn.Module, FusionReport]:
     """``fuse`` that also returns the report."""
+    validate_options(backend, lowering, single_conv)
     check_module("model", model)
     check_example_inputs(example_inputs)
     check_bool("verify", verify)
@@ -476,9 +511,9 @@ def fuse_with_report(
                 "overflow?), so fusion cannot be verified: fix the model, pass other example_inputs, or verify=False"
             )
     target = model if inplace else copy.deepcopy(model)
-    fuser = _Fuser()
+    fuser = _Fuser(backend, lowering, single_conv)
     if isinstance(target, fx.GraphModule):
-        target, part = fuse_graph(target, example)
+        target, part = fuse_graph(target, example, backend=backend, lowering=lowering, single_conv=single_conv)
         fuser.report.extend(part)
         fuser.report.paths["<model>"] = "fx graph"
     else:
@@ -519,6 +554,9 @@ def fuse(
     atol: float | None = None,
     rtol: float | None = None,
     inplace: bool = False,
+    backend: str = "eager",
+    lowering: LoweringOption = "auto",
+    single_conv: bool = True,
 ) -> nn.Module:
     """Deploy form of ``model``: every fusable site one convolution; report at ``.xvol_fusion_report``.
 
@@ -546,7 +584,15 @@ def fuse(
       non-maximum suppression turn rounding into different box sets.
 
     The model itself is not changed by the check (it runs in eval mode, without grad).
+
+    Each X-volution site is deployed in the lowering (``xvol_compiler.lowering``) that is fastest
+    for ``backend`` ("eager", "compile", "onnxruntime"), measured on the site's shapes
+    (``lowering="auto"``), or the one forced by ``lowering="channel"|"spatial"|"split"`` (a site
+    where it is not exact keeps "channel", with the reason in the report). ``single_conv=False``
+    allows "split" (two convolutions and an add per site). ``lowering`` may also map site names to
+    lowerings (``report.lowerings()`` of an earlier fusion; sites not named keep "channel"): how a
+    saved fused model is rebuilt to load its state dict.
     """
     fused, _ = fuse_with_report(model, example_inputs=example_inputs, verify=verify, atol=atol, rtol=rtol,
-                                inplace=inplace)
+                                inplace=inplace, backend=backend, lowering=lowering, single_conv=single_conv)
     return fused

@@ -31,6 +31,7 @@ from xvol_compiler.onnx_io import (
     model_data_bytes,
     save_onnx,
 )
+from xvol_compiler.passes.lower import lower_sites, validate_options
 from xvol_compiler.passes.onnx_graph import Interleave, OnnxGraphAdapter, infer_shapes
 from xvol_compiler.rules import run_rules
 from xvol_compiler.verify import ErrorStats, OutputMismatchError, accepts, default_rtol, error_stats, onnx_session
@@ -207,6 +208,8 @@ def fuse_onnx(
     output_path: str | os.PathLike[str] | None = None,
     force: bool = False,
     interleave: Interleave = "reshape",
+    lowering: str = "auto",
+    single_conv: bool = True,
 ) -> tuple[onnx.ModelProto, FusionReport]:
     """Fuse every X-volution site, conv + BatchNorm and foldable branch sum of an ONNX model.
 
@@ -224,11 +227,17 @@ def fuse_onnx(
     returned unchanged (and written unchanged when ``output_path`` is given),
     its report saying "no fusable patterns".
 
+    Each X-volution site is written in the lowering (``xvol_compiler.lowering``) fastest in
+    onnxruntime, measured on a one-site model at the site's shapes (``lowering="auto"``), or the one
+    forced by ``lowering="channel"|"spatial"|"split"`` (a site where it is not exact keeps "channel",
+    the report says why); ``single_conv=False`` allows "split" (two Conv and an Add per site).
+
     Raises ``OnnxFileError`` (bad input), ``OutputExistsError`` /
     ``OutputError`` (an output that cannot be written, checked before any
     work), ``OnnxVerificationError``; all are ``ValueError`` with one-line
     messages.
     """
+    validate_options("onnxruntime", lowering, single_conv)
     if not isinstance(model_or_path, (str, os.PathLike, bytes, bytearray, onnx.ModelProto)):
         raise ArgumentError(
             f"model_or_path={type(model_or_path).__name__}: use an ONNX file path (str or pathlib.Path), its bytes "
@@ -252,6 +261,12 @@ def fuse_onnx(
     adapter = OnnxGraphAdapter(model, infer_shapes(model), interleave=interleave)
     log = run_rules(adapter)
     report = FusionReport.from_log(log, source="onnx")
+    if log.applied:
+        report.set_lowerings(lower_sites(
+            adapter, name_of=adapter.site_name, shape_of=lambda branch: adapter.input_shape(str(branch.inputs[0])),
+            backend="onnxruntime", lowering=lowering, single_conv=single_conv, asymmetric_pads=True,
+            refusal=adapter.lowering_refusal,
+        ))
     if not log.applied:
         fused = model
         report.notes.append(NO_SITES_NOTE)

@@ -22,7 +22,15 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from xvol_compiler.fold import Branch, ConvGeometry, FoldError
-from xvol_compiler.ops import CONV_TYPES, bn_params, conv_geometry, interleave_groups, padded_conv, pssa_transform
+from xvol_compiler.ops import (
+    bn_params,
+    conv_geometry,
+    interleave_groups,
+    interleave_spatial,
+    lowered_convs,
+    padded_conv,
+    pssa_transform,
+)
 from xvol_compiler.rules import Rewrite
 
 __all__ = ["FxAdapter"]
@@ -103,6 +111,9 @@ class FxAdapter:
         self.replaced_targets: set[str] = set()
         # Module path each created conv stands for (its site), while it may live under a temporary name.
         self.origin: dict[fx.Node, str] = {}
+        # Lowering each created multi-input conv was emitted in, and the X-volution site it carries.
+        self.lowered: dict[fx.Node, str] = {}
+        self.site_names: dict[fx.Node, tuple[str, ...]] = {}
 
     # ------------------------------------------------------------------ view
 
@@ -390,29 +401,43 @@ class FxAdapter:
         output: fx.Node = rewrite.output  # type: ignore[assignment]
         branch = rewrite.branch
         g = branch.geometry
-        weight = branch.weight
-        conv = CONV_TYPES[g.ndim](
-            g.in_channels, g.out_channels, g.kernel_size, g.stride, g.padding, g.dilation, g.groups,
-            bias=True, padding_mode=g.padding_mode, device=weight.device, dtype=weight.dtype,
-        )
-        anchor: fx.Node = rewrite.anchor  # type: ignore[assignment]
-        layout = self._memory_format(anchor)
-        with torch.no_grad():
-            if layout is not None:  # the site's weight layout (channels_last) is kept for the fused conv
-                conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
-            conv.weight.copy_(weight)
-            conv.bias.copy_(branch.bias)
-        conv.eval()
-        owner = self.origin.get(anchor) or self._owned_target(anchor)
         sources = tuple(branch.inputs)
+        lowering = rewrite.lowering if len(sources) > 1 else "channel"
+        # (The caller has checked the lowering is allowed; refusing here would leave the graph half-rewritten.)
+        convs, layout = lowered_convs(branch, lowering, single_conv=False)
+        anchor: fx.Node = rewrite.anchor  # type: ignore[assignment]
+        memory_format = self._memory_format(anchor)
+        if memory_format is not None:  # the site's weight layout (channels_last) is kept for the fused convs
+            with torch.no_grad():
+                for module in convs:
+                    module.weight.data = module.weight.data.contiguous(memory_format=memory_format)
+        owner = self.origin.get(anchor) or self._owned_target(anchor)
+        name = (owner or "fused_conv").replace(".", "_")
+        conv_nodes: list[fx.Node] = []
         with graph.inserting_before(output):
-            if len(sources) == 1:
-                inp = sources[0]
-            else:
-                inp = graph.call_function(interleave_groups, (list(sources), g.groups))
-                inp.meta["is_wrapped"] = True  # codegen emits fx.wrap, so the result traces again as one node
-            name = (owner or "fused_conv").replace(".", "_")
-            new = graph.create_node("call_module", "__pending__", (inp,), name=name)
+            if lowering == "channel":
+                if len(sources) == 1:
+                    inp = sources[0]
+                else:
+                    inp = graph.call_function(interleave_groups, (list(sources), g.groups))
+                    inp.meta["is_wrapped"] = True  # codegen emits fx.wrap, so the result traces again as one node
+                conv_nodes.append(graph.create_node("call_module", "__pending__", (inp,), name=name))
+            elif lowering == "spatial":
+                parts = list(sources)
+                if layout is not None and layout.pre_pads is not None:
+                    flat = [p for pair in reversed(layout.pre_pads) for p in pair]
+                    mode = "constant" if layout.pre_mode == "zeros" else layout.pre_mode
+                    parts = [graph.call_function(F.pad, (s_, flat), {"mode": mode}) for s_ in parts]
+                inp = graph.call_function(interleave_spatial, (parts,))
+                inp.meta["is_wrapped"] = True
+                conv_nodes.append(graph.create_node("call_module", "__pending__", (inp,), name=name))
+            else:  # split: one conv per input and their sum
+                for i, src in enumerate(sources):
+                    conv_nodes.append(graph.create_node("call_module", "__pending__", (src,),
+                                                        name=name if i == 0 else f"{name}_attn"))
+            new = conv_nodes[0]
+            for extra in conv_nodes[1:]:
+                new = graph.call_function(operator.add, (new, extra))
         new.meta = {k: v for k, v in output.meta.items() if k in ("tensor_meta", "nn_module_stack", "val")}
         output.replace_all_uses_with(new)
         # Interleaved convs created earlier may read the value just replaced: keep their inputs current.
@@ -421,11 +446,26 @@ class FxAdapter:
                 self.created[conv_node] = (tuple(new if s is output else s for s in srcs), channels)
         self._erase(rewrite.replaced)
         # The new conv takes the anchor's module path once nothing else uses it.
-        new.target = self._free_target(owner)
-        self.gm.add_submodule(str(new.target), conv)
-        self.origin[new] = owner
+        for i, (node, module) in enumerate(zip(conv_nodes, convs, strict=True)):
+            path = owner if i == 0 else f"{owner or 'fused_conv'}_attn"
+            node.target = self._free_target(path)
+            self.gm.add_submodule(str(node.target), module)
+            self.origin[node] = path
+        carried = [name for k in rewrite.replaced for name in self.site_names.pop(k, ())]
+        if rewrite.kind == "x-volution" and rewrite.rule != "lowering":
+            carried.append(rewrite.name)
+        if carried and len(sources) > 1:
+            self.site_names[conv_nodes[0]] = tuple(carried)  # the sites this conv carries, whatever its name
+        if len(sources) > 1 and lowering == "channel":
+            self.created[conv_nodes[0]] = (sources, branch.channels)  # type: ignore[assignment]
         if len(sources) > 1:
-            self.created[new] = (sources, branch.channels)  # type: ignore[assignment]
+            self.lowered[conv_nodes[0]] = lowering
+
+    def sites(self) -> list[tuple[fx.Node, Branch]]:
+        """The multi-input convs this adapter created (fused X-volution sites), with their merged branch."""
+        view = self.view()
+        return [(node, view.nodes[node]["branch"]) for node in self.created if node in view.nodes
+                and view.nodes[node].get("branch") is not None]
 
     def _memory_format(self, anchor: fx.Node) -> torch.memory_format | None:
         """``channels_last`` (``channels_last_3d``) when the anchor conv's weight is stored so, else None."""
@@ -475,8 +515,9 @@ class FxAdapter:
             graph.erase_node(node)
             self.created.pop(node, None)
             self.origin.pop(node, None)
+            self.lowered.pop(node, None)
             for inp in inputs:
-                if inp.op == "call_function" and inp.target is interleave_groups:
+                if inp.op == "call_function" and inp.target in (interleave_groups, interleave_spatial):
                     if not inp.users:
                         graph.erase_node(inp)
                 else:

@@ -54,7 +54,15 @@ import onnx_graphsurgeon as gs
 import torch
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-from xvol_compiler.fold import BatchNormParams, Branch, ConvGeometry
+from xvol_compiler.fold import BatchNormParams, Branch, ConvGeometry, FoldError
+from xvol_compiler.lowering import (
+    SpatialLayout,
+    interleave_factor,
+    spatial_layout,
+    spatial_weight,
+    split_geometries,
+    split_weights,
+)
 from xvol_compiler.onnx_io import OnnxFileError, model_skeleton
 from xvol_compiler.report import with_article
 from xvol_compiler.rules import Rewrite
@@ -254,6 +262,7 @@ class OnnxGraphAdapter:
                 self._names.add(n.name)
         self._tensors: dict[str, gs.Tensor] = {}
         self.rewrites: list[Rewrite] = []
+        self.site_names: dict[str, tuple[str, ...]] = {}  # multi-input conv output -> X-volution sites
 
     # ------------------------------------------------------------------ constants
 
@@ -672,7 +681,11 @@ class OnnxGraphAdapter:
             parts = [self._slice(x, -left, _INT64_MAX, axis, base, nodes)] if left else []
             parts.append(x)
             parts += [self._slice(x, 0, right, axis, base, nodes)] if right else []
+            shape = self._shape(x)
             x = self._node("Concat", parts, base, nodes, axis=axis)
+            if shape is not None and len(shape) > axis and isinstance(shape[axis], int):
+                # Known shapes let the view read the chain back as one circular pad.
+                self.shapes[x.name] = (*shape[:axis], shape[axis] + left + right, *shape[axis + 1:])
         return x
 
     def _slice(self, x: gs.Tensor, start: int, end: int, axis: int, base: str, nodes: list[gs.Node]) -> gs.Tensor:
@@ -725,10 +738,80 @@ class OnnxGraphAdapter:
             out = self._node("Reshape", [cat, merged], base, nodes, dtype=dtype, output="interleave")
         self._interleaved[out.name] = _Interleaved(tuple(keys), tuple(channels), groups)
         self._interleave_cache[cache_key] = out
+        shape = self._shape(tensors[0])
+        if shape is not None and len(shape) == ndim + 2:
+            # Known shapes let the view see through a pad the exporters' way (Slice/Concat) to this interleave.
+            self.shapes[out.name] = (shape[0], total, *shape[2:])
         return out
 
+    def _interleave_spatial(
+        self, keys: Sequence[str], channels: Sequence[int], layout: SpatialLayout, base: str, nodes: list[gs.Node]
+    ) -> gs.Tensor:
+        """``interleave_spatial``: each input as (N, C, *S, k) (Unsqueeze, or Reshape + Transpose when k > 1),
+        one Concat on the last axis, one Reshape merging it into the last spatial axis (any batch size)."""
+        tensors = [self._tensors[k] for k in keys]
+        dtype = next((t.dtype for t in tensors if t.dtype is not None), None)
+        c = channels[0]
+        parts = []
+        for t, ct in zip(tensors, channels, strict=True):
+            if layout.pre_pads is not None:
+                t = self._pad(t, layout.pre_pads, layout.pre_mode, base, nodes)
+            ndim = layout.geometry.ndim
+            k = ct // c
+            if k == 1:
+                parts.append(self._node("Unsqueeze", [t, self._int64(f"{base}/axes", [-1])], base, nodes,
+                                        dtype=dtype))
+                continue
+            spatial = self._spatial_dims(self._tensors[keys[0]], ndim, layout)
+            grouped = self._node("Reshape", [t, self._int64(f"{base}/split_shape", [0, c, k, *spatial])], base,
+                                 nodes, dtype=dtype)
+            perm = [0, 1, *range(3, 3 + ndim), 2]
+            parts.append(self._node("Transpose", [grouped], base, nodes, dtype=dtype, perm=perm))
+        cat = self._node("Concat", parts, base, nodes, dtype=dtype, output="spatial_concat", axis=-1)
+        merged = self._int64(f"{base}/spatial_shape", [0] * (layout.geometry.ndim + 1) + [-1])
+        return self._node("Reshape", [cat, merged], base, nodes, dtype=dtype, output="spatial_interleave")
+
+    def _spatial_dims(self, x: gs.Tensor, ndim: int, layout: SpatialLayout) -> list[int]:
+        """Static spatial sizes of ``x`` (after the layout's pre-padding), one unknown as -1."""
+        shape = self._shape(x)
+        dims = list(shape[2:]) if shape is not None and len(shape) == ndim + 2 else [None] * ndim
+        out: list[int] = []
+        for axis, d in enumerate(dims):
+            if isinstance(d, int) and layout.pre_pads is not None:
+                d = d + sum(layout.pre_pads[axis])
+            out.append(d if isinstance(d, int) else -1)
+        if out.count(-1) > 1:
+            raise FoldError("the directional spatial interleave needs static spatial sizes (all but one axis)")
+        return out
+
+    def lowering_refusal(self, branch: Branch, lowering: str) -> str | None:
+        """Why this graph cannot emit ``lowering`` for ``branch`` beyond the math (None: it can)."""
+        if lowering != "spatial" or branch.channels[1] == branch.channels[0]:
+            return None
+        shape = self._shape(self._tensors[str(branch.inputs[0])])
+        ndim = branch.geometry.ndim
+        dims = list(shape[2:]) if shape is not None and len(shape) == ndim + 2 else [None] * ndim
+        if sum(not isinstance(d, int) for d in dims) > 1:
+            return "the directional spatial interleave needs static spatial sizes (all but one axis)"
+        return None
+
+    def _constant(self, values: torch.Tensor, name: str, dtype: np.dtype) -> gs.Constant:
+        return gs.Constant(self._fresh(name),
+                           np.ascontiguousarray(values.detach().cpu().numpy().astype(dtype, copy=False)))
+
+    @staticmethod
+    def _conv_attrs(g: ConvGeometry, pads: Sequence[tuple[int, int]]) -> dict[str, Any]:
+        return {
+            "dilations": list(g.dilation),
+            "group": int(g.groups),
+            "kernel_shape": list(g.kernel_size),
+            "pads": [p for p, _ in pads] + [p for _, p in pads],
+            "strides": list(g.stride),
+        }
+
     def apply(self, rewrite: Rewrite) -> None:
-        """Replace ``rewrite.replaced`` by one Conv producing ``rewrite.output``'s tensor."""
+        """Replace ``rewrite.replaced`` by one Conv producing ``rewrite.output``'s tensor (or, for a
+        multi-input branch, its ``rewrite.lowering``: see ``xvol_compiler.lowering``)."""
         anchor_t = self._tensors[str(rewrite.anchor)]
         out_t = self._tensors[str(rewrite.output)]
         if len(anchor_t.inputs) != 1 or len(out_t.inputs) != 1:
@@ -736,14 +819,13 @@ class OnnxGraphAdapter:
         anchor, old = anchor_t.inputs[0], out_t.inputs[0]
         branch = rewrite.branch
         g = branch.geometry
+        keys = [str(k) for k in branch.inputs]
+        lowering = rewrite.lowering if len(keys) > 1 else "channel"
         base = anchor.name or out_t.name
         new_nodes: list[gs.Node] = []
-        x = self._interleave([str(k) for k in branch.inputs], branch.channels, g.groups, g.ndim, base, new_nodes)
         w_old = anchor.inputs[1]
         w_np = self.const(w_old)
         dtype = np.dtype(np.float32) if w_np is None else w_np.dtype
-        weight = gs.Constant(self._fresh(w_old.name or f"{base}.weight"),
-                             np.ascontiguousarray(branch.weight.detach().cpu().numpy().astype(dtype, copy=False)))
         bias_values = torch.zeros(g.out_channels) if branch.bias is None else branch.bias
         b_old = anchor.inputs[2] if len(anchor.inputs) > 2 and anchor.inputs[2].name else None
         if isinstance(b_old, gs.Constant):
@@ -752,32 +834,84 @@ class OnnxGraphAdapter:
             bias_name = w_old.name[: -len("weight")] + "bias"
         else:
             bias_name = f"{w_old.name or base}.bias"
-        bias = gs.Constant(self._fresh(bias_name),
-                           np.ascontiguousarray(bias_values.detach().cpu().numpy().astype(dtype, copy=False)))
-        pads = g.pads()
-        if g.padding_mode != "zeros":
-            # reflect / replicate / circular: an explicit Pad of the (interleaved) input, as the exporters emit.
-            x, pads = self._pad(x, pads, g.padding_mode, base, new_nodes), tuple((0, 0) for _ in pads)
-        attrs = {
-            "dilations": list(g.dilation),
-            "group": int(g.groups),
-            "kernel_shape": list(g.kernel_size),
-            "pads": [p for p, _ in pads] + [p for _, p in pads],
-            "strides": list(g.stride),
-        }
+        weight_name = w_old.name or f"{base}.weight"
+        conv_name = anchor.name or self._fresh(f"{base}/Conv")
+        convs: list[tuple[gs.Tensor, torch.Tensor, torch.Tensor | None, ConvGeometry, Sequence[tuple[int, int]]]]
+        if lowering == "spatial":
+            factor = interleave_factor(branch)
+            layout = spatial_layout(g, factor, asymmetric_pads=True)
+            x = self._interleave_spatial(keys, branch.channels, layout, base, new_nodes)
+            convs = [(x, spatial_weight(branch.weight, g.groups, factor), bias_values, layout.geometry,
+                      layout.pads)]
+        elif lowering == "split":
+            convs = []
+            for key, geometry, (w, b) in zip(keys, split_geometries(branch),
+                                             split_weights(Branch(branch.inputs, branch.channels, g,
+                                                                  branch.weight, bias_values)), strict=True):
+                convs.append((self._tensors[key], w, b, geometry, g.pads()))
+        else:
+            x = self._interleave(keys, branch.channels, g.groups, g.ndim, base, new_nodes)
+            convs = [(x, branch.weight, bias_values, g, g.pads())]
         old.outputs.remove(out_t)
-        conv = gs.Node("Conv", anchor.name or self._fresh(f"{base}/Conv"), attrs, [x, weight, bias], [out_t])
-        new_nodes.append(conv)
+        results: list[gs.Tensor] = []
+        main: gs.Node | None = None
+        for i, (x, w, b, geometry, pads) in enumerate(convs):
+            if geometry.padding_mode != "zeros":
+                # reflect / replicate / circular: an explicit Pad of the (interleaved) input, as the exporters emit.
+                x, pads = self._pad(x, pads, geometry.padding_mode, base, new_nodes), tuple((0, 0) for _ in pads)
+            inputs = [x, self._constant(w, weight_name if i == 0 else f"{weight_name}_attn", dtype)]
+            if b is not None:
+                inputs.append(self._constant(b, bias_name, dtype))
+            last = i == len(convs) - 1 and len(convs) == 1
+            if last:
+                y: gs.Tensor = out_t
+            else:
+                y = gs.Variable(self._fresh(f"{base}/conv{i}_output"), dtype=out_t.dtype)
+                self._hidden.add(y.name)
+            conv = gs.Node("Conv", conv_name if i == 0 else self._fresh(f"{conv_name}_attn"),
+                           self._conv_attrs(geometry, pads), inputs, [y])
+            new_nodes.append(conv)
+            main = main or conv
+            results.append(y)
+        if len(results) > 1:
+            total = results[0]
+            for j, y in enumerate(results[1:], start=1):
+                out = out_t if j == len(results) - 1 else gs.Variable(self._fresh(f"{base}/sum"), dtype=out_t.dtype)
+                new_nodes.append(gs.Node("Add", self._fresh(f"{base}/Add"), {}, [total, y], [out]))
+                total = out
         anchor_metadata = self._metadata_of(anchor)
         metadata = [(k, v) for k, v in anchor_metadata.items()
                     if k in ("namespace", "pkg.torch.onnx.name_scopes", "pkg.torch.onnx.class_hierarchy")]
         done = [anchor_metadata[ADAPTER_METADATA_KEY]] if ADAPTER_METADATA_KEY in anchor_metadata else []
-        metadata.append((ADAPTER_METADATA_KEY, ", ".join([*done, rewrite.kind])))
-        self._new_metadata[id(conv)] = metadata
+        tag = rewrite.kind if lowering == "channel" or rewrite.rule != "lowering" else f"lowering {lowering}"
+        if tag not in done:
+            done.append(tag)
+        metadata.append((ADAPTER_METADATA_KEY, ", ".join(done)))
+        for node in new_nodes:
+            if node.op in ("Conv", "Add") and node.outputs and node.outputs[0] is not None:
+                self._new_metadata[id(node)] = metadata
+        carried = [name for k in rewrite.replaced for name in self.site_names.pop(str(k), ())]
+        if rewrite.kind == "x-volution" and rewrite.rule != "lowering":
+            carried.append(rewrite.name)
+        if carried and len(keys) > 1:
+            self.site_names[out_t.name] = tuple(carried)  # the sites this conv carries, whatever its name
         index = next(i for i, n in enumerate(self.graph.nodes) if n is old)
         self.graph.nodes[index:index] = new_nodes
         self._remove_dead([old])
         self.rewrites.append(rewrite)
+
+    def sites(self) -> list[tuple[str, Branch]]:
+        """Output tensor and merged branch of each multi-input Conv (the fused X-volution sites)."""
+        view = self.view()
+        return [(key, attrs["branch"]) for key, attrs in view.nodes(data=True)
+                if attrs.get("kind") == "conv" and attrs.get("branch") is not None
+                and len(attrs["branch"].inputs) > 1]
+
+    def site_name(self, key: str) -> str:
+        return self._name(self._tensors[key].inputs[0])
+
+    def input_shape(self, key: str) -> tuple[int | str | None, ...] | None:
+        return self._shape(self._tensors[key])
 
     def _remove_dead(self, candidates: Iterable[gs.Node]) -> None:
         """Remove the candidates and their producers, transitively, once nothing reads their outputs."""

@@ -2,8 +2,8 @@
 ONNX), compile, train.
 
 Each property draws a random CNN, a site policy and extra branches. The CI
-profile runs 200 examples per property (the ONNX property: 200 per exporter),
-except torch.compile, which runs a subset (20); the long profile
+profile runs 200 examples per property (the ONNX property: 200 per exporter, divided among the
+three lowerings), except torch.compile, which runs a subset (21, 7 per lowering); the long profile
 (``HYPOTHESIS_PROFILE=long``) runs 5,000 of each (torch.compile: 500).
 """
 
@@ -39,6 +39,7 @@ from tests.random_cnn import (
     site_candidates,
 )
 from xvol_compiler import SiteSelection, SiteSelectionError, XVolution, xvolify
+from xvol_compiler.lowering import LOWERINGS
 from xvol_compiler.passes.fuse_fx import fuse_with_report
 from xvol_compiler.passes.fuse_onnx import fuse_onnx
 
@@ -253,11 +254,12 @@ def _circular_site() -> Case:
     return Case(CNNSpec(1, 3, 9, 9, (conv,), ((3, 9, 9), conv.out_shape((3, 9, 9)))), "all", (), 3)
 
 
+@pytest.mark.parametrize("lowering", LOWERINGS)
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
-@settings(max_examples=examples(200))  # an export and two onnxruntime sessions per example
+@settings(max_examples=examples(200 // len(LOWERINGS)))  # an export and two onnxruntime sessions per example
 @example(case=_circular_site())
 @given(case=cases())
-def test_fuse_onnx_matches_pytorch(dynamo: bool, case: Case) -> None:
+def test_fuse_onnx_matches_pytorch(dynamo: bool, lowering: str, case: Case) -> None:
     if not _noted_with_sites(case):
         return
     xm, x = _xvolified(case)
@@ -278,29 +280,32 @@ def test_fuse_onnx_matches_pytorch(dynamo: bool, case: Case) -> None:
         raise
     assert rel_error(unfused, ref) <= 1e-4
     try:
-        fused, report = fuse_onnx(proto, example_inputs=[x32.numpy()])
+        fused, report = fuse_onnx(proto, example_inputs=[x32.numpy()], lowering=lowering, single_conv=False)
     except Exception as err:  # only the original model failing to run in onnxruntime is excused
         assume(not ("cannot run the original model" in str(err) and unsupported in str(err)))
         raise
     note(str(report))
     got = _ort(fused, x32.numpy())
     assert rel_error(got, ref) <= 1e-4
-    assert site_convs(fused) == expected.convs  # (the PSSA transform's constant-kernel convs aside)
+    split = sum(v == "split" for v in report.lowerings().values())  # two convolutions per such site
+    assert site_convs(fused) == expected.convs + split  # (the PSSA transform's constant-kernel convs aside)
     assert _op_count(fused, "BatchNormalization") == expected.batchnorms
     assert all(o.reason.strip() for o in report.refused), "a refusal without a reason"
+    assert all(o.lowering in (lowering, "channel") for o in report.fused if o.kind == "x-volution")
 
 
 # --------------------------------------------------------------------------- (5) torch.compile
 
 
 @pytest.mark.compile
-@settings(max_examples=examples(20, long=500))
+@pytest.mark.parametrize("lowering", LOWERINGS)
+@settings(max_examples=examples(21 // len(LOWERINGS), long=500))
 @given(case=cases())
-def test_compiled_fused_model_matches_eager(case: Case) -> None:
+def test_compiled_fused_model_matches_eager(lowering: str, case: Case) -> None:
     if not _noted_with_sites(case):
         return
     xm, x = _xvolified(case)
-    fused = fuse_with_report(xm.float(), example_inputs=x.float())[0]
+    fused = fuse_with_report(xm.float(), example_inputs=x.float(), lowering=lowering, single_conv=False)[0]
     torch._dynamo.reset()
     compiled = torch.compile(fused, fullgraph=True)
     with torch.no_grad():

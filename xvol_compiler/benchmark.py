@@ -95,8 +95,11 @@ def prepare(
     device: str | torch.device = "cpu",
     rtol: float = 1e-4,
     seed: int = 0,
+    backend: str = "eager",
+    lowering: str = "auto",
 ) -> Prepared:
-    """Original (BatchNorms folded), unfused (xvolified, eval) and fused (FX) forms of a torchvision model."""
+    """Original (BatchNorms folded), unfused (xvolified, eval) and fused (FX) forms of a torchvision model
+    (the fused sites lowered for ``backend``, or as ``lowering`` forces)."""
     torch.manual_seed(seed)
     dev = torch.device(device)
     size = tuple(int(v) for v in input_size)
@@ -113,7 +116,8 @@ def prepare(
     unfused.eval()
     with PeakMemory() as mem:
         t0 = time.perf_counter()
-        fused = fuse(unfused, example_inputs=example, verify=True, rtol=rtol)
+        fused = fuse(unfused, example_inputs=example, verify=True, rtol=rtol, backend=backend, lowering=lowering,
+                     single_conv=lowering != "split")
         wall["fuse_fx"] = time.perf_counter() - t0
     models = {"original": original, "unfused": unfused, "fused": fused}
     with torch.no_grad():
@@ -127,7 +131,15 @@ def prepare(
     )
 
 
-def prepare_onnx(p: Prepared, *, rtol: float = 1e-4, opset: int | None = None) -> None:
+def refuse_for(p: Prepared, backend: str, lowering: str = "auto") -> None:
+    """Replace ``p``'s fused model by the unfused one fused for ``backend`` (its lowerings chosen for it)."""
+    example = tuple(t.to(p.device) for t in p.example())
+    p.models["fused"] = fuse(p.models["unfused"], example_inputs=example, verify=True, backend=backend,
+                             lowering=lowering, single_conv=lowering != "split")
+    p.reports["fx"] = p.models["fused"].xvol_fusion_report
+
+
+def prepare_onnx(p: Prepared, *, rtol: float = 1e-4, opset: int | None = None, lowering: str = "auto") -> None:
     """Export the original and the unfused model, fuse the latter with ``fuse_onnx``; paths in ``p.onnx_paths``."""
     if p.workdir is None:
         p.workdir = tempfile.TemporaryDirectory(prefix="xvol-bench-")
@@ -141,7 +153,7 @@ def prepare_onnx(p: Prepared, *, rtol: float = 1e-4, opset: int | None = None) -
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         _, report = fuse_onnx(str(out / "unfused.onnx"), verify=True, rtol=rtol, output_path=str(out / "fused.onnx"),
-                              force=True)
+                              force=True, lowering=lowering, single_conv=lowering != "split")
         p.wall_s["fuse_onnx"] = time.perf_counter() - t0
     p.peak_bytes["fuse_onnx"] = mem.host_bytes
     p.reports["onnx"] = report

@@ -274,6 +274,14 @@ def cmd_xvolify(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def _lowering_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lowering", choices=("auto", "channel", "spatial", "split"), default="auto",
+                   help="deploy form of each site: auto (fastest exact one for the backend, measured), channel, "
+                        "spatial or split (default auto)")
+    p.add_argument("--split", action="store_true",
+                   help="allow more than one convolution per site (the split lowering: two convs and an add)")
+
+
 def cmd_fuse(args: argparse.Namespace, out: Output) -> int:
     """Fuse every site (and conv+BN) of a model in torch.fx; save the fused checkpoint and optionally ONNX."""
     from xvol_compiler import fuse
@@ -286,9 +294,11 @@ def cmd_fuse(args: argparse.Namespace, out: Output) -> int:
     if spec.stage == "fused":
         raise ValueError(f"{args.model} is already fused")
     example = spec.example_inputs(model)
-    fused = fuse(model.eval(), example_inputs=example, verify=not args.no_verify, rtol=args.rtol)
+    fused = fuse(model.eval(), example_inputs=example, verify=not args.no_verify, rtol=args.rtol,
+                 backend=args.backend, lowering=args.lowering, single_conv=not args.split)
     report = fused.xvol_fusion_report
     spec.stage = "fused"
+    spec.lowerings = report.lowerings()
     with written_together():  # the checkpoint and the ONNX file, or neither
         save_model(args.output, fused, spec, force=args.force)
         if args.onnx:
@@ -338,7 +348,7 @@ def cmd_fuse_onnx(args: argparse.Namespace, out: Output) -> int:
     with written_together():  # the fused model (with its external data) and the report, or nothing
         try:
             _, report = fuse_onnx(args.input, verify=not args.no_verify, rtol=args.rtol, output_path=args.output,
-                                  force=args.force)
+                                  force=args.force, lowering=args.lowering, single_conv=not args.split)
         except OnnxVerificationError as err:
             raise ValueError(_cli_message(err, "skip the check with --no-verify",
                                           "convert the model to float32, or skip the check with --no-verify")) from err
@@ -692,6 +702,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="verification tolerance (default: by dtype, 1e-4 for float32)")
     p.add_argument("--no-verify", action="store_true", help="skip the fused-vs-unfused check")
     p.add_argument("--force", action="store_true", help="overwrite the outputs")
+    p.add_argument("--backend", choices=("eager", "compile", "onnxruntime"), default="eager",
+                   help="backend the lowering of each site is chosen for (default eager)")
+    _lowering_flags(p)
     _add_json(p)
 
     p = add("export", cmd_export, "export a model or checkpoint to ONNX",
@@ -717,6 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="verification tolerance (default: by dtype, 1e-4 for float32)")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
     p.add_argument("--force", action="store_true", help="overwrite the outputs")
+    _lowering_flags(p)
     _add_json(p)
 
     p = add("verify", cmd_verify, "compare two models' outputs (ONNX files, checkpoints, names)",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 
+from xvol_compiler.lowering import LoweringChoice
 from xvol_compiler.report import render_table
 from xvol_compiler.rules import Outcome, RewriteLog
 
@@ -40,12 +42,23 @@ class FusionReport:
 
     @classmethod
     def from_log(cls, log: RewriteLog, source: str, prefix: str = "") -> FusionReport:
-        outcomes = [
-            Outcome(o.kind, f"{prefix}{o.name}", o.status, o.reason, o.params_before, o.params_after,
-                    o.macs_before, o.macs_after)
-            for o in log.outcomes()
-        ]
+        outcomes = [replace(o, name=f"{prefix}{o.name}") for o in log.outcomes()]
         return cls(source=source, outcomes=outcomes)
+
+    def set_lowerings(self, choices: Mapping[str, LoweringChoice]) -> None:
+        """Record each fused X-volution site's deploy lowering and why (``choices``: site name -> choice)."""
+        for i, o in enumerate(self.outcomes):
+            choice = choices.get(o.name)
+            if choice is not None and o.status == "fused" and o.kind == "x-volution":
+                self.outcomes[i] = replace(o, lowering=choice.lowering, lowering_reason=choice.reason)
+        named = {o.name for o in self.outcomes if o.kind == "x-volution" and o.status == "fused"}
+        for name, choice in choices.items():
+            if name not in named:
+                self.notes.append(f"site {name}: lowering {choice.lowering} ({choice.reason})")
+
+    def lowerings(self) -> dict[str, str]:
+        """Site name -> the lowering it is deployed in (fused X-volution sites)."""
+        return {o.name: o.lowering or "channel" for o in self.fused if o.kind == "x-volution"}
 
     def extend(self, other: FusionReport) -> None:
         self.outcomes.extend(other.outcomes)
@@ -85,11 +98,12 @@ class FusionReport:
     def __str__(self) -> str:
         rows = [
             [o.name, o.kind, o.status, _num(o.params_before), _num(o.params_after), _num(o.macs_before),
-             _num(o.macs_after), o.reason]
+             _num(o.macs_after), o.lowering or "-", o.reason or o.lowering_reason]
             for o in sorted(self.outcomes, key=lambda o: (o.status != "fused", o.kind != "x-volution", o.name))
         ]
         table = render_table(
-            ["site", "pattern", "result", "params before", "params after", "MACs before", "MACs after", "reason"],
+            ["site", "pattern", "result", "params before", "params after", "MACs before", "MACs after", "lowering",
+             "reason"],
             rows, title=f"Fusion report ({self.source})",
         )
         extra = [f"path: {k} -> {v}" for k, v in sorted(self.paths.items())] + self.notes

@@ -127,6 +127,7 @@ class ModelSpec:
     sites: list[str] = field(default_factory=list)
     xvolify: dict[str, Any] = field(default_factory=dict)
     input_size: list[int] = field(default_factory=lambda: [3, 224, 224])
+    lowerings: dict[str, str] = field(default_factory=dict)  # fused: site -> deploy lowering (else "channel")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,6 +142,7 @@ class ModelSpec:
                 sites=[str(s) for s in data.get("sites", [])],
                 xvolify=dict(data.get("xvolify", {})),
                 input_size=[int(v) for v in data.get("input_size", [3, 224, 224])],
+                lowerings={str(k): str(v) for k, v in dict(data.get("lowerings", {})).items()},
             )
         except (KeyError, TypeError, ValueError) as err:
             raise InputError(f"{source}: malformed '{META_KEY}' metadata ({type(err).__name__}: {err})") from err
@@ -179,7 +181,9 @@ def _rebuild(spec: ModelSpec) -> nn.Module:
         model = xvolify(model, sites=list(spec.sites), example_inputs=example, **spec.xvolify)
     if spec.stage == "fused":
         # Only the structure matters here: the weights are overwritten by the checkpoint.
-        model = fuse(model.eval(), example_inputs=example, verify=False)
+        lowerings = dict(spec.lowerings)
+        model = fuse(model.eval(), example_inputs=example, verify=False, lowering=lowerings,
+                     single_conv="split" not in lowerings.values())
     return model
 
 

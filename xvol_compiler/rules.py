@@ -152,6 +152,7 @@ class Rewrite:
     params_before: int
     macs_before: int | None
     macs_after: int | None
+    lowering: str = "channel"  # how a multi-input branch is emitted (xvol_compiler.lowering)
 
     @property
     def params_after(self) -> int:
@@ -170,6 +171,8 @@ class Outcome:
     params_after: int = 0
     macs_before: int | None = None
     macs_after: int | None = None
+    lowering: str = ""  # x-volution sites: the deploy lowering chosen
+    lowering_reason: str = ""  # why that lowering (measured times, forced, fallback reason)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,59 @@
+"""A one-site ONNX model per lowering candidate, for measuring it in onnxruntime.
+
+The model takes the site's inputs ``[x, T(x)]`` as graph inputs and computes
+the site's conv in the candidate lowering, emitted by ``OnnxGraphAdapter.apply``
+(the same code that writes fused models), so what is measured is what is deployed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from xvol_compiler.fold import Branch
+from xvol_compiler.passes.onnx_graph import OnnxGraphAdapter
+from xvol_compiler.rules import Rewrite
+
+__all__ = ["one_site_model", "one_site_session"]
+
+_ONNX_TYPES = {torch.float16: TensorProto.FLOAT16, torch.float32: TensorProto.FLOAT, torch.float64: TensorProto.DOUBLE}
+
+
+def one_site_model(branch: Branch, lowering: str, shape: tuple[int, ...], opset: int = 17) -> onnx.ModelProto:
+    """Inputs ``x0, x1, ...`` (the branch's inputs, batch and spatial sizes of ``shape``), output ``y``."""
+    elem = _ONNX_TYPES[branch.weight.dtype]
+    names = [f"x{i}" for i in range(len(branch.inputs))]
+    inputs = [helper.make_tensor_value_info(n, elem, [shape[0], c, *shape[2:]])
+              for n, c in zip(names, branch.channels, strict=True)]
+    first = branch.blocks()[0].detach().cpu().numpy()
+    weight = onnx.numpy_helper.from_array(np.ascontiguousarray(first), "site.weight")
+    g = branch.geometry
+    placeholder = helper.make_node("Conv", [names[0], "site.weight"], ["y"], name="site", group=g.groups,
+                                   kernel_shape=list(g.kernel_size), strides=list(g.stride),
+                                   dilations=list(g.dilation))
+    graph = helper.make_graph([placeholder], "site", inputs, [helper.make_tensor_value_info("y", elem, None)],
+                              [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    adapter = OnnxGraphAdapter(model)
+    adapter.view()
+    site = Branch(tuple(names), branch.channels, g, branch.weight, branch.bias)
+    adapter.apply(Rewrite(rule="lowering", kind="x-volution", name="site", anchor="y", output="y", replaced=("y",),
+                          branch=site, params_before=0, macs_before=None, macs_after=None, lowering=lowering))
+    return adapter.to_model()
+
+
+def one_site_session(branch: Branch, lowering: str, shape: tuple[int, ...]) -> tuple[Any, list[str]]:
+    """An onnxruntime CPU session of ``one_site_model`` (torch's thread count) and its input names."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    model = one_site_model(branch, lowering, shape)
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session, [i.name for i in model.graph.input]
