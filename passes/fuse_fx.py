@@ -324,13 +324,15 @@ def _unavailable_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 
 def _rebuild_forwards(root: nn.Module, pristine: nn.Module, before: dict[str, int], flat_gm: fx.GraphModule,
-                      flat_products: set[int], root_aliases: tuple[str, ...]) -> None:
+                      flat_products: set[int], root_aliases: tuple[str, ...], lowerings: dict[str, str]) -> None:
     """Give every container of the fused ``root`` a forward that computes what it computed before.
 
     ``pristine`` is an unfused copy of ``root``; ``before`` the identities of
     ``root``'s objects before fusion; ``flat_products`` the ids of the convs
     the flat fusion created; ``root_aliases`` the model's methods equivalent
-    to forward. Containers are done innermost first: one whose
+    to forward; ``lowerings`` the lowering the flat fusion gave each site (by path
+    under ``root``), which every container's own fusion repeats, so that its
+    convs are the flat fusion's. Containers are done innermost first: one whose
     direct children are intact keeps its own code; the others get a fused
     graph of their own that keeps the working containers below them as calls
     (so forward hooks on those fire and feature extractors see them).
@@ -359,6 +361,7 @@ def _rebuild_forwards(root: nn.Module, pristine: nn.Module, before: dict[str, in
                 gm, aliases = _trace(originals[path], attempt)
                 adapter = FxAdapter(gm)
                 run_rules(adapter)
+                lower_fx_sites(adapter, backend="eager", lowering=lowerings, single_conv=False, prefix=prefix)
                 adapter.finalize()
             except Exception as err:  # any failure means: this container cannot be rebuilt
                 reason = f"it does not trace on its own ({type(err).__name__}: {err})"
@@ -412,8 +415,9 @@ class _Fuser:
         rewrite_log = run_rules(adapter)
         part = FusionReport.from_log(rewrite_log, source="fx")
         prefix = f"{path}." if path else ""
-        part.set_lowerings(lower_fx_sites(adapter, backend=self.backend, lowering=self.lowering,
-                                          single_conv=self.single_conv, prefix=prefix))
+        choices = lower_fx_sites(adapter, backend=self.backend, lowering=self.lowering,
+                                 single_conv=self.single_conv, prefix=prefix)
+        part.set_lowerings(choices)
         adapter.finalize()
         for o in part.outcomes:
             self.report.outcomes.append(dataclasses.replace(o, name=prefix + o.name))
@@ -434,7 +438,8 @@ class _Fuser:
             fused.__class__ = _fused_class(type(fused), type(gm).forward, aliases)
         else:
             with torch.random.fork_rng(devices=[]):  # the convs built while fusing containers again draw random init
-                _rebuild_forwards(fused, pristine, before, gm, flat_products, aliases)
+                _rebuild_forwards(fused, pristine, before, gm, flat_products, aliases,
+                                  {name: c.lowering for name, c in choices.items()})
         return fused
 
     def _fuse_site(self, site: XVolution, path: str) -> nn.Module:
