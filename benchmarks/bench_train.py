@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from collections.abc import Callable
 
 import torch
 import torchvision
@@ -23,7 +24,7 @@ from xvol_compiler import xvolify
 from xvol_compiler.measure import interleaved_latency, machine_info
 
 
-def _step(model: nn.Module, x: torch.Tensor, target: torch.Tensor):  # noqa: ANN202
+def _step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], None]:
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
 

@@ -11,7 +11,7 @@ contributes as after training): wall time of ``xvolify``, FX ``fuse`` and
 backend and batch the median latency of each form, measured interleaved
 (round-robin within each round), with the ratios to the original, the spread
 (25th-75th percentile of the per-round ratios) and the arithmetic floor
-fused MACs / original MACs (SPEC section 4) next to them.
+fused MACs / original MACs (docs/operator.md, section 5) next to them.
 
 Writes ``<out>/latest.md``, ``latest.json`` and ``latest.png`` (``--quick``:
 ``quick.*``) plus a time-stamped copy of the markdown, each with the machine
@@ -138,7 +138,8 @@ def markdown(data: dict[str, Any]) -> str:
         f"python {m['python']}; load average at start {m.get('load_average_1min', '-')}.",
         f"Input {data['input_size']} px, sites {data['sites']}; median of {data['repeats']} interleaved rounds "
         f"({data['warmup']} warm-up); ratios are to the original model, the median of the per-round ratios; [a-b] "
-        "is their 25th-75th percentile. MAC floor = fused MACs / original MACs (SPEC section 4): the fused ratio "
+        "is their 25th-75th percentile. MAC floor = fused MACs / original MACs (docs/operator.md, section 5): "
+        "the fused ratio "
         "cannot go below it by arithmetic alone.",
         "",
         "| model | backend | batch | original ms | unfused / original | fused / original | MAC floor "

@@ -4,7 +4,7 @@ Site policies (``SITE_POLICIES``), handed to ``xvol_compiler.xvolify``, which
 measures output strides on its default 224 px example input:
 
 - ``none``: the plain model (baseline);
-- ``os16``: every spatial (K > 1) convolution at output stride 16, the SPEC's
+- ``os16``: every spatial (K > 1) convolution at output stride 16, the paper's
   default placement (in a ResNet: all 3x3 convs of stage 3);
 - ``os8+16``: every spatial convolution at output stride 8 or 16 (stages 2 and 3).
 """

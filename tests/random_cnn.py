@@ -634,7 +634,8 @@ def _is_patch_embedding(conv: ConvSpec) -> bool:
 
 
 def site_candidates(spec: CNNSpec, policy: Any) -> list[str]:
-    """The conv names a site policy selects, computed from the spec (SPEC section 3 and ``SiteSelection``).
+    """The conv names a site policy selects, computed from the spec (the README's "Selecting sites" and
+    ``SiteSelection``).
 
     ``policy``: ``"all"``, a list of names, ``"re:<pattern>"`` or ``("kernel", k)``/``("even_out", None)``
     tuples as the tests draw them. Policies other than explicit names skip patch embeddings (kernel ==
@@ -658,7 +659,8 @@ def site_candidates(spec: CNNSpec, policy: Any) -> list[str]:
 
 
 def _pads_aligned(small: ConvSpec, big: ConvSpec) -> bool:
-    """SPEC: branches share stride, groups, dilation (for kernels > 1) and padding alignment, i.e. the small
+    """docs/operator.md, section 4: branches share stride, groups, dilation (for kernels > 1) and padding
+    alignment, i.e. the small
     kernel sits on the big kernel's tap grid with the same output size for every input size."""
     if small.stride != big.stride or small.groups != big.groups:
         return False
@@ -720,7 +722,7 @@ class FusionExpectation:
 def expected_fusion(spec: CNNSpec, sites: Iterable[str] = (), extra_branches: Sequence[str] = ()) -> FusionExpectation:
     """Convs and BatchNorms left after fusing ``spec`` with X-volution at ``sites``, from the spec alone.
 
-    The data-flow graph of the spec is rewritten to a fixpoint with SPEC's
+    The data-flow graph of the spec is rewritten to a fixpoint with docs/operator.md's
     conditions, independently of the library's rules:
 
     - conv -> BN, the conv's output read by nothing else: one conv.

@@ -62,7 +62,7 @@ def test_sites_resnet50_selects_the_six_layer3_conv2_at_os16(capsys: pytest.Capt
         assert rows[name]["kernel_size"] == [3, 3]
         assert rows[name]["added_macs"] == rows[name]["macs"] > 0
     assert not rows["layer2.0.conv2"]["selected"] and "output stride" in rows["layer2.0.conv2"]["reason"]
-    assert 0.16 < data["added_mac_fraction"] < 0.18  # SPEC section 4: about 17%
+    assert 0.16 < data["added_mac_fraction"] < 0.18  # docs/operator.md, section 5: about 17%
 
     code, out, _ = run(capsys, "sites", "resnet50")
     assert code == 0

@@ -17,7 +17,8 @@ from xvol_compiler.ops import neighbour_offsets
 
 
 def naive_pssa(x: torch.Tensor, shift, directions=None, directional=False) -> torch.Tensor:
-    """SPEC's definition written out literally: one shifted copy per direction, zero fill."""
+    """The definition of docs/operator.md (section 1) written out literally: one shifted copy per direction,
+    zero fill."""
     ndim = x.dim() - 2
     shifts = (shift,) * ndim if isinstance(shift, int) else tuple(shift)
     copies = []
@@ -72,7 +73,7 @@ def _build_site(spec: SiteSpec, extras: tuple[str, ...], shift: int, directions:
         site = XVolution.from_conv(conv, shift=shift, directions=directions, directional=directional,
                                    extra_branches=extras)
     except FoldError:
-        # Extra branches are refused where SPEC forbids them (misaligned 1x1, identity with
+        # Extra branches are refused where docs/operator.md (section 4) forbids them (misaligned 1x1, identity with
         # stride); the refusal itself is tested separately. Fall back to the plain site.
         site = XVolution.from_conv(conv, shift=shift, directions=directions, directional=directional)
     return conv, site

@@ -45,7 +45,7 @@ def test_resnet50_default_selects_the_six_stage3_convs(resnet50_x: nn.Module) ->
     text = str(report)
     for name in LAYER3:
         assert re.search(rf"^{re.escape(name)}\s+Conv2d\s+256->256 k3 s[12]\s+16\s", text, re.M), text
-    # SPEC section 4: the six sites add about 17% to ResNet-50's multiply-adds.
+    # docs/operator.md, section 5: the six sites add about 17% to ResNet-50's multiply-adds.
     assert 0.16 < report.added_mac_fraction < 0.18
     assert report.added_params == 6 * (256 * 256 * 9 + 2 * 256)
     for name in LAYER3:

@@ -56,7 +56,8 @@ class Prepared:
 
     @property
     def mac_floor(self) -> float:
-        """Fused MACs / original MACs: the arithmetic lower bound of the fused latency ratio (SPEC section 4)."""
+        """Fused MACs / original MACs: the arithmetic lower bound of the fused latency ratio
+        (docs/operator.md, section 5)."""
         return self.macs["fused"] / self.macs["original"]
 
     def example(self, batch: int = 1) -> tuple[torch.Tensor]:

@@ -503,7 +503,7 @@ def _zero_gamma_bn(channels: int, ndim: int) -> nn.Module:
 
 
 class XVolution(nn.Module):
-    """Training form of an X-volution site (SPEC section 2).
+    """Training form of an X-volution site (docs/operator.md, sections 1-3).
 
     ``y = conv(x) + BN_a(Conv_a(T_L(x)))`` (+ optional RepVGG/DBB-style branches).
     The site's own ``weight``/``bias`` stay on this module under the same names,
