@@ -7,7 +7,9 @@ Reusable outside the test suite::
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from hypothesis import strategies as st
@@ -105,3 +107,17 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     """max |a - ref| / max |ref| (with a floor so an all-zero reference does not divide by zero)."""
     a64, r64 = a.detach().to(torch.float64), ref.detach().to(torch.float64)
     return float((a64 - r64).abs().max() / r64.abs().max().clamp_min(1e-12))
+
+
+def eager64(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The independent reference: a copy of the unfused model run in float64, eval mode, without grad."""
+    with torch.no_grad():
+        return copy.deepcopy(model).double().eval()(x.double())
+
+
+def ort_run(model: Any, x: torch.Tensor, threads: int | None = None) -> Any:
+    """The first output of an ONNX model (ModelProto, bytes or path) in onnxruntime on one input ``x``."""
+    from xvol_compiler.verify import onnx_session
+
+    session = onnx_session(model, threads=threads)
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-import onnxruntime as ort
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,8 @@ from torch import fx, nn
 
 from tests.hyp import examples
 from tests.onnx_counts import is_pssa_conv, site_convs
-from tests.strategies import randomize_bn, rel_err
+from tests.strategies import eager64 as _eager64
+from tests.strategies import ort_run, randomize_bn, rel_err
 from xvol_compiler import XVolution, analyze_model, fuse_with_report, pssa_transform, xvolify
 from xvol_compiler.measure import count_macs
 from xvol_compiler.onnx_io import export_onnx
@@ -261,13 +262,6 @@ def _trained(model: nn.Module) -> nn.Module:
     return randomize_bn(model, seed=2).eval()
 
 
-def _eager64(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    import copy
-
-    with torch.no_grad():
-        return copy.deepcopy(model).double()(x.double())
-
-
 @pytest.mark.parametrize("encoding", ["ring", "directional", "avgpool"])
 def test_fx_fuses_spelled_out_sites(encoding: str) -> None:
     model = _trained(SpelledSite(4, encoding))
@@ -344,12 +338,8 @@ def test_aten_graphs_recognise_the_transform(tracer: str, encoding: str) -> None
 # ----------------------------------------------------------------------------- ONNX
 
 
-def _ort(model, x: torch.Tensor) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    s = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]
+def _ort(model: onnx.ModelProto, x: torch.Tensor) -> np.ndarray:
+    return ort_run(model, x, threads=1)
 
 
 def _rel(a: np.ndarray, ref: np.ndarray | torch.Tensor) -> float:

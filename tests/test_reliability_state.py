@@ -16,6 +16,8 @@ import pytest
 import torch
 from torch import fx, nn
 
+from tests.strategies import eager64 as _eager64
+from tests.strategies import ort_run as _ort
 from tests.strategies import randomize_bn, rel_err
 from xvol_compiler import XVolution, fuse, fuse_onnx, fuse_with_report, xvolify
 from xvol_compiler.cli import main
@@ -24,7 +26,6 @@ from xvol_compiler.io import atomic_write_text, check_writable
 from xvol_compiler.onnx_io import export_onnx, save_onnx
 from xvol_compiler.passes.fuse_fx import FusionError, fuse_graph
 from xvol_compiler.sites import SiteSelectionError
-from xvol_compiler.verify import onnx_session
 
 ArgumentErrors = (TypeError, ValueError)  # the package's ArgumentError is both
 
@@ -56,18 +57,6 @@ class Net(nn.Module):
 def _net(seed: int = 0) -> Net:
     torch.manual_seed(seed)
     return randomize_bn(Net(), seed).eval()
-
-
-def _eager64(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The independent reference: the unfused model run in float64, eval mode, on a copy."""
-    with torch.no_grad():
-        return copy.deepcopy(model).double().eval()(x.double())
-
-
-def _ort(path_or_proto: Path | onnx.ModelProto, x: torch.Tensor) -> np.ndarray:
-    data = path_or_proto.read_bytes() if isinstance(path_or_proto, Path) else path_or_proto.SerializeToString()
-    session = onnx_session(data)
-    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
 
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
