@@ -20,11 +20,17 @@ import networkx as nx
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.passes.tools_common import stable_topological_sort
 
 from xvol_compiler.fold import Branch, ConvGeometry, FoldError
+from xvol_compiler.norm_act import has_own_forward, norm_act_reason
 from xvol_compiler.ops import (
+    XVolution,
+    XVolutionDeploy,
     bn_params,
+    conv_forward_reason,
     conv_geometry,
+    conv_module_weights,
     interleave_groups,
     interleave_spatial,
     lowered_convs,
@@ -159,13 +165,18 @@ class FxAdapter:
                 attrs["refusal"] = (
                     f"module {node.target} is called {calls[node.target]} times; folding it would change every call"
                 )
+            if isinstance(module, (XVolution, XVolutionDeploy)):
+                return "site", data_inputs  # a leaf only in the module form's trace
             if isinstance(module, _CONV_MODULES):
                 return self._conv_module(node, module, attrs)
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                why = norm_act_reason(module) if has_own_forward(module) else ""
                 try:
                     attrs["bn"] = bn_params(module)
                 except FoldError as err:
-                    attrs["bn"], attrs["refusal"] = None, f"{node.target}: {err}"
+                    why = str(err)
+                if why:
+                    attrs["bn"], attrs["refusal"] = None, f"{node.target}: {why}"
                 return "bn", data_inputs
             if isinstance(module, (nn.Linear, nn.MultiheadAttention)):
                 return "conv_like", data_inputs
@@ -238,8 +249,12 @@ class FxAdapter:
     ) -> tuple[str, Sequence[fx.Node]]:
         geometry = conv_geometry(module)
         sources, channels = self._sources(node, geometry.in_channels)
-        attrs["branch"] = Branch(sources, channels, geometry, module.weight.detach(),
-                                 None if module.bias is None else module.bias.detach())
+        why = conv_forward_reason(module)
+        if why:
+            attrs["branch"], attrs["refusal"] = None, f"{node.target}: {why}"
+            return "conv", sources
+        weight, bias = conv_module_weights(module)
+        attrs["branch"] = Branch(sources, channels, geometry, weight.detach(), None if bias is None else bias.detach())
         return "conv", sources
 
     def _conv_function(
@@ -548,6 +563,9 @@ class FxAdapter:
                 node.target = owner
                 self.gm.add_submodule(owner, module)
         self.gm.delete_all_unused_submodules()
+        # A rewrite emits its nodes before the value it replaces; where a site's inputs are defined later
+        # than one of its branches, a stable topological order puts every node after its inputs.
+        stable_topological_sort(self.gm)
         self.gm.graph.lint()
         self.gm.recompile()
         return self.gm

@@ -54,6 +54,7 @@ __all__ = [
     "XVolutionDeploy",
     "conv_forward_reason",
     "conv_geometry",
+    "conv_module_weights",
     "interleave_groups",
     "interleave_spatial",
     "neighbour_offsets",
@@ -473,6 +474,34 @@ class _CaptureConv(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _captured_conv_weights(module: nn.Module, what: str) -> tuple[Tensor, Tensor | None]:
+    """The (weight, bias) of the first convolution ``module``'s forward calls, computed once from
+    float64 copies of its own floating-point parameters and buffers, cast back to the weight's dtype."""
+    state = {n: t.detach().double() if t.is_floating_point() else t.detach()
+             for n, t in itertools.chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False))}
+    extent = (d * (k - 1) + 1 for k, d in zip(module.kernel_size, module.dilation, strict=True))
+    probe = torch.zeros(1, module.in_channels, *extent, dtype=torch.float64, device=module.weight.device)
+    capture = _CaptureConv()
+    with torch.no_grad(), capture:
+        try:  # the capture stops the forward at its first convolution
+            torch.func.functional_call(module, state, (probe,))
+        except _Captured:
+            pass
+    if capture.weight is None:
+        raise FoldError(f"{what}.forward called no convolution")
+    dtype = module.weight.dtype
+    bias = None if capture.bias is None else capture.bias.to(dtype)
+    return capture.weight.to(dtype), bias
+
+
+def conv_module_weights(conv: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """The (weight, bias) an ``nn.Conv1d/2d/3d`` convolves with: its parameters, or for a subclass
+    whose forward computes them (``conv_forward_reason(conv) == ""``) what that forward computes."""
+    if type(conv).forward in _PLAIN_CONV_FORWARDS:
+        return conv.weight, conv.bias
+    return _captured_conv_weights(conv, type(conv).__name__)
+
+
 def bn_params(bn: nn.Module) -> BatchNormParams:
     """Plain-tensor view of an eval BatchNorm; refuses one that would not fold exactly."""
     if bn.training:
@@ -688,21 +717,7 @@ class XVolution(nn.Module):
         """
         if self.conv_class is None:
             return self.weight, self.bias
-        state = {n: t.detach().double() if t.is_floating_point() else t.detach()
-                 for n, t in itertools.chain(self.named_parameters(recurse=False), self.named_buffers(recurse=False))}
-        extent = (d * (k - 1) + 1 for k, d in zip(self.kernel_size, self.dilation, strict=True))
-        probe = torch.zeros(1, self.in_channels, *extent, dtype=torch.float64, device=self.weight.device)
-        capture = _CaptureConv()
-        with torch.no_grad(), capture:
-            try:  # forward() calls the conv branch first: the capture stops it there
-                torch.func.functional_call(self, state, (probe,))
-            except _Captured:
-                pass
-        if capture.weight is None:
-            raise FoldError(f"{self.conv_class.__name__}.forward called no convolution")
-        dtype = self.weight.dtype
-        bias = None if capture.bias is None else capture.bias.to(dtype)
-        return capture.weight.to(dtype), bias
+        return _captured_conv_weights(self, self.conv_class.__name__)
 
     def attention(self, x: Tensor) -> Tensor:
         """The attention branch's input transform: T_L(x) (PSSA)."""
@@ -761,11 +776,15 @@ class XVolution(nn.Module):
         return merged.weight, merged.bias
 
     @torch.no_grad()
-    def fuse(self, lowering: str = "channel", *, single_conv: bool = True) -> XVolutionDeploy:
+    def fuse(self, lowering: str = "channel", *, single_conv: bool = True,
+             bn: BatchNormParams | None = None) -> XVolutionDeploy:
         """The deploy form: one convolution over ``interleave_groups([x, T(x)])`` (``lowering="channel"``),
         over ``interleave_spatial([x, T(x)])`` (``"spatial"``), or, with ``single_conv=False``,
-        two convolutions and an add (``"split"``). FoldError says why a lowering is not exact here."""
+        two convolutions and an add (``"split"``); ``bn``, an eval BatchNorm applied to the site's
+        output, folded in. FoldError says why a lowering is not exact here."""
         w, b = self.deploy_weights()
+        if bn is not None:
+            w, b = fold_conv_bn(w, b, bn)
         deploy = XVolutionDeploy(self.geometry, shift=self.shift, directions=self.directions,
                                  directional=self.directional, lowering=lowering, single_conv=single_conv,
                                  device=w.device, dtype=w.dtype)

@@ -44,6 +44,7 @@ operands in either order; n-ary sums reduce pairwise to a fixpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ __all__ = [
     "Rewrite",
     "RewriteLog",
     "Rule",
+    "ViewAdapter",
     "conv_macs",
     "mark_pssa_transforms",
     "pattern",
@@ -542,3 +544,34 @@ def run_rules(adapter: GraphAdapter, rules: Sequence[Rule] = RULES, max_rounds: 
             adapter.apply(rewrite)
         log.applied.extend(batch)
     raise RuntimeError(f"rewriting did not reach a fixpoint in {max_rounds} rounds")
+
+
+class ViewAdapter:
+    """An adapter over a networkx view alone: applying a rewrite changes the view, nothing else.
+
+    Runs the rules to their fixpoint without touching a graph, to learn what a pass would do
+    (the module form lists the rewrites only the graph form can make)."""
+
+    def __init__(self, view: nx.DiGraph) -> None:
+        self._view = view
+        self._count = 0
+
+    def view(self) -> nx.DiGraph:
+        return self._view
+
+    def apply(self, rewrite: Rewrite) -> None:
+        view = self._view
+        self._count += 1
+        new = ("fused", self._count)
+        out = _attrs(view, rewrite.output)
+        view.add_node(new, kind="conv", branch=rewrite.branch, name=rewrite.name, users=out.get("users", 1),
+                      refusal=None, spatial=out.get("spatial"))
+        for src in rewrite.branch.inputs:
+            view.add_edge(src, new)
+        for succ in list(view.successors(rewrite.output)):
+            view.add_edge(new, succ)
+            branch = _attrs(view, succ).get("branch")
+            if branch is not None and rewrite.output in branch.inputs:
+                inputs = tuple(new if k == rewrite.output else k for k in branch.inputs)
+                view.nodes[succ]["branch"] = dataclasses.replace(branch, inputs=inputs)
+        view.remove_nodes_from(rewrite.replaced)
