@@ -146,7 +146,8 @@ def fuse_with_report(
     if reference is not None:
         _verify(reference, target, example, report, rtol=rtol, atol=atol, inplace=inplace)
     if not graph_form:
-        target.xvol_fused_modules = [r.path for r in replacements]  # what xvolify and re-fusion look at
+        # Every path a replacement changed: what a fused checkpoint records (passes/fused_record.py).
+        target.xvol_fused_modules = [p for r in replacements for p in (r.path, r.bn_path) if p]
     target.xvol_fusion_report = report
     log.info("%s", report.summary())
     return target, report

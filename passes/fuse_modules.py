@@ -33,6 +33,7 @@ and is what a fused checkpoint records (``xvol_compiler.fused_record``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -159,11 +160,13 @@ def _pair_refusal(view: nx.DiGraph, producer: fx.Node, bn: fx.Node, shared_modul
     return ""
 
 
-def _graph_only(view: nx.DiGraph) -> list[tuple[str, str]]:
-    """(kind, name) of each rewrite only the graph form can make: the rules run to their fixpoint on a
-    copy of the view (the BatchNorms folded first), and every rewrite other than ``conv+bn`` is one."""
+def _graph_only(view: nx.DiGraph) -> list[Outcome]:
+    """What only the graph form can do here: the rules run to their fixpoint on a copy of the view
+    (the BatchNorms folded first); every rewrite other than ``conv+bn`` is "graph form only", and
+    every refusal of a rule the module form does not apply keeps its reason."""
     log = run_rules(ViewAdapter(view.copy()))
-    return [(r.kind, r.name) for r in log.applied if r.kind != "conv+bn"]
+    return [Outcome(r.kind, r.name, "refused", GRAPH_FORM_ONLY) for r in log.applied if r.kind != "conv+bn"] + [
+        o for o in log.refused if o.kind != CONV_BN.name]
 
 
 def _site_shapes(model: nn.Module, example: tuple[Any, ...] | None) -> dict[str, tuple[int, ...]]:
@@ -260,8 +263,7 @@ def plan_replacements(
                 continue
             site_bn[path] = bn_path
             plan.outcomes.append(Outcome("conv+bn", path, "fused", "", 2 * modules[bn_path].num_features, 0))
-        for kind, name in _graph_only(view):
-            plan.outcomes.append(Outcome(kind, prefix + name, "refused", GRAPH_FORM_ONLY))
+        plan.outcomes += [dataclasses.replace(o, name=prefix + o.name) for o in _graph_only(view)]
     if shapes is None:
         shapes = _site_shapes(model, example) if lowering in ("auto", "measure") else {}
     for path, site in modules.items():

@@ -119,9 +119,12 @@ def test_fuse_branch_sums_any_order_and_form(channels, kernel, order, form, post
     model = _simulate_training(RepBlock(channels, kernel, list(order), form, post_bn).double(), seed)
     x = torch.randn(2, channels, size, size + 2, dtype=torch.float64)
     ref = model(x)
-    fused, report = fuse_with_report(model, example_inputs=(x,))
+    fused, report = fuse_with_report(model, example_inputs=(x,), graph=True)
     assert rel_err(fused(x), ref) <= 1e-10
     assert len(_convs(fused)) == 1 and not _bns(fused), str(report)
+    in_place, modules_report = fuse_with_report(model, example_inputs=(x,))  # the module form: branch sums stay
+    assert rel_err(in_place(x), ref) <= 1e-10
+    assert any(o.reason.startswith("graph form only") for o in modules_report.refused), str(modules_report)
 
 
 class SharedBN(nn.Module):

@@ -128,6 +128,7 @@ class ModelSpec:
     xvolify: dict[str, Any] = field(default_factory=dict)
     input_size: list[int] = field(default_factory=lambda: [3, 224, 224])
     lowerings: dict[str, str] = field(default_factory=dict)  # fused: site -> deploy lowering (else "channel")
+    fused_modules: dict[str, Any] = field(default_factory=dict)  # fused: what replaced what (passes/fused_record.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,6 +144,7 @@ class ModelSpec:
                 xvolify=dict(data.get("xvolify", {})),
                 input_size=[int(v) for v in data.get("input_size", [3, 224, 224])],
                 lowerings={str(k): str(v) for k, v in dict(data.get("lowerings", {})).items()},
+                fused_modules=dict(data.get("fused_modules", {})),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise InputError(f"{source}: malformed '{META_KEY}' metadata ({type(err).__name__}: {err})") from err
@@ -174,16 +176,21 @@ def _rebuild(spec: ModelSpec) -> nn.Module:
     model = torchvision_model(spec.model, num_classes=spec.num_classes)
     if spec.stage == "original":
         return model
+    if spec.stage == "fused" and spec.fused_modules:
+        from xvol_compiler.passes.fused_record import rebuild_fused
+
+        return rebuild_fused(model, spec.fused_modules)  # the recorded structure; the weights come next
     from xvol_compiler import fuse, xvolify
 
     example = spec.example_inputs(model)
     if spec.sites:  # a fused plain model (conv+BN folded only) has none
         model = xvolify(model, sites=list(spec.sites), example_inputs=example, **spec.xvolify)
     if spec.stage == "fused":
-        # Only the structure matters here: the weights are overwritten by the checkpoint.
+        # A fused checkpoint written before fused structures were recorded holds the flat graph
+        # form: rebuilt by fusing the xvolified model again (only the structure matters here).
         lowerings = dict(spec.lowerings)
         model = fuse(model.eval(), example_inputs=example, verify=False, lowering=lowerings,
-                     single_conv="split" not in lowerings.values())
+                     single_conv="split" not in lowerings.values(), graph=True)
     return model
 
 
@@ -208,7 +215,7 @@ def load_model(
         raise FileNotFoundError(f"no such file: {path}")
     if path.suffix == ".onnx":
         raise InputError(f"{path} is an ONNX file; this command needs a torchvision model name or a checkpoint")
-    from xvol_compiler.checkpoint import load_checkpoint, read_checkpoint
+    from xvol_compiler.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 
     obj = read_checkpoint(path)
     meta = obj.get("metadata") if isinstance(obj.get("metadata"), Mapping) else {}
@@ -221,5 +228,14 @@ def load_model(
     if input_size:
         spec.input_size = list(input_size)
     model = _rebuild(spec)
-    load_checkpoint(model, obj, strict=True)
+    try:
+        load_checkpoint(model, obj, strict=True)
+    except CheckpointError as err:
+        if spec.stage == "fused" and not spec.fused_modules:
+            raise CheckpointError(
+                f"{path} is a fused checkpoint written by an earlier version of xvol-compiler (no record of its "
+                f"fused structure), and its weights do not fit the structure rebuilt for it: {err}. Re-fuse the "
+                f"xvolified checkpoint it came from: xvol fuse XVOLIFIED.pt -o FUSED.pt"
+            ) from err
+        raise
     return model.eval(), spec
