@@ -35,8 +35,14 @@ FORMS = ("module", "graph")
 # ---------------------------------------------------------------------------------------------- helpers
 
 
+def _form(form: str) -> dict[str, bool]:
+    """``graph=True`` for the graph form; the module form is fuse's default, so it passes no flag."""
+    assert form in FORMS, form
+    return {"graph": True} if form == "graph" else {}
+
+
 def fused(model: nn.Module, form: str, **kw: Any) -> nn.Module:
-    return xvol_compiler.fuse(model, graph=(form == "graph"), **kw)
+    return xvol_compiler.fuse(model, **_form(form), **kw)
 
 
 def fuse_or_refusal(model: nn.Module, form: str, **kw: Any) -> tuple[nn.Module | None, FusionError | None]:
@@ -472,7 +478,7 @@ def test_module_reused_in_two_places(form: str, how: str) -> None:
     model = prepare(SharedNet(how))
     weight = model.conv.weight.detach().clone()
     x = inp(2, 3, 10, 10)
-    f, report = xvol_compiler.fuse_with_report(model, graph=(form == "graph"), example_inputs=(x,))
+    f, report = xvol_compiler.fuse_with_report(model, **_form(form), example_inputs=(x,))
     check(model, f, "forward", x)
     assert f.xvol_fusion_report is report
     if form == "module":
