@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import re
 from typing import Any
 
 import pytest
@@ -482,11 +483,16 @@ def test_module_reused_in_two_places(form: str, how: str) -> None:
     check(model, f, "forward", x)
     assert f.xvol_fusion_report is report
     if form == "module":
-        refused = [o for o in report.refused if "conv" in o.name or "bn1" in o.name or "bn2" in o.name]
+        shared = re.compile(r"\b(conv|alias|other|bn1|bn2)\b")  # not tail.attn_conv
+        refused = [o for o in report.refused if shared.search(o.name)]
         assert refused, f"the shared conv's fold is not refused: {report}"
         assert all(o.reason.strip() for o in refused), f"a refusal without a reason: {refused}"
         assert type(f.conv) is nn.Conv2d and torch.equal(f.conv.weight, weight)
         assert isinstance(f.bn1, nn.BatchNorm2d) and isinstance(f.bn2, nn.BatchNorm2d)
+        if how == "registered twice":
+            assert f.alias is f.conv
+        if how == "tied weight":
+            assert type(f.other) is nn.Conv2d and f.other.weight is f.conv.weight
         assert isinstance(f.tail, XVolutionDeploy)  # the rest still fuses
 
 
@@ -522,20 +528,25 @@ def test_depthwise_site_spatial_lowering(form: str, bn_only_consumer: bool) -> N
     assert list(lowerings.values()) == ["spatial"], lowerings
     if form == "graph":
         return
-    assert isinstance(f.site, XVolutionDeploy)
-    assert isinstance(f.bn, nn.Identity) == bn_only_consumer  # the BN folds into the site only when alone
-    h = inp(2, 6, 11, 13, seed=6)  # the site's input: any size the site accepts
-    ref_site = copy.deepcopy(model).double().eval()
+    # The fused site called alone on an input of its own: the site's value (and its BN's, when that BN
+    # was folded in and is now an Identity), or the package's error naming it; never another width.
+    bn_folded = isinstance(f.bn, nn.Identity)
+    ref = copy.deepcopy(model).double().eval()
     with torch.no_grad():
-        want = ref_site.site(h.double())
-        if bn_only_consumer:
-            want = ref_site.bn(want)
-    with _Catch() as caught:
-        out = run(f.site, "forward", h)
-    if caught.error is not None:
-        assert "site" in str(caught.error), f"the error does not name the module: {caught.error}"
-        return
-    assert_close(out, want, "fused site alone")
+        site_input = model.pw(x)  # what the site gets in the model, and another size it accepts
+    for h in (site_input, inp(2, 6, 11, 13, seed=6)):
+        with torch.no_grad():
+            want = ref.site(h.double())
+            if bn_folded:
+                want = ref.bn(want)
+        with _Catch() as caught:
+            out = run(f.site, "forward", h)
+        if caught.error is not None:
+            assert "site" in str(caught.error), f"the error does not name the module: {caught.error}"
+        else:
+            assert_close(out, want, f"fused site alone on {tuple(h.shape)}")
+    assert isinstance(f.site, XVolutionDeploy)
+    assert bn_folded == bn_only_consumer  # the BN folds into the site only when it is the site's only consumer
 
 
 # ------------------------------------------------------------------ 7. module form structure, caller's model
