@@ -43,7 +43,13 @@ def _form(form: str) -> dict[str, bool]:
 
 
 def fused(model: nn.Module, form: str, **kw: Any) -> nn.Module:
-    return xvol_compiler.fuse(model, **_form(form), **kw)
+    return xvol_compiler.fuse(model, **_form(form), **_lowering(kw))
+
+
+def _lowering(kw: dict[str, Any]) -> dict[str, Any]:
+    """``lowering="channel"`` unless a test asks for another: "auto" times the candidates on the
+    machine, which is slow on two shared cores and makes the chosen structure depend on the load."""
+    return {"lowering": "channel", **kw}
 
 
 def fuse_or_refusal(model: nn.Module, form: str, **kw: Any) -> tuple[nn.Module | None, FusionError | None]:
@@ -286,7 +292,8 @@ class TimmLikeNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(8)
         self.act1 = nn.ReLU()
         self.layer1 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
-        self.layer2 = nn.Sequential(site(8, 12, stride=2), nn.BatchNorm2d(12), nn.ReLU())
+        # A plain conv here: the test makes it a site with xvolify, as a user would.
+        self.layer2 = nn.Sequential(nn.Conv2d(8, 12, 3, 2, 1), nn.BatchNorm2d(12), nn.ReLU())
         self.fc = nn.Linear(12, 5)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -314,8 +321,9 @@ class TimmLikeNet(nn.Module):
 
 @pytest.mark.parametrize("form", FORMS)
 def test_timm_like_feature_methods(form: str) -> None:
-    model = prepare(TimmLikeNet())
     x = inp(2, 3, 12, 12)
+    model = prepare(xvol_compiler.xvolify(TimmLikeNet(), sites=["layer2.0"], example_inputs=x))
+    assert isinstance(model.layer2[0], XVolution)
     f = fused(model, form, example_inputs=(x,))
     check(model, f, "forward", x)
     if form == "module":
@@ -479,7 +487,7 @@ def test_module_reused_in_two_places(form: str, how: str) -> None:
     model = prepare(SharedNet(how))
     weight = model.conv.weight.detach().clone()
     x = inp(2, 3, 10, 10)
-    f, report = xvol_compiler.fuse_with_report(model, **_form(form), example_inputs=(x,))
+    f, report = xvol_compiler.fuse_with_report(model, **_form(form), **_lowering({"example_inputs": (x,)}))
     check(model, f, "forward", x)
     assert f.xvol_fusion_report is report
     if form == "module":
@@ -672,7 +680,7 @@ def late_site_graphs(draw: st.DrawFn) -> dict[str, Any]:
         "attention_first": draw(st.booleans()),  # else: the conv branch first, T(x) right before the add
         "swap_add": draw(st.booleans()),
         "size": draw(st.integers(8, 12)),
-        "lowering": draw(st.sampled_from(["auto", "channel", "spatial"])),
+        "lowering": draw(st.sampled_from(["channel", "spatial"])),
     }
 
 
@@ -718,7 +726,7 @@ def build_late_site(p: dict[str, Any]) -> fx.GraphModule:
     return prepare(gm, seed=p["size"])
 
 
-@settings(max_examples=12)
+@settings(max_examples=10)
 @given(p=late_site_graphs())
 def test_graph_form_site_inputs_defined_late(p: dict[str, Any]) -> None:
     torch.manual_seed(0)
@@ -731,6 +739,5 @@ def test_graph_form_site_inputs_defined_late(p: dict[str, Any]) -> None:
     f.graph.lint()
     assert report.count("x-volution") == 1, str(report)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in f.modules()), "a BN left unfolded"
-    if p["lowering"] != "auto":
-        assert list(report.lowerings().values()) == [p["lowering"]], report.lowerings()
+    assert list(report.lowerings().values()) == [p["lowering"]], report.lowerings()
     assert_close(run(f, "forward", x), ref64(gm, "forward", x), "late-site graph")
