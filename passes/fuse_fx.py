@@ -181,6 +181,14 @@ def _fuse_graph_form(model: nn.Module, example: tuple[Any, ...], *, inplace: boo
                 f"the graph form needs a model torch.fx can trace, and {type(model).__name__} does not "
                 f"({type(err).__name__}: {err}); the module form (fuse(model), graph=False) fuses any model"
             ) from err
+    unused = [n.target for n in gm.graph.nodes if n.op == "placeholder" and not n.users]
+    if unused:
+        raise FusionError(
+            f"the graph form of {type(model).__name__} ignores its argument(s) {', '.join(map(str, unused))}: "
+            "torch.fx followed one path of the Python code that uses them (an isinstance or None check) and "
+            "the flat graph would silently drop them; use the module form (fuse(model), graph=False), which "
+            "keeps the model's own code"
+        )
     gm, report = fuse_graph(gm, example, backend=backend, lowering=lowering, single_conv=single_conv)
     report.paths["<model>"] = "graph form (flat fx.GraphModule)"
     return gm, report

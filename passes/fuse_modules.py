@@ -60,7 +60,7 @@ from xvol_compiler.ops import (
 )
 from xvol_compiler.passes.fx_graph import FxAdapter
 from xvol_compiler.passes.lower import LoweringOption, choose_lowering, site_option
-from xvol_compiler.rules import CONV_BN, Outcome, Refusal, ViewAdapter, plan_conv_bn, run_rules
+from xvol_compiler.rules import CONV_BN, RULES, Outcome, Refusal, ViewAdapter, plan_conv_bn, run_rules
 
 __all__ = ["GRAPH_FORM_ONLY", "Replacement", "apply_replacements", "fuse_modules", "plan_replacements"]
 
@@ -91,6 +91,7 @@ class Plan:
     replacements: list[Replacement] = field(default_factory=list)
     outcomes: list[Outcome] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    built: dict[str, nn.Module] = field(default_factory=dict)  # path -> its new module, from the planned weights
 
 
 # ---------------------------------------------------------------- finding what is safe
@@ -161,12 +162,28 @@ def _pair_refusal(view: nx.DiGraph, producer: fx.Node, bn: fx.Node, shared_modul
 
 
 def _graph_only(view: nx.DiGraph) -> list[Outcome]:
-    """What only the graph form can do here: the rules run to their fixpoint on a copy of the view
-    (the BatchNorms folded first); every rewrite other than ``conv+bn`` is "graph form only", and
-    every refusal of a rule the module form does not apply keeps its reason."""
-    log = run_rules(ViewAdapter(view.copy()))
-    return [Outcome(r.kind, r.name, "refused", GRAPH_FORM_ONLY) for r in log.applied if r.kind != "conv+bn"] + [
-        o for o in log.refused if o.kind != CONV_BN.name]
+    """What only the graph form can do here: the rules run to their fixpoint on a copy of the view in
+    which every conv -> BatchNorm pair is already one conv (their weights need not be folded to see the
+    structure); every rewrite is "graph form only", and every refusal keeps its reason."""
+    log = run_rules(ViewAdapter(_bns_contracted(view)), RULES[1:])
+    return [Outcome(r.kind, r.name, "refused", GRAPH_FORM_ONLY) for r in log.applied] + log.refused
+
+
+def _bns_contracted(view: nx.DiGraph) -> nx.DiGraph:
+    """A copy of ``view`` in which each BatchNorm fed by a single-consumer conv is merged into that conv."""
+    out = view.copy()
+    for conv, bn in [(m["conv"], m["bn"]) for m in CONV_BN.matches(view)]:
+        if view.nodes[conv].get("users") != 1 or conv not in out or bn not in out:
+            continue
+        for succ in list(out.successors(bn)):
+            out.add_edge(conv, succ)
+            branch = out.nodes[succ].get("branch")
+            if branch is not None and bn in branch.inputs:
+                out.nodes[succ]["branch"] = dataclasses.replace(
+                    branch, inputs=tuple(conv if k == bn else k for k in branch.inputs))
+        out.nodes[conv]["users"] = out.nodes[bn].get("users", 1)
+        out.remove_node(bn)
+    return out
 
 
 def _site_shapes(model: nn.Module, example: tuple[Any, ...] | None) -> dict[str, tuple[int, ...]]:
@@ -247,6 +264,8 @@ def plan_replacements(
                 continue
             path, bn_path = prefix + str(producer.target), prefix + str(bn.target)
             plan.replacements.append(Replacement("conv+bn", path, bn_path))
+            plan.built[path] = _conv_like(modules[path], rewrite.branch)
+            plan.built[bn_path] = _bn_remainder(modules[bn_path])
             plan.outcomes.append(Outcome("conv+bn", path, "fused", "", rewrite.params_before, rewrite.params_after,
                                          rewrite.macs_before, rewrite.macs_after))
         for m in _site_bn_matches(view):
@@ -271,16 +290,20 @@ def plan_replacements(
             continue
         params = sum(p.numel() for p in site.parameters()) + sum(
             b.numel() for n, b in site.named_buffers() if "running" in n)
+        bn_path = site_bn.get(path, "")
         try:
-            choice = _site_lowering(site, path, shapes.get(path), backend, lowering, single_conv)
-            deploy = site.fuse(choice.lowering, single_conv=single_conv)  # checks the site folds
+            weights = site.deploy_weights()
+            choice = _site_lowering(site, path, weights, shapes.get(path), backend, lowering, single_conv)
+            deploy = site.fuse(choice.lowering, single_conv=single_conv, weights=weights,
+                               bn=bn_params(modules[bn_path]) if bn_path else None)
         except FoldError as err:
             plan.outcomes.append(Outcome("x-volution", path, "refused", str(err)))
             plan.outcomes = [o for o in plan.outcomes if not (o.kind == "conv+bn" and o.name == path)]
-            site_bn.pop(path, None)
             continue
-        plan.replacements.append(Replacement("x-volution", path, site_bn.get(path, ""), choice.lowering,
-                                             choice.reason))
+        plan.replacements.append(Replacement("x-volution", path, bn_path, choice.lowering, choice.reason))
+        plan.built[path] = deploy
+        if bn_path:
+            plan.built[bn_path] = _bn_remainder(modules[bn_path])
         plan.outcomes.append(Outcome("x-volution", path, "fused", "", params,
                                      sum(p.numel() for p in deploy.parameters()),
                                      lowering=choice.lowering, lowering_reason=choice.reason))
@@ -293,9 +316,10 @@ def _site_bn_matches(view: nx.DiGraph) -> list[tuple[fx.Node, fx.Node]]:
             for user in view.successors(key) if view.nodes[user].get("kind") == "bn"]
 
 
-def _site_lowering(site: XVolution, path: str, shape: tuple[int, ...] | None, backend: str,
-                   lowering: LoweringOption, single_conv: bool) -> LoweringChoice:
-    w, b = site.deploy_weights()
+def _site_lowering(site: XVolution, path: str, weights: tuple[torch.Tensor, torch.Tensor],
+                   shape: tuple[int, ...] | None, backend: str, lowering: LoweringOption,
+                   single_conv: bool) -> LoweringChoice:
+    w, b = weights
     factor = 1 + (site.directions if site.directional else 1)
     return choose_lowering(_merged_branch(site.geometry, factor, w, b), backend=backend,
                            lowering=site_option(lowering, path), single_conv=single_conv, input_shape=shape)
@@ -304,16 +328,21 @@ def _site_lowering(site: XVolution, path: str, shape: tuple[int, ...] | None, ba
 # ---------------------------------------------------------------- applying the plan
 
 
-def _folded_conv(conv: nn.Module, bn: nn.Module) -> nn.Module:
-    """A plain conv computing ``bn(conv(x))``: same geometry, weight layout, device and dtype."""
-    geometry = conv_geometry(conv)
-    w, b = fold_conv_bn(*conv_module_weights(conv), bn_params(bn))
-    folded = lowered_convs(Branch(("x",), (geometry.in_channels,), geometry, w, b), "channel")[0][0]
+def _conv_like(conv: nn.Module, branch: Branch) -> nn.Module:
+    """A plain conv of ``branch``'s geometry and weights, in ``conv``'s place: its weight layout kept."""
+    folded = lowered_convs(branch, "channel")[0][0]
     layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(conv.weight.dim())
     if layout is not None and not conv.weight.is_contiguous() and conv.weight.is_contiguous(memory_format=layout):
         with torch.no_grad():
             folded.weight.data = folded.weight.data.contiguous(memory_format=layout)
     return folded
+
+
+def _folded_conv(conv: nn.Module, bn: nn.Module) -> nn.Module:
+    """A plain conv computing ``bn(conv(x))``: same geometry, weight layout, device and dtype."""
+    geometry = conv_geometry(conv)
+    w, b = fold_conv_bn(*conv_module_weights(conv), bn_params(bn))
+    return _conv_like(conv, Branch(("x",), (geometry.in_channels,), geometry, w, b))
 
 
 def _bn_remainder(bn: nn.Module) -> nn.Module:
@@ -359,7 +388,8 @@ def fuse_modules(
 ) -> tuple[nn.Module, FusionReport, list[Replacement]]:
     """The pass: ``model`` (changed in place) with every safe replacement applied, its report and the plan."""
     plan = plan_replacements(model, example, backend=backend, lowering=lowering, single_conv=single_conv)
-    apply_replacements(model, plan.replacements, single_conv=single_conv)
+    for path, module in plan.built.items():
+        _set(model, path, module.eval())
     report = FusionReport(source="modules", outcomes=_unique(plan.outcomes), notes=plan.notes)
     report.paths["<model>"] = "module form (leaf-module replacements)"
     return model, report, plan.replacements

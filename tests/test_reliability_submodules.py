@@ -1,4 +1,6 @@
-"""Submodules of a fused model: each one computes what it computed before fusion, or says clearly why not.
+"""Submodules of a module-form fused model: each computes what it computed before fusion; a fused module
+called alone computes the chain it replaced (the torch.ao convention), a BatchNorm's Identity passes its
+input through.
 
 References are float64 eager runs of the unfused model (inputs and outputs of
 every submodule recorded with hooks); the fused model runs in float32.
@@ -17,8 +19,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from tests.strategies import randomize_bn, rel_err
-from xvol_compiler import XVolution, fuse, fuse_with_report, xvolify
-from xvol_compiler.passes.fuse_fx import FusedSubmoduleError
+from xvol_compiler import XVolution, XVolutionDeploy, fuse, fuse_with_report, xvolify
 
 TOL = 1e-5  # float32 fused against the float64 unfused reference
 
@@ -74,14 +75,14 @@ def _record(model: nn.Module, *args: Any) -> dict[str, tuple[tuple[Any, ...], An
 
 
 def _fused_convs(fused: nn.Module, unfused: nn.Module) -> set[str]:
-    """Leaf convs of the fused model that are not the unfused model's conv at that name (folded weights)."""
+    """Paths where fusion put a new module: folded convs, deploy sites and the Identities of folded BatchNorms."""
     before = dict(unfused.named_modules())
     out = set()
     for name, m in fused.named_modules():
-        if isinstance(m, nn.modules.conv._ConvNd) and name in before:
-            old = before[name]
-            if isinstance(old, XVolution) or not torch.equal(m.weight.double(), old.weight.double()):
-                out.add(name)
+        if name not in before or m is before[name]:
+            continue
+        if isinstance(m, (nn.modules.conv._ConvNd, XVolutionDeploy, nn.Identity)):
+            out.add(name)
     return out
 
 
@@ -137,23 +138,21 @@ def test_every_submodule_of_fused_resnet18_computes_what_it_computed(sites):
     model = _resnet18(sites)
     x = torch.randn(2, 3, 64, 64)
     fused, report = fuse_with_report(model, example_inputs=(x,))
-    assert report.count("conv+bn") == 20 + 4 * sites and report.count("x-volution") == 4 * sites
+    assert report.count("conv+bn") == 20 and report.count("x-volution") == 4 * sites, str(report)
     reference = copy.deepcopy(model).double()
     calls = _record(reference, x.double())
     products = _fused_convs(fused, model)
-    assert len(products) == 20  # every conv of resnet18 absorbed its BatchNorm
+    convs = {p for p in products if not isinstance(fused.get_submodule(p), nn.Identity)}
+    assert len(convs) == 20 and len(products) == 40  # every conv absorbed its BatchNorm, now an Identity
     # containers and the untouched leaves compute exactly what they computed
     checked = _check_submodules(fused, reference, calls, skip=products)
     assert checked == 27  # 15 containers, 9 ReLUs, maxpool, avgpool, fc
     ref_modules = dict(reference.named_modules())
-    for name in sorted(products):
+    for name in sorted(convs):
         module = fused.get_submodule(name)
+        assert isinstance(module, XVolutionDeploy) == isinstance(ref_modules[name], XVolution), name
         args, _ = calls[name]
-        if isinstance(ref_modules[name], XVolution):  # reads interleave(x, T(x)): cannot run on x alone
-            with pytest.raises(FusedSubmoduleError, match=rf"{name} is a fused convolution"):
-                module(*_cast(args, torch.float32))
-            continue
-        # a fused conv stands for the conv and the BatchNorm it absorbed
+        # a fused conv (or deploy site) stands for the conv (site) and the BatchNorm it absorbed
         with torch.no_grad():
             expected = ref_modules[_conv_bn_chain(name)](ref_modules[name](*args))
             assert rel_err(module(*_cast(args, torch.float32)), expected) <= TOL, name
@@ -256,18 +255,19 @@ class _BnAfterChild(nn.Module):
         return self.head(torch.relu(self.bn(self.inner(x))))
 
 
-def test_submodule_fused_across_its_boundary_raises_clear_error():
+def test_child_whose_conv_absorbed_a_parent_batchnorm_computes_the_chain():
     model = randomize_bn(_BnAfterChild()).eval()
     x = torch.randn(2, 3, 8, 8)
     fused, report = fuse_with_report(model, example_inputs=(x,))
     assert report.count("conv+bn") == 2
+    assert type(fused.inner) is _ConvOnly and isinstance(fused.bn, nn.Identity)
     reference = copy.deepcopy(model).double()
     with torch.no_grad():
         assert rel_err(fused(x), reference(x.double())) <= TOL
         assert rel_err(fused.head(torch.relu(x[:, :1].repeat(1, 4, 1, 1))),
                        reference.head(torch.relu(x[:, :1].repeat(1, 4, 1, 1)).double())) <= TOL
-    with pytest.raises(FusedSubmoduleError, match=r"inner \(_ConvOnly\) cannot run on its own.*inner\.conv"):
-        fused.inner(x)
+        # the child runs its own code; its conv now stands for conv + the parent's BatchNorm
+        assert rel_err(fused.inner(x), reference.bn(reference.inner(x.double()))) <= TOL
 
 
 def test_fusing_a_fused_model_keeps_its_submodules_working():

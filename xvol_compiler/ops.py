@@ -777,12 +777,13 @@ class XVolution(nn.Module):
 
     @torch.no_grad()
     def fuse(self, lowering: str = "channel", *, single_conv: bool = True,
-             bn: BatchNormParams | None = None) -> XVolutionDeploy:
+             bn: BatchNormParams | None = None, weights: tuple[Tensor, Tensor] | None = None) -> XVolutionDeploy:
         """The deploy form: one convolution over ``interleave_groups([x, T(x)])`` (``lowering="channel"``),
         over ``interleave_spatial([x, T(x)])`` (``"spatial"``), or, with ``single_conv=False``,
         two convolutions and an add (``"split"``); ``bn``, an eval BatchNorm applied to the site's
-        output, folded in. FoldError says why a lowering is not exact here."""
-        w, b = self.deploy_weights()
+        output, folded in. ``weights``: :meth:`deploy_weights` when already computed.
+        FoldError says why a lowering is not exact here."""
+        w, b = self.deploy_weights() if weights is None else weights
         if bn is not None:
             w, b = fold_conv_bn(w, b, bn)
         deploy = XVolutionDeploy(self.geometry, shift=self.shift, directions=self.directions,
