@@ -394,9 +394,8 @@ class Verdict:
         if c.mismatch:
             text += f"; {c.mismatch}"
         if self.unfused is not None and self.exact is not None:
-            text += (f"; against a float64 run of {self.reference}: relative {self.exact.max_rel:.3g}, "
-                     f"{self.reference}'s own {self.unfused.max_rel:.3g} (accepted up to "
-                     f"{UNFUSED_ERROR_FACTOR:g}x that)")
+            text += (f"; against a float64 run of it: relative {self.exact.max_rel:.3g}, its own "
+                     f"{self.unfused.max_rel:.3g} (accepted up to {UNFUSED_ERROR_FACTOR:g}x its own)")
             if self.ok and not self.within_bound:
                 text += "; accepted: as close to the float64 run as the reference model itself"
         for note in self.notes:
