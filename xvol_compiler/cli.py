@@ -465,8 +465,12 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
     """Compare two ONNX files, a model and its fused form, or a model and an ONNX file, on random inputs.
 
     The tolerance follows the dtype unless ``--rtol`` is given (1e-4 for float32 and float64, 1e-2 for
-    float16, 5e-2 for bfloat16); float16 / bfloat16 torch models are compared against a float64 run of the
-    first model, and torchvision detection models on their backbone and head outputs (before post-processing).
+    float16, 5e-2 for bfloat16); a torch model's result also passes when it is as close to a float64 run of
+    the torch model as that model itself (within ``UNFUSED_ERROR_FACTOR``, see ``xvol_compiler.verify``), and
+    torchvision detection models are compared on their backbone and head outputs (before post-processing).
+    A model checked against its own fused form is checked with its attention exercised: zero BatchNorm gammas
+    of its X-volution sites (every site before training) are set non-zero in a copy, which is fused and
+    compared, so that the check covers the attention fold (the output says how many were set).
     """
     import torch
 
@@ -508,24 +512,38 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
         model, spec = load_model(torch_arg, num_classes=args.num_classes, input_size=size)
         model.eval()  # a model given by name is built in training mode: the check is of inference
         inputs = _batched(spec.example_inputs(model), args.batch or 2)
-        reference = reference_run(model, inputs)
+        exercised: int | None = None
         if other_arg is not None and other_arg.endswith(".onnx"):
+            reference = reference_run(model, inputs)
             verdict = verify_outputs(reference, _run_onnx(other_arg, inputs), rtol=args.rtol, name=torch_arg)
             how = f"{torch_arg} (torch) vs {other_arg} (onnxruntime)"
         elif other_arg is not None:
+            reference = reference_run(model, inputs)
             other, _ = load_model(other_arg, num_classes=args.num_classes, input_size=size)
             verdict = verify_model(reference, other.eval(), inputs, rtol=args.rtol, name=torch_arg)
             how = f"{torch_arg} vs {other_arg} (torch)"
         else:
             from xvol_compiler import fuse
+            from xvol_compiler.attention_probe import with_exercised_attention
 
-            fused = fuse(model, example_inputs=inputs, verify=False)
-            verdict = verify_model(reference, fused, inputs, rtol=args.rtol, name=f"{torch_arg} (unfused)")
+            # Zero attention gammas would make the T(x) half of every fused weight 0: check a copy where it is not.
+            probe, exercised = with_exercised_attention(model, seed=args.seed)
+            reference = reference_run(probe, inputs)
+            fused = fuse(probe, example_inputs=inputs, verify=False)
+            name = f"{torch_arg} (unfused{', attention exercised' if exercised else ''})"
+            verdict = verify_model(reference, fused, inputs, rtol=args.rtol, name=name)
             how = f"{torch_arg} vs its fused form (fuse)"
+            if exercised:
+                how += (f", checked on a copy with the zero gammas of {exercised} X-volution attention / branch "
+                        f"BatchNorm(s) set non-zero (seed {args.seed}) so that the attention fold is exercised")
         abs_err, rel_err, rtol, ok = verdict.candidate.max_abs, verdict.candidate.max_rel, verdict.rtol, verdict.ok
         detail = verdict.describe()
         extra = {"dtype": verdict.dtype, "reference": verdict.reference, "on": verdict.compared,
-                 "unfused_rel_error": verdict.unfused.max_rel if verdict.unfused is not None else None}
+                 "unfused_rel_error": verdict.unfused.max_rel if verdict.unfused is not None else None,
+                 "float64_rel_error": verdict.exact.max_rel if verdict.exact is not None else None,
+                 "notes": list(verdict.notes)}
+        if exercised is not None:
+            extra["exercised_batchnorms"] = exercised
     out.json({"compared": how, "max_abs_error": abs_err, "max_rel_error": rel_err, "rtol": rtol, "ok": ok, **extra})
     out.line(f"{how}: {detail}: {'ok' if ok else 'FAILED'}")
     if not ok:

@@ -10,23 +10,37 @@ One rule for every check in the package (``fuse``, ``fuse_onnx``, ``xvol verify`
   output with no finite value at all cannot be checked. Integer and boolean
   tensors (indices, labels) are not compared.
 - :func:`accepts`: within tolerance when the relative error is at most
-  ``rtol``, or the absolute error at most ``atol`` (when given), or, against a
-  float64 reference, at most :data:`UNFUSED_ERROR_FACTOR` times the unfused
-  model's own error.
+  ``rtol``, or the absolute error at most ``atol`` (when given), or, given the
+  errors against a float64 run of the unfused model, when the candidate's
+  error against that run is at most :data:`UNFUSED_ERROR_FACTOR` times the
+  unfused model's own error against it.
 - Bounds follow the dtype (:data:`DEFAULT_RTOL`): ``1e-4`` for float32 and
   float64, ``1e-2`` for float16, ``5e-2`` for bfloat16.
-- :func:`reference_run` / :func:`verify_model`: models whose parameters are
-  float16 or bfloat16 are compared against a float64 run of the unfused model
-  (a copy; the model itself is not changed), together with the unfused model
-  in its own dtype: the candidate passes when it is within the dtype's bound or
-  not worse than the unfused model by more than the factor. Float32 and
-  float64 models are compared with the unfused model directly. Detection
-  models (a ``transform``, a ``backbone`` and a ``head`` or an ``rpn``, as
-  torchvision's) are compared on the outputs of ``backbone`` and ``head`` /
-  ``rpn.head``, before post-processing (score threshold, top-k, non-maximum
-  suppression turn rounding into different box sets).
+- :func:`reference_run` / :func:`verify_model` (torch models, every dtype):
+  the reference is the unfused model in its own dtype together with a float64
+  run of a copy of it (the model itself is not changed; a float64 model is its
+  own float64 run). A candidate passes when its error against the unfused
+  model is within the dtype's bound, or when its error against the float64
+  run is at most :data:`UNFUSED_ERROR_FACTOR` times the unfused model's own
+  error against that run: a fused model as close to exact arithmetic as the
+  unfused model is not wrong, even where the two round differently by more
+  than the bound (a deep float32 network such as timm's res2net50_14w_8s:
+  1.7e-4 apart, each 1.3e-4 from the float64 run). Where the copy cannot run
+  in float64 (an operator without a float64 kernel, not enough memory) or
+  its output does not match the model's in structure, only the bound applies,
+  and a note (in :attr:`Reference.notes`, :attr:`Verdict.notes` and
+  :meth:`Verdict.describe`) says why. Detection models (a ``transform``, a
+  ``backbone`` and a ``head`` or an ``rpn``, as torchvision's) are compared
+  on the outputs of ``backbone`` and ``head`` / ``rpn.head``, before
+  post-processing (score threshold, top-k, non-maximum suppression turn
+  rounding into different box sets).
 - :func:`onnx_session`: the one onnxruntime session set-up (CPU, quiet logs,
   models over 2 GiB through external data).
+
+An untrained X-volution site computes nothing in its attention branch (its
+BatchNorm's gamma is 0), so a check of such a model says nothing about how the
+attention was folded: :func:`xvol_compiler.attention_probe.with_exercised_attention`
+gives a copy in which it does.
 """
 
 from __future__ import annotations
@@ -62,8 +76,14 @@ __all__ = [
 ]
 
 DEFAULT_RTOL: dict[str, float] = {"float64": 1e-4, "float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
-# A candidate as accurate as the unfused model (against float64) passes: rounding in a low-precision dtype
-# is not a fusion error. The factor leaves room for the different rounding of folded weights.
+# A candidate as accurate as the unfused model (both against a float64 run of it) passes: rounding is not a
+# fusion error. The fused model rounds differently, not less: its folded weights are rounded once more in the
+# model's dtype and its sums run in another order, so its error against float64 is comparable to the unfused
+# model's, not equal to it (fused / unfused error against float64, measured: 0.99 on timm res2net50_14w_8s in
+# float32; 0.92, 1.86 and 0.84 on an xvolified resnet18 with trained-like BatchNorms in float32, float16 and
+# bfloat16). A factor of 4 (two bits) leaves about twice the largest measured ratio and nothing more: a wrong
+# fold (a missing branch, a wrong BatchNorm scale, transposed taps) errs by the size of a branch's
+# contribution, orders of magnitude beyond rounding.
 UNFUSED_ERROR_FACTOR = 4.0
 LOW_PRECISION = ("float16", "bfloat16")
 DETECTION_STAGES = ("backbone", "head", "rpn.head")
@@ -169,15 +189,28 @@ def error_stats(reference: Any, output: Any, names: Sequence[str] | None = None)
 
 
 def accepts(stats: ErrorStats, *, rtol: float, atol: float | None = None,
-            unfused: ErrorStats | None = None) -> bool:
-    """The tolerance rule: ``max_rel <= rtol``, or ``max_abs <= atol``, or (``unfused`` given: both against
-    a float64 reference) ``max_rel <= UNFUSED_ERROR_FACTOR * unfused.max_rel``. Never with mismatched
-    non-finite values or nothing compared."""
+            unfused: ErrorStats | None = None, exact: ErrorStats | None = None) -> bool:
+    """The tolerance rule.
+
+    ``stats``: the candidate against the reference model (in its own dtype).
+    Accepted when ``stats.max_rel <= rtol``, or ``stats.max_abs <= atol``
+    (``atol`` given), or, with ``unfused`` (the reference model against a
+    float64 run of it) and ``exact`` (the candidate against that run),
+    ``exact.max_rel <= UNFUSED_ERROR_FACTOR * unfused.max_rel``. ``exact``
+    None with ``unfused`` given: ``stats`` is itself against the float64 run.
+    Never with mismatched non-finite values or nothing compared (in ``stats``,
+    or in the float64 comparison for the second way).
+    """
     if stats.mismatch or not stats.checkable:
         return False
     if stats.max_rel <= rtol or (atol is not None and stats.max_abs <= atol):
         return True
-    return unfused is not None and not unfused.mismatch and stats.max_rel <= UNFUSED_ERROR_FACTOR * unfused.max_rel
+    if unfused is None or unfused.mismatch or not unfused.checkable:
+        return False
+    against_exact = stats if exact is None else exact
+    if against_exact.mismatch or not against_exact.checkable:
+        return False
+    return against_exact.max_rel <= UNFUSED_ERROR_FACTOR * unfused.max_rel
 
 
 # ---------------------------------------------------------------------------
@@ -259,9 +292,14 @@ class Reference:
     output: Any
     stages: dict[str, Any]
     dtype: torch.dtype
-    exact_output: Any = None  # float64 run (low-precision models only)
+    exact_output: Any = None  # float64 run of a copy (None: it could not run; ``notes`` says why)
     exact_stages: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def has_exact(self) -> bool:
+        """Whether the float64 run is there to judge candidates against (see :func:`reference_run`)."""
+        return self.exact_output is not None
 
     @property
     def low_precision(self) -> bool:
@@ -275,7 +313,7 @@ class Reference:
         """(own value, float64 value or None, description) of what is compared against a candidate's
         ``stages``: the stage outputs when the candidate produced the same stages, else the final output."""
         if self.uses_stages(stages):
-            exact = [self.exact_stages[p] for p in self.stages] if self.exact_stages else None
+            exact = [self.exact_stages[p] for p in self.stages] if self.has_exact else None
             return ([self.stages[p] for p in self.stages], exact,
                     f"the outputs of {', '.join(self.stages)} (before post-processing)")
         return self.output, self.exact_output, "the outputs"
@@ -287,24 +325,38 @@ class Reference:
 
 
 def reference_run(model: nn.Module, inputs: tuple[Any, ...]) -> Reference:
-    """Run ``model`` (eval mode, no grad) on ``inputs``; a float64 copy as well when it is float16/bfloat16.
+    """Run ``model`` (eval mode, no grad) on ``inputs``, and a float64 copy of it on float64 inputs.
 
-    The model is not changed (the float64 run uses a deep copy). When the copy
-    cannot run in float64, the unfused model in its own dtype is the reference
-    and a note says so.
+    The model is not changed (the float64 run uses a deep copy; a float64
+    model is its own float64 run). When the copy cannot run in float64, or
+    its output (or a stage's) differs from the model's in structure or shape,
+    there is no float64 run (``exact_output`` None) and a note says why: only
+    the dtype's bound against the unfused model then applies.
     """
     stages = stage_paths(model)
     output, captured = _run(model, inputs, stages)
     ref = Reference(_detached(output), captured, model_dtype(model, inputs))
-    if ref.low_precision:
-        try:
-            exact_model = copy.deepcopy(model).double()
-            ref.exact_output, ref.exact_stages = _run(exact_model, _to_float64(inputs), stages)
-            del exact_model
-        except Exception as err:  # any failure of the float64 copy: compare in the model's dtype instead
-            ref.exact_output, ref.exact_stages = None, {}
-            ref.notes.append(f"the float64 reference run failed ({type(err).__name__}: {err}); compared with the "
-                             f"unfused model in {dtype_name(ref.dtype)}")
+    if dtype_name(ref.dtype) == "float64":
+        ref.exact_output, ref.exact_stages = ref.output, dict(ref.stages)
+        return ref
+    fallback = (f"only the {dtype_name(ref.dtype)} bound against the unfused model applies (no "
+                f"{UNFUSED_ERROR_FACTOR:g}x-its-own-error allowance)")
+    try:
+        exact_model = copy.deepcopy(model).double()
+        exact_output, exact_stages = _run(exact_model, _to_float64(inputs), stages)
+        del exact_model
+    except Exception as err:  # any failure of the float64 copy (missing kernel, memory): bound only, with a note
+        ref.notes.append(f"the float64 reference run failed ({type(err).__name__}: {' '.join(str(err).split())}); "
+                         + fallback)
+        return ref
+    try:
+        error_stats(ref.output, exact_output)
+        for path in ref.stages:
+            error_stats(ref.stages[path], exact_stages[path])
+    except (OutputMismatchError, KeyError) as err:
+        ref.notes.append(f"the float64 reference run gave other outputs than the model ({err}); " + fallback)
+        return ref
+    ref.exact_output, ref.exact_stages = exact_output, exact_stages
     return ref
 
 
@@ -312,31 +364,42 @@ def reference_run(model: nn.Module, inputs: tuple[Any, ...]) -> Reference:
 class Verdict:
     """The result of one verification: errors, the bound used, and what was compared with what."""
 
-    candidate: ErrorStats  # the candidate against the reference
-    unfused: ErrorStats | None  # the unfused model against the float64 reference (low precision only)
+    candidate: ErrorStats  # the candidate against the reference model in its own dtype
+    unfused: ErrorStats | None  # the reference model against its float64 run (None: no float64 run)
     dtype: str
     rtol: float
     atol: float | None
     compared: str  # "the outputs" / "the outputs of backbone, head (before post-processing)"
-    reference: str  # "the unfused model" / "a float64 run of the unfused model" (or another name)
+    reference: str  # the reference model's name: "the unfused model" (or another name)
     ok: bool
+    exact: ErrorStats | None = None  # the candidate against the float64 run (None: no float64 run)
+    notes: tuple[str, ...] = ()  # e.g. why there is no float64 run
 
     @property
     def checkable(self) -> bool:
         return self.candidate.checkable
 
+    @property
+    def within_bound(self) -> bool:
+        """Whether the candidate passed on the bound alone (not through the float64 allowance)."""
+        return accepts(self.candidate, rtol=self.rtol, atol=self.atol)
+
     def describe(self) -> str:
-        """One line: the errors, the bound and the dtype (with the unfused model's own error when known)."""
+        """One line: the errors, the bound and the dtype; the errors against the float64 run of the reference
+        model (the candidate's and the reference model's own) when there is one, else why not."""
         c = self.candidate
         text = (f"max abs error {c.max_abs:.3g}, relative {c.max_rel:.3g} against {self.reference} on "
                 f"{self.compared} ({self.dtype}, rtol={self.rtol:g}"
                 + (f", atol={self.atol:g}" if self.atol is not None else "") + ")")
-        if self.unfused is not None:
-            own = self.reference.removeprefix("a float64 run of ")
-            text += (f"; {own}'s own relative error against it is {self.unfused.max_rel:.3g} (accepted up to "
-                     f"{UNFUSED_ERROR_FACTOR:g}x that)")
         if c.mismatch:
             text += f"; {c.mismatch}"
+        if self.unfused is not None and self.exact is not None:
+            text += (f"; against a float64 run of it: relative {self.exact.max_rel:.3g}, its own "
+                     f"{self.unfused.max_rel:.3g} (accepted up to {UNFUSED_ERROR_FACTOR:g}x its own)")
+            if self.ok and not self.within_bound:
+                text += "; accepted: as close to the float64 run as the reference model itself"
+        for note in self.notes:
+            text += f"; {note}"
         return text
 
 
@@ -345,21 +408,25 @@ def verify_outputs(reference: Reference, candidate: Any, *, candidate_stages: Ma
                    name: str = "the unfused model") -> Verdict:
     """Judge a candidate's output (and stage outputs) against ``reference`` with the package's rule.
 
-    ``rtol`` None: :func:`default_rtol` of the reference's dtype. ``name`` names
-    the reference model in :meth:`Verdict.describe`.
+    The candidate's error against the reference model in its own dtype must be
+    within ``rtol`` (None: :func:`default_rtol` of the reference's dtype) or
+    ``atol``, or its error against the reference's float64 run at most
+    :data:`UNFUSED_ERROR_FACTOR` times the reference model's own (see the
+    module docstring). ``name`` names the reference model in
+    :meth:`Verdict.describe`.
     """
     stages = dict(candidate_stages or {})
     own, exact, what = reference.compared(stages)
     cand = [stages[p] for p in reference.stages] if reference.uses_stages(stages) else candidate
     bound = default_rtol(reference.dtype) if rtol is None else rtol
+    stats = error_stats(own, cand)
+    unfused: ErrorStats | None = None
+    against_exact: ErrorStats | None = None
     if exact is not None:
-        stats = error_stats(exact, cand)
-        unfused: ErrorStats | None = error_stats(exact, own)
-        against = f"a float64 run of {name}"
-    else:
-        stats, unfused, against = error_stats(own, cand), None, name
-    ok = accepts(stats, rtol=bound, atol=atol, unfused=unfused)
-    return Verdict(stats, unfused, dtype_name(reference.dtype), bound, atol, what, against, ok)
+        unfused, against_exact = error_stats(exact, own), error_stats(exact, cand)
+    ok = accepts(stats, rtol=bound, atol=atol, unfused=unfused, exact=against_exact)
+    return Verdict(stats, unfused, dtype_name(reference.dtype), bound, atol, what, name, ok,
+                   exact=against_exact, notes=tuple(reference.notes))
 
 
 def verify_model(reference: Reference, model: nn.Module, inputs: tuple[Any, ...], *,
