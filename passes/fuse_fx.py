@@ -20,10 +20,11 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from xvol_compiler.arguments import ArgumentError, check_bool, check_example_inputs, check_module, check_tolerance
+from xvol_compiler.attention_probe import has_silent_attention, with_exercised_attention
 from xvol_compiler.fold import Branch
 from xvol_compiler.fusion_report import FusionReport
 from xvol_compiler.lowering import LoweringChoice
-from xvol_compiler.passes.fuse_modules import Replacement, fuse_modules
+from xvol_compiler.passes.fuse_modules import Replacement, apply_replacements, fuse_modules
 from xvol_compiler.passes.fx_graph import FxAdapter
 from xvol_compiler.passes.lower import LoweringOption, lower_sites, validate_options
 from xvol_compiler.rules import run_rules
@@ -145,6 +146,9 @@ def fuse_with_report(
         report.notes.append("no fusable patterns found (no BatchNorm after a conv, no X-volution site)")
     if reference is not None:
         _verify(reference, target, example, report, rtol=rtol, atol=atol, inplace=inplace)
+        if has_silent_attention(model):
+            _verify_exercised(model, example, report, replacements if not graph_form else None,
+                              rtol=rtol, atol=atol, inplace=inplace, **options)
     if not graph_form:
         # Every path a replacement changed: what a fused checkpoint records (passes/fused_record.py).
         target.xvol_fused_modules = [p for r in replacements for p in (r.path, r.bn_path) if p]
@@ -192,6 +196,30 @@ def _fuse_graph_form(model: nn.Module, example: tuple[Any, ...], *, inplace: boo
     gm, report = fuse_graph(gm, example, backend=backend, lowering=lowering, single_conv=single_conv)
     report.paths["<model>"] = "graph form (flat fx.GraphModule)"
     return gm, report
+
+
+def _verify_exercised(model: nn.Module, example: tuple[Any, ...], report: FusionReport,
+                      replacements: list[Replacement] | None, *, rtol: float | None, atol: float | None,
+                      inplace: bool, backend: str, lowering: LoweringOption, single_conv: bool) -> None:
+    """Verify the fusion again on a copy whose untrained (zero-gamma) attention BatchNorms are given
+    non-zero gammas: with gamma 0 the T(x) half of every fused weight is 0 and a wrong attention fold
+    would pass. The module form applies the same replacements to the copy; the graph form fuses it again."""
+    probe, changed = with_exercised_attention(model)
+    probe_reference = reference_run(probe, example)
+    if replacements is None:
+        fused_probe, _ = _fuse_graph_form(probe, example, inplace=True, backend=backend, lowering=lowering,
+                                          single_conv=single_conv)
+    else:
+        fused_probe = apply_replacements(probe, replacements, single_conv=single_conv)
+    verdict = verify_model(probe_reference, fused_probe.eval(), example, rtol=rtol, atol=atol)
+    report.notes.append(f"verified again with {changed} untrained attention BatchNorm(s) given non-zero gammas: "
+                        f"{verdict.describe()}")
+    if not verdict.ok:
+        raise FusionVerificationError(
+            f"with its attention exercised (the untrained attention BatchNorms given non-zero gammas), the "
+            f"fused model differs from the unfused one: {verdict.describe()}; the attention fold is wrong "
+            f"for this model; the unfused model is untouched{'' if not inplace else ' (inplace: it is not)'}"
+        )
 
 
 def _verify(reference: Any, target: nn.Module, example: tuple[Any, ...], report: FusionReport, *,
