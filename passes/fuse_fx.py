@@ -185,13 +185,16 @@ def _fuse_graph_form(model: nn.Module, example: tuple[Any, ...], *, inplace: boo
                 f"the graph form needs a model torch.fx can trace, and {type(model).__name__} does not "
                 f"({type(err).__name__}: {err}); the module form (fuse(model), graph=False) fuses any model"
             ) from err
-    unused = [n.target for n in gm.graph.nodes if n.op == "placeholder" and not n.users]
-    if unused:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    unused = [str(n.target) for n in placeholders if not n.users]
+    optional = [str(n.target) for n in placeholders if n.users and n.args and n.args[0] is None]
+    if unused or optional:
+        what = (f"ignores its argument(s) {', '.join(unused)}" if unused else
+                f"uses its argument(s) {', '.join(optional)} as tensors although they default to None")
         raise FusionError(
-            f"the graph form of {type(model).__name__} ignores its argument(s) {', '.join(map(str, unused))}: "
-            "torch.fx followed one path of the Python code that uses them (an isinstance or None check) and "
-            "the flat graph would silently drop them; use the module form (fuse(model), graph=False), which "
-            "keeps the model's own code"
+            f"the graph form of {type(model).__name__} {what}: torch.fx followed one path of the Python code "
+            "around them (an isinstance or None check), and the flat graph would drop the others; use the "
+            "module form (fuse(model), graph=False), which keeps the model's own code"
         )
     gm, report = fuse_graph(gm, example, backend=backend, lowering=lowering, single_conv=single_conv)
     report.paths["<model>"] = "graph form (flat fx.GraphModule)"
