@@ -7,8 +7,9 @@ For each X-volution site of each model (xvolify's default os16 sites, 224 px),
 the site's interleave + convolution is timed in every exact lowering on its real
 input shape: candidates run round-robin inside each round; the table gives the
 median and the 25th-75th percentiles in microseconds, the fastest single-conv
-lowering, and what ``lowering="auto"`` picks for that backend (measured for eager
-and onnxruntime, the documented rule for compile). Measure on an idle machine.
+lowering, and what ``lowering="auto"`` picks for that backend (the deterministic
+rule of ``xvol_compiler/lowering_table.py``, single_conv=True): run on an idle
+machine, this is how the rule's entries are checked. Measure on an idle machine.
 """
 
 from __future__ import annotations

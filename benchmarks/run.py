@@ -53,8 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="rounds discarded first (default 3)")
     p.add_argument("--input-size", type=int, default=None, help="image size (default 224)")
     p.add_argument("--sites", default="os16", help="site policy (default os16)")
-    p.add_argument("--lowering", default="auto", choices=("auto", "channel", "spatial", "split"),
-                   help="deploy lowering of the fused sites (default auto: the fastest exact one, measured)")
+    p.add_argument("--lowering", default="auto", choices=("auto", "measure", "channel", "spatial", "split"),
+                   help="deploy lowering of the fused sites (default auto: the deterministic rule per backend and "
+                        "site class; measure: timed on this machine, cached)")
     p.add_argument("--backend-aware", action="store_true",
                    help="fuse the model for each backend row (fuse(..., backend=b)); default: fused for eager")
     p.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads (default: torch's)")

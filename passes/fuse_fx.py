@@ -305,9 +305,13 @@ def fuse(
 
     The model itself is not changed by the check (it runs in eval mode, without grad).
 
-    Each X-volution site is deployed in the lowering (``xvol_compiler.lowering``) that is fastest
-    for ``backend`` ("eager", "compile", "onnxruntime"), measured on the site's shapes
-    (``lowering="auto"``), or the one forced by ``lowering="channel"|"spatial"|"split"`` (a site
+    Each X-volution site is deployed in a lowering (``xvol_compiler.lowering``) for ``backend``
+    ("eager", "compile", "onnxruntime"). ``lowering="auto"``: a deterministic rule, no timing
+    (``xvol_compiler.lowering_table``: a depthwise site takes "split" with ``single_conv=False``,
+    else "spatial"; dense and grouped sites "channel"), so the same model and options always give
+    the same structure. ``lowering="measure"`` (opt-in) times the exact candidates on the site's
+    shapes and keeps the times in a persistent cache file (``xvol_compiler.passes.lower``; the
+    report's reason names it). ``lowering="channel"|"spatial"|"split"`` forces one (a site
     where it is not exact keeps "channel", with the reason in the report). ``single_conv=False``
     allows "split" (two convolutions and an add per site). ``lowering`` may also map site names to
     lowerings (``report.lowerings()`` of an earlier fusion; sites not named keep "channel"): how a

@@ -227,10 +227,13 @@ def fuse_onnx(
     returned unchanged (and written unchanged when ``output_path`` is given),
     its report saying "no fusable patterns".
 
-    Each X-volution site is written in the lowering (``xvol_compiler.lowering``) fastest in
-    onnxruntime, measured on a one-site model at the site's shapes (``lowering="auto"``), or the one
-    forced by ``lowering="channel"|"spatial"|"split"`` (a site where it is not exact keeps "channel",
-    the report says why); ``single_conv=False`` allows "split" (two Conv and an Add per site).
+    Each X-volution site is written in a lowering (``xvol_compiler.lowering``) for onnxruntime:
+    ``lowering="auto"``, a deterministic rule without timing (``xvol_compiler.lowering_table``: a
+    depthwise site takes "split" with ``single_conv=False``, else "spatial"; other sites "channel");
+    ``lowering="measure"`` (opt-in), the fastest on a one-site model at the site's shapes, the times
+    kept in a persistent cache file (``xvol_compiler.passes.lower``); or the one forced by
+    ``lowering="channel"|"spatial"|"split"`` (a site where it is not exact keeps "channel", the
+    report says why); ``single_conv=False`` allows "split" (two Conv and an Add per site).
 
     Raises ``OnnxFileError`` (bad input), ``OutputExistsError`` /
     ``OutputError`` (an output that cannot be written, checked before any

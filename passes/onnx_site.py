@@ -47,13 +47,10 @@ def one_site_model(branch: Branch, lowering: str, shape: tuple[int, ...], opset:
 
 
 def one_site_session(branch: Branch, lowering: str, shape: tuple[int, ...]) -> tuple[Any, list[str]]:
-    """An onnxruntime CPU session of ``one_site_model`` (torch's thread count) and its input names."""
-    import onnxruntime as ort
+    """An onnxruntime CPU session of ``one_site_model`` (torch's thread count, ``verify.onnx_session``:
+    thread pools without spinning) and its input names."""
+    from xvol_compiler.verify import onnx_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
     model = one_site_model(branch, lowering, shape)
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = onnx_session(model, threads=torch.get_num_threads())
     return session, [i.name for i in model.graph.input]

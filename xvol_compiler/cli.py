@@ -275,9 +275,14 @@ def cmd_xvolify(args: argparse.Namespace, out: Output) -> int:
 
 
 def _lowering_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lowering", choices=("auto", "channel", "spatial", "split"), default="auto",
-                   help="deploy form of each site: auto (fastest exact one for the backend, measured), channel, "
-                        "spatial or split (default auto)")
+    p.add_argument("--lowering", choices=("auto", "measure", "channel", "spatial", "split"), default="auto",
+                   help="deploy form of each site: auto (a fixed rule per backend and site class, no timing: "
+                        "depthwise sites split with --split, else spatial; other sites channel), measure (time "
+                        "the exact forms on this machine, kept in a cache file), channel, spatial or split "
+                        "(default auto)")
+    p.add_argument("--lowering-cache", metavar="PATH", default=None,
+                   help="cache file of --lowering measure (default $XVOL_LOWERING_CACHE, else "
+                        "$XDG_CACHE_HOME/xvol-compiler/lowering-cache.json)")
     p.add_argument("--split", action="store_true",
                    help="allow more than one convolution per site (the split lowering: two convs and an add)")
 
@@ -289,14 +294,16 @@ def cmd_fuse(args: argparse.Namespace, out: Output) -> int:
     from xvol_compiler.io import save_model
     from xvol_compiler.passes.fuse_onnx import export_onnx
     from xvol_compiler.passes.fused_record import fused_record
+    from xvol_compiler.passes.lower import using_lowering_cache
 
     check_outputs([args.output, *([args.onnx] if args.onnx else [])], force=args.force)
     model, spec = _load(args)
     if spec.stage == "fused":
         raise ValueError(f"{args.model} is already fused")
     example = spec.example_inputs(model)
-    fused = fuse(model.eval(), example_inputs=example, verify=not args.no_verify, rtol=args.rtol,
-                 backend=args.backend, lowering=args.lowering, single_conv=not args.split)
+    with using_lowering_cache(args.lowering_cache):
+        fused = fuse(model.eval(), example_inputs=example, verify=not args.no_verify, rtol=args.rtol,
+                     backend=args.backend, lowering=args.lowering, single_conv=not args.split)
     report = fused.xvol_fusion_report
     spec.stage = "fused"
     spec.lowerings = report.lowerings()
@@ -346,8 +353,9 @@ def cmd_fuse_onnx(args: argparse.Namespace, out: Output) -> int:
     report_path = None if args.report in (None, "-") else Path(args.report)
     check_outputs([args.output, *([report_path] if report_path else [])], force=args.force)
     from xvol_compiler.passes.fuse_onnx import OnnxVerificationError
+    from xvol_compiler.passes.lower import using_lowering_cache
 
-    with written_together():  # the fused model (with its external data) and the report, or nothing
+    with written_together(), using_lowering_cache(args.lowering_cache):  # the fused model and report, or nothing
         try:
             _, report = fuse_onnx(args.input, verify=not args.no_verify, rtol=args.rtol, output_path=args.output,
                                   force=args.force, lowering=args.lowering, single_conv=not args.split)

@@ -174,7 +174,7 @@ class Outcome:
     macs_before: int | None = None
     macs_after: int | None = None
     lowering: str = ""  # x-volution sites: the deploy lowering chosen
-    lowering_reason: str = ""  # why that lowering (measured times, forced, fallback reason)
+    lowering_reason: str = ""  # why that lowering (rule entry, measured or cached times, forced, fallback reason)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,125 @@
+"""The deterministic lowering rule of ``lowering="auto"``: data, one entry per site class and backend.
+
+``lowering="auto"`` (``xvol_compiler.passes.lower.choose_lowering``) picks a
+fused site's deploy lowering from this table, never by timing: the same model,
+options and package version give the same fused structure whatever the
+machine's load. Timing is opt-in (``lowering="measure"``).
+
+A site is looked up by
+
+- ``backend``: "eager", "compile", "onnxruntime";
+- its class (:func:`site_class`): ``"depthwise"`` (one input channel of ``x``
+  per group, the merged conv's ``groups == C_in(x)``), ``"dense"`` (``groups
+  == 1``), ``"grouped"`` (any other grouping);
+- ``single_conv`` (whether "split", two convolutions per site, is allowed);
+- its kernel, stride and shape class (:func:`shape_class`: ``"batch1"``,
+  ``"batched"``, ``"unknown"``). Every entry today matches any kernel, stride
+  and shape: the measurements below do not separate them.
+
+The first matching entry gives an order of preference; the site gets the first
+lowering of that order that is exact for it (``"channel"`` always is).
+
+Sources (whole models, fused / original latency ratios, interleaved rounds;
+issue 23 "True measurements, deterministic deploy forms", measured on an idle
+2-core CPU machine, onnxruntime sessions without spinning):
+
+- [C16] ``torch.compile``, mobilenet_v3_large (depthwise sites), batch 16:
+  unfused 1.143, channel 1.629, spatial 1.419, split 1.038.
+- [O16] onnxruntime, mobilenet_v3_large, batch 16: unfused 1.142, channel
+  1.762, spatial 1.373, split 1.120.
+- [O1] onnxruntime, mobilenet_v3_large, batch 1: unfused 1.122, spatial 1.190,
+  split 1.095.
+- [E] eager: the former measured ``auto`` (per site, interleave + conv on the
+  site's input shape, 5 rounds, median) chose "spatial" at every depthwise site
+  of mobilenet_v3_large, efficientnet_b0 and convnext_tiny at 224 px
+  (``benchmarks/results/20261201-233112-cpu.json``, ``models[*].lowerings.eager``;
+  that file records a load average of 1.87 on 2 cores at its start); with
+  spatial depthwise sites the README table (``benchmarks/results/20261201-233112-cpu.md``)
+  has fused / unfused 0.86-0.99 in eager mode. Dense sites were fastest in
+  "channel" in eager per issue 23; ``benchmarks/results`` stores no per-lowering
+  figures for dense sites (``benchmarks/bench_lowerings.py`` measures them).
+- [S] "split" runs the unfused form's arithmetic (both branches folded, two
+  convolutions and an add); for a depthwise site both are depthwise convs with
+  the fast one-channel-per-group kernels. Not measured in eager mode: chosen for
+  every backend by issue 23, to be checked with ``benchmarks/bench_lowerings.py``
+  on an idle machine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from xvol_compiler.fold import Branch
+
+__all__ = ["RULES", "SITE_CLASSES", "SHAPE_CLASSES", "RuleEntry", "rule_entry", "shape_class", "site_class"]
+
+SITE_CLASSES = ("depthwise", "dense", "grouped")
+SHAPE_CLASSES = ("batch1", "batched", "unknown")
+_ALL_BACKENDS = ("eager", "compile", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class RuleEntry:
+    """One row of the rule: where it applies, the lowerings in order of preference, and why.
+
+    ``single_conv``, ``kernel``, ``stride``, ``shape``: None matches any value.
+    """
+
+    name: str
+    backends: tuple[str, ...]
+    site: str
+    single_conv: bool | None
+    prefer: tuple[str, ...]
+    source: str
+    kernel: tuple[int, ...] | None = None
+    stride: tuple[int, ...] | None = None
+    shape: str | None = None
+
+    def matches(self, backend: str, site: str, single_conv: bool, kernel: tuple[int, ...],
+                stride: tuple[int, ...], shape: str) -> bool:
+        return (backend in self.backends and site == self.site
+                and self.single_conv in (None, single_conv)
+                and self.kernel in (None, kernel) and self.stride in (None, stride) and self.shape in (None, shape))
+
+
+RULES: tuple[RuleEntry, ...] = (
+    RuleEntry("depthwise-split", _ALL_BACKENDS, "depthwise", False, ("split", "spatial", "channel"),
+              "[C16] split 1.038 < spatial 1.419 < channel 1.629; [O16] split 1.120 < spatial 1.373 < channel "
+              "1.762; [O1] split 1.095 < spatial 1.190; eager: [S]"),
+    RuleEntry("depthwise-spatial", _ALL_BACKENDS, "depthwise", True, ("spatial", "channel"),
+              "[C16] spatial 1.419 < channel 1.629; [O16] spatial 1.373 < channel 1.762; eager: [E]"),
+    RuleEntry("dense-channel", _ALL_BACKENDS, "dense", None, ("channel",),
+              "eager: [E] (dense sites fastest in channel); one conv over 2x the input channels"),
+    RuleEntry("grouped-channel", _ALL_BACKENDS, "grouped", None, ("channel",),
+              "as dense: no separate measurement of grouped sites"),
+)
+
+
+def site_class(branch: Branch) -> str:
+    """``"depthwise"`` (one input channel of ``x`` per group), ``"dense"`` (one group) or ``"grouped"``."""
+    groups = branch.geometry.groups
+    if branch.channels[0] == groups:
+        return "depthwise"
+    return "dense" if groups == 1 else "grouped"
+
+
+def shape_class(input_shape: Sequence[object] | None) -> str:
+    """``"batch1"``, ``"batched"`` (a known batch above 1) or ``"unknown"`` (no shape, or a dynamic batch)."""
+    if not input_shape:
+        return "unknown"
+    batch = input_shape[0]
+    if not isinstance(batch, int) or batch <= 0:
+        return "unknown"
+    return "batch1" if batch == 1 else "batched"
+
+
+def rule_entry(branch: Branch, *, backend: str, single_conv: bool,
+               input_shape: Sequence[object] | None = None) -> RuleEntry:
+    """The first entry of :data:`RULES` for the site (every site class has one for every backend)."""
+    g = branch.geometry
+    key = (backend, site_class(branch), single_conv, tuple(g.kernel_size), tuple(g.stride), shape_class(input_shape))
+    for entry in RULES:
+        if entry.matches(*key):
+            return entry
+    raise LookupError(f"no lowering rule for backend={key[0]!r}, {key[1]} site, single_conv={key[2]}")
