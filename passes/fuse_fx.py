@@ -24,7 +24,7 @@ from xvol_compiler.attention_probe import has_silent_attention, with_exercised_a
 from xvol_compiler.fold import Branch
 from xvol_compiler.fusion_report import FusionReport
 from xvol_compiler.lowering import LoweringChoice
-from xvol_compiler.passes.fuse_modules import Replacement, apply_replacements, fuse_modules
+from xvol_compiler.passes.fuse_modules import Replacement, apply_replacements, fuse_modules, fused_paths
 from xvol_compiler.passes.fx_graph import FxAdapter
 from xvol_compiler.passes.lower import LoweringOption, lower_sites, validate_options
 from xvol_compiler.rules import run_rules
@@ -151,7 +151,7 @@ def fuse_with_report(
                               rtol=rtol, atol=atol, inplace=inplace, **options)
     if not graph_form:
         # Every path a replacement changed: what a fused checkpoint records (passes/fused_record.py).
-        target.xvol_fused_modules = [p for r in replacements for p in (r.path, r.bn_path) if p]
+        target.xvol_fused_modules = fused_paths(model, replacements)
     target.xvol_fusion_report = report
     log.info("%s", report.summary())
     return target, report

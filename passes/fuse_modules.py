@@ -47,7 +47,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from xvol_compiler.fold import Branch, FoldError, fold_conv_bn
 from xvol_compiler.fusion_report import FusionReport
 from xvol_compiler.lowering import LoweringChoice
-from xvol_compiler.norm_act import NormActRemainder, has_own_forward, norm_act_reason
+from xvol_compiler.norm_act import has_own_forward, norm_act_reason, remainder_of
 from xvol_compiler.ops import (
     XVolution,
     XVolutionDeploy,
@@ -62,7 +62,7 @@ from xvol_compiler.passes.fx_graph import FxAdapter
 from xvol_compiler.passes.lower import LoweringOption, choose_lowering, site_option
 from xvol_compiler.rules import CONV_BN, RULES, Outcome, Refusal, ViewAdapter, plan_conv_bn, run_rules
 
-__all__ = ["GRAPH_FORM_ONLY", "Replacement", "apply_replacements", "fuse_modules", "plan_replacements"]
+__all__ = ["GRAPH_FORM_ONLY", "Replacement", "apply_replacements", "fuse_modules", "fused_paths", "plan_replacements"]
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +347,7 @@ def _folded_conv(conv: nn.Module, bn: nn.Module) -> nn.Module:
 
 def _bn_remainder(bn: nn.Module) -> nn.Module:
     if has_own_forward(bn):  # a norm-act layer (checked when planned): its dropout and activation stay
-        return NormActRemainder(bn.drop, bn.act)
+        return remainder_of(bn)
     return nn.Identity()
 
 
@@ -380,6 +380,17 @@ def apply_replacements(model: nn.Module, replacements: Sequence[Replacement], *,
     for path, module in built_modules(model, replacements, single_conv=single_conv).items():
         _set(model, path, module.eval())
     return model
+
+
+def fused_paths(model: nn.Module, replacements: Sequence[Replacement]) -> dict[str, str]:
+    """Every path the replacements change, with what the unfused ``model`` held there: "conv",
+    "x-volution", "batchnorm" or "norm-act" (a norm-act layer, which leaves its activation)."""
+    paths: dict[str, str] = {}
+    for r in replacements:
+        paths[r.path] = "x-volution" if r.rule == "x-volution" else "conv"
+        if r.bn_path:
+            paths[r.bn_path] = "norm-act" if has_own_forward(model.get_submodule(r.bn_path)) else "batchnorm"
+    return paths
 
 
 def fuse_modules(

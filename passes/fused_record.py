@@ -9,14 +9,14 @@ built *original* model, so the checkpoint's state dict loads without running ``x
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
 from torch import nn
 
 from xvol_compiler.fold import ConvGeometry
-from xvol_compiler.norm_act import NormActRemainder
+from xvol_compiler.norm_act import remainder_of
 from xvol_compiler.ops import CONV_TYPES, XVolutionDeploy, conv_geometry
 
 __all__ = ["FusedRecordError", "fused_record", "rebuild_fused"]
@@ -46,10 +46,11 @@ def _geometry_data(geometry: ConvGeometry) -> dict[str, Any]:
     return data
 
 
-def fused_record(model: nn.Module, paths: Sequence[str]) -> dict[str, Any]:
-    """The record of the modules at ``paths`` of a module-form fused ``model``."""
+def fused_record(model: nn.Module, paths: Mapping[str, str]) -> dict[str, Any]:
+    """The record of the modules at ``paths`` of a module-form fused ``model`` (path -> what the unfused
+    model held there, ``fused.xvol_fused_modules``)."""
     entries: list[dict[str, Any]] = []
-    for path in paths:
+    for path, was in paths.items():
         module = model.get_submodule(path)
         if isinstance(module, XVolutionDeploy):
             entries.append({"path": path, "module": "x-volution", "geometry": _geometry_data(module.site_geometry),
@@ -59,10 +60,10 @@ def fused_record(model: nn.Module, paths: Sequence[str]) -> dict[str, Any]:
         elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             entries.append({"path": path, "module": "conv", "geometry": _geometry_data(conv_geometry(module)),
                             "bias": module.bias is not None})
-        elif isinstance(module, NormActRemainder):
-            entries.append({"path": path, "module": "norm-act"})
         elif isinstance(module, nn.Identity):
             entries.append({"path": path, "module": "identity"})
+        elif was == "norm-act":
+            entries.append({"path": path, "module": "norm-act"})
         else:
             raise FusedRecordError(f"{path} holds a {type(module).__name__}, which no fusion puts there")
     return {"version": RECORD_VERSION, "modules": entries}
@@ -85,7 +86,7 @@ def _empty(entry: Mapping[str, Any], current: nn.Module) -> nn.Module:
         if not isinstance(drop, nn.Module) or not isinstance(act, nn.Module):
             raise FusedRecordError(f"{entry['path']}: the record says a norm-act layer, the model has "
                                    f"{type(current).__name__}")
-        return NormActRemainder(drop, act)
+        return remainder_of(current)
     if kind == "identity":
         return nn.Identity()
     raise FusedRecordError(f"{entry.get('path')}: unknown module kind {kind!r} in the fused record")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["NormActRemainder", "has_own_forward", "norm_act_reason"]
+__all__ = ["NormActRemainder", "has_own_forward", "norm_act_reason", "remainder_of"]
 
 _PLAIN_BN_FORWARDS = {nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward}
 _BATCH_NORM_CALLS = {F.batch_norm, torch.batch_norm}
@@ -34,6 +34,20 @@ class NormActRemainder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.drop(x))
+
+
+_NO_OP_IN_EVAL = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+def remainder_of(norm_act: nn.Module) -> nn.Module:
+    """What replaces a norm-act layer whose normalisation was folded: its bare activation where the
+    dropout does nothing in eval mode and the activation holds no state (no state_dict key moves),
+    else :class:`NormActRemainder` with both."""
+    drop, act = norm_act.drop, norm_act.act
+    stateless = not any(True for _ in act.parameters()) and not any(True for _ in act.buffers())
+    if isinstance(drop, _NO_OP_IN_EVAL) and stateless:
+        return act
+    return NormActRemainder(drop, act)
 
 
 def has_own_forward(bn: nn.Module) -> bool:
