@@ -26,6 +26,7 @@ from xvol_compiler.fusion_report import FusionReport
 from xvol_compiler.lowering import LoweringChoice
 from xvol_compiler.passes.fuse_modules import Replacement, apply_replacements, fuse_modules, fused_paths
 from xvol_compiler.passes.fx_graph import FxAdapter
+from xvol_compiler.passes.fx_norm_act import trace_with_norm_acts_split
 from xvol_compiler.passes.lower import LoweringOption, lower_sites, validate_options
 from xvol_compiler.rules import run_rules
 from xvol_compiler.training_flags import training_sensitive_modules
@@ -45,7 +46,7 @@ class FusionVerificationError(FusionError):
 
 
 class FusedSubmoduleError(FusionError):
-    """A submodule of a fused model cannot run on its own: a rewrite merged it with modules outside it."""
+    """Kept for code that catches it: the module form keeps every submodule runnable and never raises it."""
 
 
 def fuse_graph(
@@ -179,7 +180,7 @@ def _fuse_graph_form(model: nn.Module, example: tuple[Any, ...], *, inplace: boo
         gm = model if inplace else copy.deepcopy(model)
     else:
         try:
-            gm = fx.symbolic_trace(model if inplace else copy.deepcopy(model))
+            gm = trace_with_norm_acts_split(model if inplace else copy.deepcopy(model))
         except Exception as err:  # any tracing failure: the graph form cannot exist
             raise FusionError(
                 f"the graph form needs a model torch.fx can trace, and {type(model).__name__} does not "
