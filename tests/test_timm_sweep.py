@@ -8,7 +8,8 @@ runs at on CPU, 64 for most):
   conv + BatchNorm only. Every other model must get sites; nothing else is caught.
 - BatchNorm statistics and affine parameters are set away from their initial values
   (``tests.test_reliability_verify.trained_like``), and every site's attention gamma (``attn_bn.weight``,
-  zero at initialisation) is set non-zero, so the attention fold is exercised.
+  zero at initialisation) is set non-zero, so the attention fold is exercised; the attention BatchNorms'
+  statistics are those of their inputs on a calibration batch (see ``set_attention``).
 - The reference is an independent float64 eager run of a deep copy of the unfused model. The unfused
   float32 model's own error against it (``own``) sets the bound: relative error (max |a - ref| / max |ref|)
   at most ``max(1e-4, 4 * own)``.
@@ -18,7 +19,8 @@ Checked, in eval mode, no grad:
 1. module form, ``fuse(model)``: every site became an ``XVolutionDeploy`` (no ``XVolution`` left);
    ``forward`` and ``forward_features`` match the reference within the bound; the caller's model is
    unchanged (state dict, module types).
-2. submodules of the module form: a sample of stages / blocks / sites of the unfused model is recorded with
+2. submodules of the module form: a sample of stages / blocks (and the modules holding the first and the last
+   site) of the unfused model is recorded with
    forward hooks (inputs, float32 outputs, float64 outputs); the fused module at the same path, called on
    the same input, matches within that submodule's bound, or raises ``xvol_compiler.FusionError``
    (never another error, a wrong shape or a wrong value).
@@ -205,18 +207,34 @@ class Case:
         return self._fused[2]
 
 
-def set_attention_gammas(model: nn.Module, seed: int = 1) -> list[str]:
-    """Every site's attention gamma non-zero (``gain * [0.5, 1.5)`` with random signs); the site names."""
+def set_attention(model: nn.Module, x: torch.Tensor, seed: int = 1) -> list[str]:
+    """Every site's attention branch as after training; returns the site names.
+
+    The attention BatchNorm's statistics are those of its input on ``x`` (one pass with only these
+    BatchNorms in training mode, cumulative average): PSSA is second order in the site's input, so the
+    random statistics of ``trained_like`` would square the activations' scale at every site and, in deep
+    chains of sites (mobileone_s0: 40), overflow even float64. The gamma (``attn_bn.weight``, zero at
+    initialisation) is set to ``[0.1, 0.3)`` with random signs, the beta to ``[-0.1, 0.1)``: with gammas
+    of ``[0.25, 0.75)`` the 40 chained sites of mobileone_s0 still grow to 1e18 and the unfused float32
+    model is 1e-3 from float64.
+    """
     g = torch.Generator().manual_seed(seed)
-    names = []
+    sites = {name: m for name, m in model.named_modules() if isinstance(m, XVolution)}
+    bns = [m.attn_bn for m in sites.values()]
+    momentum = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
     with torch.no_grad():
-        for name, m in model.named_modules():
-            if isinstance(m, XVolution):
-                w = m.attn_bn.weight
-                sign = torch.randint(0, 2, w.shape, generator=g) * 2 - 1
-                w.copy_((torch.rand(w.shape, generator=g) + 0.5) * 0.5 * sign)
-                names.append(name)
-    return names
+        model(x)
+        for bn, m in zip(bns, momentum, strict=True):
+            bn.momentum = m
+            bn.eval()
+            sign = torch.randint(0, 2, bn.weight.shape, generator=g) * 2 - 1
+            bn.weight.copy_((torch.rand(bn.weight.shape, generator=g) + 0.5) * 0.2 * sign)
+            bn.bias.copy_(torch.rand(bn.bias.shape, generator=g) * 0.2 - 0.1)
+    return list(sites)
 
 
 def build(name: str) -> nn.Module:
@@ -230,17 +248,30 @@ def build(name: str) -> nn.Module:
             xc.xvolify(model, example_inputs=x)
     else:
         model = xc.xvolify(model, example_inputs=x)
-    model = trained_like(model, seed=0, gain=0.5)
-    sites = set_attention_gammas(model)
+    model = trained_like(model, seed=0, gain=0.5).eval()
+    sites = set_attention(model, torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(2)))
     assert bool(sites) == (name not in NO_SITE), f"{name}: sites {sites}"
     assert all(model.get_submodule(s).attn_bn.weight.ne(0).all() for s in sites)
     return model.eval()
 
 
+def parent(path: str) -> str:
+    return path.rpartition(".")[0]
+
+
 def submodule_paths(model: nn.Module, sites: list[str]) -> list[str]:
-    """Candidates: containers at depth 1 and 2 (stages, blocks) and the first and last site."""
-    paths = [n for n, m in model.named_modules() if n and n.count(".") <= 1 and any(True for _ in m.children())]
-    return paths + sites[:1] + sites[-1:]
+    """Candidates: modules holding others (a conv and its BatchNorm together, or neither) at depth 1 and 2
+    (stages, blocks), and the modules holding the first and the last site. Not leaves: a folded conv, or
+    the module in place of a folded BatchNorm (timm's BatchNormAct2d included), computes something else
+    alone by design."""
+    def holder(n: str, m: nn.Module) -> bool:
+        return (bool(n) and any(True for _ in m.children())
+                and not isinstance(m, (XVolution, nn.modules.batchnorm._BatchNorm)))
+
+    modules = dict(model.named_modules())
+    paths = [n for n, m in modules.items() if n.count(".") <= 1 and holder(n, m)]
+    return list(dict.fromkeys(paths + [parent(s) for s in sites[:1] + sites[-1:] if holder(parent(s),
+                                                                                             modules[parent(s)])]))
 
 
 def record(model: nn.Module, x: torch.Tensor, paths: list[str]) -> tuple[Any, dict[str, tuple[Any, Any, Any, int]]]:
@@ -280,12 +311,14 @@ def make_case(name: str) -> Case:
     out64, calls64 = record(model64, x.double(), paths)
     del model64
     case = Case(name, model, x, sites, out32, out64, feat32, feat64)
-    # Paths called once, on tensors; a sample spread over the model, and the first and last site.
+    # Paths called once, on tensors; a sample spread over the model, and the holders of the first and last site.
     once = [p for p in paths if calls32.get(p, (0, 0, 0, 0))[3] == 1 and calls64[p][3] == 1
             and tensors(calls32[p][0]) and tensors(calls32[p][2])]
-    blocks = [p for p in once if p not in sites]
-    step = max(1, len(blocks) // SUBMODULE_SAMPLE)
-    chosen = list(dict.fromkeys(blocks[::step][:SUBMODULE_SAMPLE] + [p for p in once if p in sites]))
+    holders = {parent(s) for s in sites[:1] + sites[-1:]}
+    blocks = [p for p in once if p not in holders]
+    k = min(SUBMODULE_SAMPLE, len(blocks))
+    spread = [blocks[round(i * (len(blocks) - 1) / max(1, k - 1))] for i in range(k)]
+    chosen = list(dict.fromkeys(spread + [p for p in once if p in holders]))
     case.recorded = [Recorded(p, calls32[p][0], calls32[p][1], calls32[p][2], calls64[p][2]) for p in chosen]
     own = worst_error(out32, out32, out64, f"{name} unfused")[1]
     assert own < 1e-3, f"{name}: the unfused float32 model is {own:.3g} from float64: the case is ill-conditioned"
@@ -346,9 +379,7 @@ def test_module_form_submodules(case: Case) -> None:
             raised.append(rec.path)
             continue
         assert_close(out, rec.out32, rec.out64, f"{case.name}.{rec.path}")
-    sites = [(r.path, type(fused.get_submodule(r.path)).__name__) for r in case.recorded if r.path in case.sites]
-    assert all(t == XVolutionDeploy.__name__ for _, t in sites), f"sites not deployed as XVolutionDeploy: {sites}"
-    assert not set(raised) & set(case.sites), f"a fused site cannot run alone: {raised}"
+    assert len(raised) < len(case.recorded), f"no sampled submodule runs alone: {raised}"
 
 
 def test_graph_form(case: Case) -> None:
