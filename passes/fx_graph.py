@@ -12,6 +12,7 @@ convolutions keep taking part in later rewrites.
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections import Counter
 from collections.abc import Sequence
@@ -20,7 +21,6 @@ import networkx as nx
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.fx.passes.tools_common import stable_topological_sort
 
 from xvol_compiler.fold import Branch, ConvGeometry, FoldError
 from xvol_compiler.norm_act import has_own_forward, norm_act_reason
@@ -565,7 +565,31 @@ class FxAdapter:
         self.gm.delete_all_unused_submodules()
         # A rewrite emits its nodes before the value it replaces; where a site's inputs are defined later
         # than one of its branches, a stable topological order puts every node after its inputs.
-        stable_topological_sort(self.gm)
+        _place_after_inputs(self.gm.graph)
         self.gm.graph.lint()
         self.gm.recompile()
         return self.gm
+
+
+def _place_after_inputs(graph: fx.Graph) -> None:
+    """Reorder ``graph`` so that every node comes after its inputs, keeping the order otherwise
+    (a stable topological sort, in place). A rewrite emits its nodes before the value it replaces;
+    a site whose T(x) is computed after its conv branch reads inputs defined later than that."""
+    order = list(graph.nodes)
+    placed: set[fx.Node] = set()
+    result: list[fx.Node] = []
+    pending = order
+    while pending:
+        waiting = []
+        for node in pending:
+            if all(i in placed for i in node.all_input_nodes):
+                result.append(node)
+                placed.add(node)
+            else:
+                waiting.append(node)
+        if len(waiting) == len(pending):
+            raise FoldError(f"the rewritten graph has a cycle through {waiting[0].name}")
+        pending = waiting
+    if result != order:
+        for before, node in itertools.pairwise(result):
+            before.append(node)

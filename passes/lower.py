@@ -378,6 +378,7 @@ def lower_sites(
     # it, an added branch) may name its conv after another conv.
     site_names = getattr(adapter, "site_names", {})
     choices: dict[str, LoweringChoice] = {}
+    emitted = False
     for key, branch in adapter.sites():
         carried = site_names.get(key) or (name_of(key),)
         name = carried[0]
@@ -391,7 +392,10 @@ def lower_sites(
         for site in carried:  # (sites merged into one conv share it)
             choices[site] = choice
         if choice.lowering != "channel":
+            if emitted:  # an earlier re-emission may have replaced this site's input (chained sites)
+                branch = dict(adapter.sites()).get(key, branch)
             adapter.apply(Rewrite(rule="lowering", kind="x-volution", name=name, anchor=key, output=key,
                                   replaced=(key,), branch=branch, params_before=0, macs_before=None,
                                   macs_after=None, lowering=choice.lowering))
+            emitted = True
     return choices

@@ -741,3 +741,29 @@ def test_graph_form_site_inputs_defined_late(p: dict[str, Any]) -> None:
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in f.modules()), "a BN left unfolded"
     assert list(report.lowerings().values()) == [p["lowering"]], report.lowerings()
     assert_close(run(f, "forward", x), ref64(gm, "forward", x), "late-site graph")
+
+
+class ChainedSitesNet(nn.Module):
+    """Two depthwise sites in a row with a BatchNorm between them (timm ghostnetv2's short_conv): the
+    second site's input is the first site's output, which the spatial lowering re-emits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = site(6, 6, k=3, groups=6)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.second = site(6, 6, k=3, groups=6)
+        self.bn2 = nn.BatchNorm2d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.second(self.bn1(self.first(x))))
+
+
+@pytest.mark.parametrize("lowering", ["channel", "spatial"])
+@pytest.mark.parametrize("form", FORMS)
+def test_chained_sites_in_every_lowering(form: str, lowering: str) -> None:
+    model = prepare(ChainedSitesNet())
+    x = inp(2, 6, 9, 11)
+    out = fused(model, form, example_inputs=(x,), lowering=lowering)
+    report = out.xvol_fusion_report
+    assert report.lowerings() == {"first": lowering, "second": lowering}, str(report)
+    check(model, out, "forward", x)
