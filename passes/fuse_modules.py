@@ -152,6 +152,12 @@ def _pair_refusal(view: nx.DiGraph, producer: fx.Node, bn: fx.Node, shared_modul
     if producer.op != "call_module" or bn.op != "call_module":
         what = producer if producer.op != "call_module" else bn
         return f"{view.nodes[what]['name']} is not a module call; {GRAPH_FORM_ONLY}"
+    conv_path, bn_path = prefix + str(producer.target), prefix + str(bn.target)
+    conv_parent, bn_parent = conv_path.rpartition(".")[0], bn_path.rpartition(".")[0]
+    if conv_parent != bn_parent:  # a container holding one of them would compute something else alone
+        crossed = bn_parent if not conv_parent or bn_path.startswith(conv_parent + ".") else conv_parent
+        return (f"{conv_path} and {bn_path} are in different modules: folding would change what {crossed} "
+                f"computes when called on its own; {GRAPH_FORM_ONLY}")
     for node in (producer, bn):
         path = prefix + str(node.target)
         if path in shared_modules:

@@ -118,8 +118,9 @@ def tensors(value: Any) -> list[torch.Tensor]:
 
 
 def cast(value: Any, dtype: torch.dtype) -> Any:
+    """A copy of ``value`` (in-place ops of later modules, such as timm's ``x += shortcut``, must not change it)."""
     if isinstance(value, torch.Tensor):
-        return value.detach().to(dtype) if value.is_floating_point() else value.detach().clone()
+        return value.detach().to(dtype, copy=True) if value.is_floating_point() else value.detach().clone()
     if isinstance(value, (tuple, list)):
         return type(value)(cast(v, dtype) for v in value)
     if isinstance(value, dict):
@@ -281,16 +282,25 @@ def record(model: nn.Module, x: torch.Tensor, paths: list[str]) -> tuple[Any, di
     (args, kwargs, output) and how often it was called."""
     calls: dict[str, tuple[Any, Any, Any, int]] = {}
 
+    inputs: dict[str, tuple[Any, Any]] = {}
+
+    def pre_hook(path: str):
+        # Before the call: a module may change its input in place (hrnet's ``x[i] = branch(x[i])``).
+        def fn(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            inputs.setdefault(path, (cast(args, x.dtype), cast(kwargs, x.dtype)))
+        return fn
+
     def hook(path: str):
         def fn(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
             if path in calls:
                 a, k, o, n = calls[path]
                 calls[path] = (a, k, o, n + 1)
             else:
-                calls[path] = (cast(args, x.dtype), cast(kwargs, x.dtype), cast(out, x.dtype), 1)
+                calls[path] = (*inputs[path], cast(out, x.dtype), 1)
         return fn
 
-    handles = [model.get_submodule(p).register_forward_hook(hook(p), with_kwargs=True) for p in paths]
+    handles = [model.get_submodule(p).register_forward_pre_hook(pre_hook(p), with_kwargs=True) for p in paths]
+    handles += [model.get_submodule(p).register_forward_hook(hook(p), with_kwargs=True) for p in paths]
     try:
         with torch.no_grad():
             out = model(x)
