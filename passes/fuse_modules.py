@@ -179,8 +179,11 @@ def _bns_contracted(view: nx.DiGraph) -> nx.DiGraph:
     """A copy of ``view`` in which each BatchNorm fed by a single-consumer conv is merged into that conv."""
     out = view.copy()
     for conv, bn in [(m["conv"], m["bn"]) for m in CONV_BN.matches(view)]:
-        if view.nodes[conv].get("users") != 1 or conv not in out or bn not in out:
-            continue
+        attrs, bn_attrs = view.nodes[conv], view.nodes[bn]
+        foldable = attrs.get("branch") is not None and bn_attrs.get("bn") is not None
+        if (attrs.get("users") != 1 or attrs.get("refusal") or bn_attrs.get("refusal") or not foldable
+                or conv not in out or bn not in out):
+            continue  # the graph form would not fold it either
         for succ in list(out.successors(bn)):
             out.add_edge(conv, succ)
             branch = out.nodes[succ].get("branch")
@@ -300,8 +303,8 @@ def plan_replacements(
         try:
             weights = site.deploy_weights()
             choice = _site_lowering(site, path, weights, shapes.get(path), backend, lowering, single_conv)
-            deploy = site.fuse(choice.lowering, single_conv=single_conv, weights=weights,
-                               bn=bn_params(modules[bn_path]) if bn_path else None)
+            deploy = _keep_layout(site.fuse(choice.lowering, single_conv=single_conv, weights=weights,
+                                            bn=bn_params(modules[bn_path]) if bn_path else None), site.weight)
         except FoldError as err:
             plan.outcomes.append(Outcome("x-volution", path, "refused", str(err)))
             plan.outcomes = [o for o in plan.outcomes if not (o.kind == "conv+bn" and o.name == path)]
@@ -334,14 +337,22 @@ def _site_lowering(site: XVolution, path: str, weights: tuple[torch.Tensor, torc
 # ---------------------------------------------------------------- applying the plan
 
 
+def _keep_layout(module: nn.Module, like: torch.Tensor) -> nn.Module:
+    """``module``'s conv weights in the memory format of ``like`` (a site's or conv's weight: channels_last
+    stays channels_last); returns ``module``."""
+    layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(like.dim())
+    if layout is None or like.is_contiguous() or not like.is_contiguous(memory_format=layout):
+        return module
+    with torch.no_grad():
+        for conv in module.modules():
+            if isinstance(conv, _CONV_MODULES) and conv.weight.dim() == like.dim():
+                conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
+    return module
+
+
 def _conv_like(conv: nn.Module, branch: Branch) -> nn.Module:
     """A plain conv of ``branch``'s geometry and weights, in ``conv``'s place: its weight layout kept."""
-    folded = lowered_convs(branch, "channel")[0][0]
-    layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(conv.weight.dim())
-    if layout is not None and not conv.weight.is_contiguous() and conv.weight.is_contiguous(memory_format=layout):
-        with torch.no_grad():
-            folded.weight.data = folded.weight.data.contiguous(memory_format=layout)
-    return folded
+    return _keep_layout(lowered_convs(branch, "channel")[0][0], conv.weight)
 
 
 def _folded_conv(conv: nn.Module, bn: nn.Module) -> nn.Module:
@@ -371,8 +382,8 @@ def built_modules(model: nn.Module, replacements: Sequence[Replacement], *, sing
         module = model.get_submodule(r.path)
         bn = model.get_submodule(r.bn_path) if r.bn_path else None
         if r.rule == "x-volution":
-            built[r.path] = module.fuse(r.lowering or "channel", single_conv=single_conv,
-                                        bn=None if bn is None else bn_params(bn))
+            built[r.path] = _keep_layout(module.fuse(r.lowering or "channel", single_conv=single_conv,
+                                                     bn=None if bn is None else bn_params(bn)), module.weight)
         else:
             built[r.path] = _folded_conv(module, bn)
         if bn is not None:

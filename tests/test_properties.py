@@ -203,7 +203,7 @@ def test_fuse_leaves_nothing_foldable_and_is_idempotent(case: Case) -> None:
     expected = expected_fusion(case.spec, sites, case.extra_branches)
     note(f"expected: {expected}")
     event(f"expected rewrites besides the sites: {min(len(expected.rewrites), 4)}{'+' * (len(expected.rewrites) >= 4)}")
-    fused, report = fuse_with_report(xm, example_inputs=x)
+    fused, report = fuse_with_report(xm, example_inputs=x, graph=True)  # every rule: the graph form
     note(str(report))
     assert not _sites(fused), "an XVolution module is left in the fused model (unfused, or a shell around its conv)"
     assert report.count("x-volution") >= len(sites)
@@ -211,7 +211,7 @@ def test_fuse_leaves_nothing_foldable_and_is_idempotent(case: Case) -> None:
     assert _count(fused, nn.modules.batchnorm._BatchNorm) == expected.batchnorms
     assert all(o.reason.strip() for o in report.refused), "a refusal without a reason"
 
-    again, report2 = fuse_with_report(fused, example_inputs=x)
+    again, report2 = fuse_with_report(fused, example_inputs=x, graph=True)
     assert not report2.fused, f"fusing a fused model changed it: {report2.summary()}"
     assert _count(again, nn.Conv2d) == expected.convs
     with torch.no_grad():

@@ -266,7 +266,7 @@ def _trained(model: nn.Module) -> nn.Module:
 def test_fx_fuses_spelled_out_sites(encoding: str) -> None:
     model = _trained(SpelledSite(4, encoding))
     x = torch.randn(2, 4, 9, 9)
-    fused, report = fuse_with_report(model, example_inputs=(x,))
+    fused, report = fuse_with_report(model, example_inputs=(x,), graph=True)  # spelled-out sites: graph form
     assert report.count("x-volution") == 1, str(report)
     assert rel_err(fused(x), _eager64(model, x).float()) <= 1e-5
 
@@ -274,7 +274,7 @@ def test_fx_fuses_spelled_out_sites(encoding: str) -> None:
 def test_fx_ring_conv_with_bn_folds_as_a_conv() -> None:
     model = randomize_bn(RingConvBN(4), seed=3).eval()
     x = torch.randn(2, 4, 7, 7)
-    fused, report = fuse_with_report(model, example_inputs=(x,))
+    fused, report = fuse_with_report(model, example_inputs=(x,), graph=True)  # spelled-out sites: graph form
     assert report.count("conv+bn") == 1, str(report)
     assert rel_err(fused(x), _eager64(model, x).float()) <= 1e-5
 
@@ -288,7 +288,7 @@ def test_fx_conv_with_groups_computed_in_the_graph_is_left_alone() -> None:
 
     model = _trained(ComputedGroups(4, "ring"))
     x = torch.randn(2, 4, 7, 7)
-    fused, report = fuse_with_report(model, example_inputs=(x,))
+    fused, report = fuse_with_report(model, example_inputs=(x,), graph=True)  # spelled-out sites: graph form
     assert report.count("x-volution") == 0
     assert rel_err(fused(x), _eager64(model, x).float()) <= 1e-5
 

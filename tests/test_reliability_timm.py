@@ -110,7 +110,8 @@ def test_tied_parameters_fuse_exactly_and_stay_with_their_modules(sites: list[st
         fused, report = xc.fuse_with_report(xm, example_inputs=x)
         assert rel_err(fused(x), ref) < 1e-5
     assert sorted(o.name for o in report.outcomes if o.kind == "x-volution" and o.status == "fused") == sites
-    assert {n: type(m) for n, m in fused.named_children()} == {"a": nn.Conv2d, "b": nn.Conv2d, "c": nn.Conv2d}
+    assert {n: type(m) for n, m in fused.named_children()} == {
+        n: xc.XVolutionDeploy if n in sites else nn.Conv2d for n in ("a", "b", "c")}
     for name in {"a", "b"} - set(sites):
         assert torch.equal(getattr(fused, name).weight, xm.get_submodule(name).weight)
 
@@ -223,7 +224,7 @@ def _check_insert_and_fx_fuse(model: nn.Module, ws_type: type[nn.Module]) -> nn.
     fused_sites = [o for o in fusion.outcomes if o.kind == "x-volution" and o.status == "fused"]
     assert sorted(o.name for o in fused_sites) == expected
     for name in expected:
-        assert type(fused.get_submodule(name)) is nn.Conv2d
+        assert type(fused.get_submodule(name)) is xc.XVolutionDeploy
     with torch.no_grad():
         out = fused(SMALL)
     # Exact to float rounding: as close to the float64 reference as the unfused float32 model is.

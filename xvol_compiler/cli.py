@@ -293,7 +293,6 @@ def cmd_fuse(args: argparse.Namespace, out: Output) -> int:
     from xvol_compiler.files import check_outputs, written_together
     from xvol_compiler.io import save_model
     from xvol_compiler.passes.fuse_onnx import export_onnx
-    from xvol_compiler.passes.fused_record import fused_record
     from xvol_compiler.passes.lower import using_lowering_cache
 
     check_outputs([args.output, *([args.onnx] if args.onnx else [])], force=args.force)
@@ -307,7 +306,6 @@ def cmd_fuse(args: argparse.Namespace, out: Output) -> int:
     report = fused.xvol_fusion_report
     spec.stage = "fused"
     spec.lowerings = report.lowerings()
-    spec.fused_modules = fused_record(fused, fused.xvol_fused_modules)
     with written_together():  # the checkpoint and the ONNX file, or neither
         save_model(args.output, fused, spec, force=args.force)
         if args.onnx:

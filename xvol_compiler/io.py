@@ -19,7 +19,7 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -165,8 +165,17 @@ def save_model(
     path: str | os.PathLike[str], model: nn.Module, spec: ModelSpec, *, force: bool = False,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Save ``model``'s state dict with ``spec`` (so :func:`load_model` can rebuild it), atomically."""
+    """Save ``model``'s state dict with ``spec`` (so :func:`load_model` can rebuild it), atomically.
+
+    A model fused in the module form (it carries ``xvol_fused_modules``) saved as stage "fused"
+    gets its fused structure recorded in the spec, if the spec holds none yet."""
     from xvol_compiler.checkpoint import save_checkpoint
+
+    fused_paths = getattr(model, "xvol_fused_modules", None)
+    if spec.stage == "fused" and not spec.fused_modules and isinstance(fused_paths, Mapping):
+        from xvol_compiler.passes.fused_record import fused_record
+
+        spec = replace(spec, fused_modules=fused_record(model, fused_paths))
 
     metadata = {META_KEY: spec.to_dict(), **(extra or {})}
     return save_checkpoint(path, model, metadata=metadata, force=force)
