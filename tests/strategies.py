@@ -121,3 +121,26 @@ def ort_run(model: Any, x: torch.Tensor, threads: int | None = None) -> Any:
 
     session = onnx_session(model, threads=threads)
     return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def cast_copy(value: Any, dtype: torch.dtype) -> Any:
+    """A detached copy of ``value`` (a tensor, or tuples / lists / dicts of them) with floating tensors in
+    ``dtype``: later in-place ops of the model (timm's ``x += shortcut``) cannot change it."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(dtype, copy=True) if value.is_floating_point() else value.detach().clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(cast_copy(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: cast_copy(v, dtype) for k, v in value.items()}
+    return value
+
+
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    """The tensors in an output (a tensor, or tuples / lists / dicts of them), in a fixed order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in tensors_in(v)]
+    if isinstance(value, dict):
+        return [t for k in sorted(value) for t in tensors_in(value[k])]
+    return []

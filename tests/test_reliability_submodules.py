@@ -18,7 +18,7 @@ from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from tests.strategies import randomize_bn, rel_err
+from tests.strategies import cast_copy, randomize_bn, rel_err, tensors_in
 from xvol_compiler import XVolution, XVolutionDeploy, fuse, fuse_with_report, xvolify
 
 TOL = 1e-5  # float32 fused against the float64 unfused reference
@@ -32,26 +32,6 @@ def _clone(value: Any) -> Any:
     if isinstance(value, dict):
         return type(value)((k, _clone(v)) for k, v in value.items())
     return value
-
-
-def _cast(value: Any, dtype: torch.dtype) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_cast(v, dtype) for v in value)
-    if isinstance(value, dict):
-        return type(value)((k, _cast(v, dtype)) for k, v in value.items())
-    return value
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    return []
 
 
 @torch.no_grad()
@@ -94,8 +74,8 @@ def _check_submodules(fused: nn.Module, reference: nn.Module, calls: dict, skip:
         if name == "" or name in skip or name not in fused_modules:
             continue
         with torch.no_grad():
-            got = fused_modules[name](*_cast(args, torch.float32))
-        refs, gots = _tensors(out), _tensors(got)
+            got = fused_modules[name](*cast_copy(args, torch.float32))
+        refs, gots = tensors_in(out), tensors_in(got)
         assert len(refs) == len(gots) > 0, name
         for r, g in zip(refs, gots, strict=True):
             assert g.shape == r.shape, name
@@ -155,7 +135,7 @@ def test_every_submodule_of_fused_resnet18_computes_what_it_computed(sites):
         # a fused conv (or deploy site) stands for the conv (site) and the BatchNorm it absorbed
         with torch.no_grad():
             expected = ref_modules[_conv_bn_chain(name)](ref_modules[name](*args))
-            assert rel_err(module(*_cast(args, torch.float32)), expected) <= TOL, name
+            assert rel_err(module(*cast_copy(args, torch.float32)), expected) <= TOL, name
 
 
 @pytest.mark.parametrize("sites", [False, True], ids=["plain", "xvolution"])

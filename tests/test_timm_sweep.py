@@ -50,7 +50,7 @@ import torch
 from torch import fx, nn
 
 import xvol_compiler as xc
-from tests.strategies import rel_err
+from tests.strategies import cast_copy, rel_err, tensors_in
 from tests.test_reliability_verify import trained_like
 from xvol_compiler import XVolution, XVolutionDeploy
 
@@ -106,32 +106,10 @@ def bound(own: float) -> float:
     return max(MIN_RTOL, 4 * own)
 
 
-def tensors(value: Any) -> list[torch.Tensor]:
-    """The tensors in an output (a tensor, or tuples / lists / dicts of them), in a fixed order."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in tensors(v)]
-    if isinstance(value, dict):
-        return [t for k in sorted(value) for t in tensors(value[k])]
-    return []
-
-
-def cast(value: Any, dtype: torch.dtype) -> Any:
-    """A copy of ``value`` (in-place ops of later modules, such as timm's ``x += shortcut``, must not change it)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to(dtype, copy=True) if value.is_floating_point() else value.detach().clone()
-    if isinstance(value, (tuple, list)):
-        return type(value)(cast(v, dtype) for v in value)
-    if isinstance(value, dict):
-        return {k: cast(v, dtype) for k, v in value.items()}
-    return value
-
-
 def worst_error(got: Any, want32: Any, want64: Any, where: str) -> tuple[float, float]:
     """(error of ``got``, error of the unfused float32 ``want32``), both against the float64 ``want64``;
     shapes and the number of tensors must be those of the reference."""
-    g, w32, w64 = tensors(got), tensors(want32), tensors(want64)
+    g, w32, w64 = tensors_in(got), tensors_in(want32), tensors_in(want64)
     assert w64, f"{where}: the reference has no tensor output"
     assert len(g) == len(w64) == len(w32), f"{where}: {len(g)} output tensors, reference {len(w64)}"
     err = own = 0.0
@@ -287,7 +265,7 @@ def record(model: nn.Module, x: torch.Tensor, paths: list[str]) -> tuple[Any, di
     def pre_hook(path: str):
         # Before the call: a module may change its input in place (hrnet's ``x[i] = branch(x[i])``).
         def fn(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            inputs.setdefault(path, (cast(args, x.dtype), cast(kwargs, x.dtype)))
+            inputs.setdefault(path, (cast_copy(args, x.dtype), cast_copy(kwargs, x.dtype)))
         return fn
 
     def hook(path: str):
@@ -296,7 +274,7 @@ def record(model: nn.Module, x: torch.Tensor, paths: list[str]) -> tuple[Any, di
                 a, k, o, n = calls[path]
                 calls[path] = (a, k, o, n + 1)
             else:
-                calls[path] = (*inputs[path], cast(out, x.dtype), 1)
+                calls[path] = (*inputs[path], cast_copy(out, x.dtype), 1)
         return fn
 
     handles = [model.get_submodule(p).register_forward_pre_hook(pre_hook(p), with_kwargs=True) for p in paths]
@@ -325,7 +303,7 @@ def make_case(name: str) -> Case:
     case = Case(name, model, x, sites, out32, out64, feat32, feat64)
     # Paths called once, on tensors; a sample spread over the model, and the holders of the first and last site.
     once = [p for p in paths if calls32.get(p, (0, 0, 0, 0))[3] == 1 and calls64[p][3] == 1
-            and tensors(calls32[p][0]) and tensors(calls32[p][2])]
+            and tensors_in(calls32[p][0]) and tensors_in(calls32[p][2])]
     holders = {parent(s) for s in sites[:1] + sites[-1:]}
     blocks = [p for p in once if p not in holders]
     k = min(SUBMODULE_SAMPLE, len(blocks))
@@ -385,7 +363,7 @@ def test_module_form_submodules(case: Case) -> None:
         module = fused.get_submodule(rec.path)
         try:
             with torch.no_grad():
-                out = module(*cast(rec.args, case.x.dtype), **cast(rec.kwargs, case.x.dtype))
+                out = module(*cast_copy(rec.args, case.x.dtype), **cast_copy(rec.kwargs, case.x.dtype))
         except xc.FusionError as err:
             assert str(err), f"{rec.path}: FusionError without a message"
             raised.append(rec.path)

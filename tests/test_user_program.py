@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 import xvol_compiler
-from tests.strategies import randomize_bn, rel_err
+from tests.strategies import cast_copy, randomize_bn, rel_err
 from xvol_compiler import FusionError, XVolution, XVolutionDeploy, pssa_transform
 
 TOL = 1e-5  # float32 fused against the float64 unfused reference
@@ -100,21 +100,11 @@ def prepare(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def _cast(value: Any, dtype: torch.dtype) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_cast(v, dtype) for v in value)
-    if isinstance(value, dict):
-        return {k: _cast(v, dtype) for k, v in value.items()}
-    return value
-
-
 def ref64(model: nn.Module, method: str, *args: Any, **kwargs: Any) -> Any:
     """``method`` of a float64 deep copy of the unfused model, eval mode, no grad."""
     m = copy.deepcopy(model).double().eval()
     with torch.no_grad():
-        return getattr(m, method)(*_cast(args, torch.float64), **_cast(kwargs, torch.float64))
+        return getattr(m, method)(*cast_copy(args, torch.float64), **cast_copy(kwargs, torch.float64))
 
 
 def run(model: nn.Module, method: str, *args: Any, **kwargs: Any) -> Any:
