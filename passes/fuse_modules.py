@@ -368,10 +368,18 @@ def _bn_remainder(bn: nn.Module) -> nn.Module:
     return nn.Identity()
 
 
-def _set(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, name, module)
+def _put(model: nn.Module, built: dict[str, nn.Module]) -> None:
+    """Set each built module at its path and at every other path of the module it replaces (a site
+    registered twice is one site: both paths get the same deploy module)."""
+    aliases: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(path)
+    targets = [(new, aliases[id(model.get_submodule(path))]) for path, new in built.items()]
+    for new, paths in targets:
+        for path in paths:
+            parent_path, _, name = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            setattr(parent, name, new.eval())
 
 
 def built_modules(model: nn.Module, replacements: Sequence[Replacement], *, single_conv: bool = True
@@ -394,8 +402,7 @@ def built_modules(model: nn.Module, replacements: Sequence[Replacement], *, sing
 def apply_replacements(model: nn.Module, replacements: Sequence[Replacement], *, single_conv: bool = True
                        ) -> nn.Module:
     """Put every replacement of ``replacements`` in ``model`` (in place); returns ``model``."""
-    for path, module in built_modules(model, replacements, single_conv=single_conv).items():
-        _set(model, path, module.eval())
+    _put(model, built_modules(model, replacements, single_conv=single_conv))
     return model
 
 
@@ -416,8 +423,7 @@ def fuse_modules(
 ) -> tuple[nn.Module, FusionReport, list[Replacement]]:
     """The pass: ``model`` (changed in place) with every safe replacement applied, its report and the plan."""
     plan = plan_replacements(model, example, backend=backend, lowering=lowering, single_conv=single_conv)
-    for path, module in plan.built.items():
-        _set(model, path, module.eval())
+    _put(model, plan.built)
     report = FusionReport(source="modules", outcomes=_unique(plan.outcomes), notes=plan.notes)
     report.paths["<model>"] = "module form (leaf-module replacements)"
     return model, report, plan.replacements

@@ -757,3 +757,24 @@ def test_chained_sites_in_every_lowering(form: str, lowering: str) -> None:
     report = out.xvol_fusion_report
     assert report.lowerings() == {"first": lowering, "second": lowering}, str(report)
     check(model, out, "forward", x)
+
+
+class AliasedSiteNet(nn.Module):
+    """One conv registered at two paths and called at both (xvolify makes it one site at both)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.b = self.a
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_site_registered_at_two_paths_gets_one_deploy_module_at_both() -> None:
+    x = inp(2, 4, 8, 8)
+    model = prepare(xvol_compiler.xvolify(AliasedSiteNet(), sites=["a"], example_inputs=(x,)))
+    assert model.a is model.b and isinstance(model.a, XVolution)
+    out = fused(model, "module", example_inputs=(x,))
+    assert isinstance(out.a, XVolutionDeploy) and out.b is out.a
+    check(model, out, "forward", x)
