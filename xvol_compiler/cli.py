@@ -26,6 +26,7 @@ Outputs are written atomically and never over an existing file without
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import math
@@ -749,7 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name: str, fn: Callable[..., int], help_text: str, epilog: str = "") -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=(fn.__doc__ or help_text).strip(), epilog=epilog,
+        p = sub.add_parser(name, help=help_text, description=inspect.cleandoc(fn.__doc__ or help_text), epilog=epilog,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(handler=fn)
         return p
