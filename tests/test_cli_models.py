@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,6 +67,7 @@ def test_factory_model_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert sum(isinstance(m, XVolution) for m in xvolified.modules()) == 3
     fused, f_spec = load_model(f_pt)
     assert (f_spec.model, f_spec.stage) == (FACTORY, "fused")
+    assert f_spec.fused_modules  # rebuilt from the recorded fused structure on top of a fresh tiny_cnn
     assert not any(isinstance(m, XVolution) for m in fused.modules())
     inputs = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -120,6 +124,24 @@ def test_bench_takes_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[s
     capsys.readouterr()
     code, _, err = run(capsys, "bench", f_pt)
     assert_one_line_error(code, err, "already fused", "xvolified checkpoint")
+
+
+def test_factory_module_in_the_current_directory(tmp_path: Path) -> None:
+    """The installed `xvol` script (whose sys.path lacks the current directory) finds a factory module there."""
+    (tmp_path / "my_models.py").write_text(
+        "from torch import nn\n\n\ndef two_convs():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3, 16, 1), nn.Conv2d(4, 4, 3, 1, 1))\n")
+    exe = Path(sys.executable).with_name("xvol")
+    if not exe.exists():
+        pytest.skip("no installed xvol script next to this Python")
+    proc = subprocess.run([str(exe), "sites", "my_models:two_convs", "--input-size", "32", "--json"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": ""})
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["inputs"] == "1x3x32x32"
+    assert data["model_params"] == (3 * 4 * 9 + 4) + (4 * 4 * 9 + 4)
+    assert data["selected"] == ["0", "1"]  # both 3x3 convs have their output at stride 16
 
 
 def test_bad_timm_name(capsys: pytest.CaptureFixture[str]) -> None:
