@@ -1,7 +1,9 @@
 """The benchmark behind ``xvol bench`` and ``benchmarks/run.py``: original vs unfused vs fused, per backend.
 
-For one torchvision model: build it (``weights=None``), xvolify it (default
-sites), give every attention BatchNorm a small non-zero scale (so the
+For one model: build it by name (:func:`xvol_compiler.io.build_model`: a
+torchvision name with ``weights=None``, ``timm:NAME`` or
+``package.module:factory``) or take the one given (a checkpoint's), xvolify it
+(default sites) unless an xvolified model is given, give every attention BatchNorm a small non-zero scale (so the
 attention branch contributes, as after training: with the gamma = 0 start
 fusion would be checked against a branch that adds nothing), fuse it in FX
 and, for onnxruntime, export the original and the unfused model and fuse
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from xvol_compiler import fuse, xvolify
-from xvol_compiler.io import torchvision_model
+from xvol_compiler.io import build_model
 from xvol_compiler.measure import Latency, PeakMemory, count_macs, count_params, interleaved_latency, max_error
 from xvol_compiler.ops import XVolution
 from xvol_compiler.passes.fuse_onnx import export_onnx, fuse_onnx
@@ -69,13 +71,16 @@ class Prepared:
             self.workdir = None
 
 
-def _perturb_attention(model: nn.Module, seed: int = 0) -> None:
-    """Small random scales and statistics on every attention BN, as a trained model would have."""
+def _perturb_attention(model: nn.Module, seed: int = 0, *, only_untrained: bool = False) -> None:
+    """Small random scales and statistics on every attention BN, as a trained model would have
+    (``only_untrained``: on those still at the gamma = 0 start only)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, XVolution):
                 bn = m.attn_bn
+                if only_untrained and bool(bn.weight.ne(0).any()):
+                    continue
                 n = bn.num_features
                 bn.weight.copy_(0.05 * torch.randn(n, generator=gen))
                 bn.bias.copy_(0.01 * torch.randn(n, generator=gen))
@@ -92,28 +97,40 @@ def prepare(
     *,
     sites: Any = "os16",
     input_size: Sequence[int] = (3, 224, 224),
-    num_classes: int = 1000,
+    num_classes: int | None = 1000,
     device: str | torch.device = "cpu",
     rtol: float = 1e-4,
     seed: int = 0,
     backend: str = "eager",
     lowering: str = "auto",
+    model: nn.Module | None = None,
+    xvolified: nn.Module | None = None,
 ) -> Prepared:
-    """Original (BatchNorms folded), unfused (xvolified, eval) and fused (FX) forms of a torchvision model
-    (the fused sites lowered for ``backend``, or as ``lowering`` forces)."""
+    """Original (BatchNorms folded), unfused (xvolified, eval) and fused (FX) forms of a model
+    (the fused sites lowered for ``backend``, or as ``lowering`` forces).
+
+    ``name`` is built with :func:`xvol_compiler.io.build_model` unless ``model`` (the original) is given.
+    ``xvolified`` (an xvolified form of the model, e.g. a checkpoint's) replaces the xvolify step; its
+    attention BatchNorms still at the gamma = 0 start get the small random scales, trained ones are kept."""
     torch.manual_seed(seed)
     dev = torch.device(device)
     size = tuple(int(v) for v in input_size)
-    plain = torchvision_model(name, num_classes=num_classes).eval().to(dev)
+    plain = (model if model is not None else build_model(name, num_classes=num_classes)).eval().to(dev)
     example = (torch.randn(1, *size, device=dev),)
     # The baseline is the original network in its own deploy form (BatchNorms folded), as an exporter
     # with BN folding gives it to onnxruntime: the fused X-volution model is compared with that.
     original = fuse(plain, example_inputs=example)
-    t0 = time.perf_counter()
-    unfused = xvolify(plain, sites=sites, example_inputs=example)
-    wall = {"xvolify": time.perf_counter() - t0}
-    report = unfused.xvol_report
-    _perturb_attention(unfused, seed)
+    if xvolified is None:
+        t0 = time.perf_counter()
+        unfused = xvolify(plain, sites=sites, example_inputs=example)
+        wall = {"xvolify": time.perf_counter() - t0}
+        _perturb_attention(unfused, seed)
+    else:
+        unfused, wall = xvolified.to(dev), {}
+        _perturb_attention(unfused, seed, only_untrained=True)
+    report = getattr(unfused, "xvol_report", None)
+    site_names = list(report.selected_names) if report is not None else [
+        n for n, m in unfused.named_modules() if isinstance(m, XVolution)]
     unfused.eval()
     with PeakMemory() as mem:
         t0 = time.perf_counter()
@@ -124,8 +141,9 @@ def prepare(
     with torch.no_grad():
         err = max_error(unfused(*example), fused(*example))
     return Prepared(
-        name=name, device=dev, input_size=size, models=models, sites=list(report.selected_names),
-        selection=report.selection, params={k: count_params(m) for k, m in models.items()},
+        name=name, device=dev, input_size=size, models=models, sites=site_names,
+        selection=report.selection if report is not None else "as given",
+        params={k: count_params(m) for k, m in models.items()},
         macs={k: count_macs(m, example) for k, m in models.items()}, wall_s=wall,
         peak_bytes={"fuse_fx": _peak(mem)}, errors={"fx": err},
         reports={"xvolify": report, "fx": fused.xvol_fusion_report},

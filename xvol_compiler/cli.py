@@ -6,16 +6,27 @@ missing or corrupt file, existing output without ``--force``) is one line on
 stderr and exit status 1; a failed verification is exit status 1 as well;
 ``--traceback`` shows the Python traceback of an error.
 
-MODEL arguments are a torchvision model name (built with ``weights=None``,
-nothing is downloaded) or a checkpoint written by ``xvol xvolify`` /
-``xvol fuse`` / the demo, which records how to rebuild its model; checkpoints
-are read with ``torch.load(weights_only=True)``. Outputs are written
-atomically and never over an existing file without ``--force``.
+MODEL arguments are one of:
+
+  NAME                     a torchvision model (built with ``weights=None``)
+  timm:NAME                a timm model (``timm.create_model(NAME, pretrained=False)``)
+  package.module:factory   a function returning an ``nn.Module``, called with no
+                           arguments (``num_classes=N`` with ``--num-classes N``)
+  FILE.pt                  a checkpoint written by ``xvol xvolify`` / ``xvol fuse`` /
+                           the demo, which records the model's name and rebuilds it
+
+Nothing is downloaded. ``--num-classes`` applies to a model given by name
+(default: the builder's, 1000 for torchvision); ``--input-size`` defaults to a
+timm model's ``pretrained_cfg`` input size, else 3 224 224, and a checkpoint
+records its own. Checkpoints are read with ``torch.load(weights_only=True)``.
+Outputs are written atomically and never over an existing file without
+``--force``.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import math
@@ -131,13 +142,18 @@ def _sites(text: str) -> Any:
     return names if len(names) > 1 else names[0]
 
 
+MODEL_HELP = ("torchvision model name, timm:NAME, package.module:factory, or a checkpoint written by xvol / "
+              "the demo (nothing is downloaded)")
+NUM_CLASSES_HELP = ("classifier size for a model given by name (default: the builder's, 1000 for torchvision; "
+                    "a factory gets num_classes=N only when this is given)")
+INPUT_SIZE_HELP = ("example input: S, H W or C H W (default: a timm model's pretrained_cfg input size, else "
+                   "3 224 224; a checkpoint's recorded size)")
+
+
 def _add_model(p: argparse.ArgumentParser, what: str = "MODEL") -> None:
-    p.add_argument("model", metavar=what,
-                   help="torchvision model name (weights=None) or a checkpoint written by xvol / the demo")
-    p.add_argument("--num-classes", type=int, default=1000, help="classifier size for a model given by name "
-                   "(default 1000)")
-    p.add_argument("--input-size", type=int, nargs="+", metavar="N",
-                   help="example input: S, H W or C H W (default 3 224 224, or what the checkpoint records)")
+    p.add_argument("model", metavar=what, help=MODEL_HELP)
+    p.add_argument("--num-classes", type=_positive_int, default=None, help=NUM_CLASSES_HELP)
+    p.add_argument("--input-size", type=int, nargs="+", metavar="N", help=INPUT_SIZE_HELP)
 
 
 def _add_json(p: argparse.ArgumentParser) -> None:
@@ -174,7 +190,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     from xvol_compiler.io import load_model
 
     if str(args.model).endswith(".onnx"):
-        raise ValueError(f"{args.model} is an ONNX file; this command takes a torchvision name or a checkpoint")
+        raise ValueError(f"{args.model} is an ONNX file; this command takes a model name or a checkpoint")
     return load_model(args.model, num_classes=args.num_classes, input_size=_input_size(args.input_size))
 
 
@@ -558,30 +574,40 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, out: Output) -> int:
-    """Latency ratios original : unfused : fused of one torchvision model, interleaved repeats."""
+    """Latency ratios original : unfused : fused of one classification model, interleaved repeats.
+
+    MODEL is a name (torchvision, ``timm:NAME``, ``package.module:factory``) or a checkpoint: an original one
+    is xvolified at ``--sites``; an xvolified one is timed as it is, against its model rebuilt by name
+    (random weights: only the latency of the original matters), and only its attention BatchNorms still at
+    the gamma = 0 start get small random scales. A fused checkpoint holds no unfused form to compare with.
+    """
     import torch
 
     from xvol_compiler.benchmark import BACKENDS, prepare, prepare_onnx, time_backend
-    from xvol_compiler.io import is_classification, model_names
+    from xvol_compiler.io import build_model, is_classification
     from xvol_compiler.measure import machine_info
     from xvol_compiler.report import format_count
 
-    if args.model not in model_names():
-        from xvol_compiler.io import torchvision_model
-
-        torchvision_model(args.model)  # raises the "did you mean" error
-    if not is_classification(args.model):
-        raise ValueError(f"xvol bench takes a torchvision classification model; {args.model} is not one")
     backends = [b.strip() for b in args.backend.split(",") if b.strip()]
     unknown = set(backends) - set(BACKENDS)
     if unknown:
         raise ValueError(f"unknown backend(s) {sorted(unknown)}; choose from {', '.join(BACKENDS)}")
+    torch.manual_seed(0)  # the same random weights for a model given by name, run after run
+    model, spec = _load(args)
+    if not is_classification(spec.model):
+        raise ValueError(f"xvol bench takes a classification model; {spec.model} is not one")
+    if spec.stage == "fused":
+        raise ValueError(f"{args.model} is already fused, so there is no unfused model to time against: give "
+                         "the xvolified checkpoint it came from, or the original model")
+    original, xvolified = (model, None) if spec.stage == "original" else (
+        build_model(spec.model, num_classes=spec.num_classes), model)
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" on CPU machines
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    size = _input_size(args.input_size) or [3, 224, 224]
-    p = prepare(args.model, sites=_sites(args.sites), input_size=size, num_classes=args.num_classes, device=device)
+    size = list(spec.input_size)
+    p = prepare(spec.model, sites=_sites(args.sites), input_size=size, device=device, model=original,
+                xvolified=xvolified)
     try:
         if "onnxruntime" in backends:
             prepare_onnx(p)
@@ -692,6 +718,31 @@ def _first_onnx_site(proto: Any) -> str | None:
 # ---------------------------------------------------------------------------
 
 
+_LITERAL = re.compile(r"``(.+?)``", re.DOTALL)
+_ROLE = re.compile(r":(?:func|class|meth|mod|data|attr|exc|obj):`~?([^`]+)`")
+
+
+def plain_text(text: str) -> str:
+    """Docstring text for ``--help``: reST literals (double backticks) and roles (:func:`x`) become plain x."""
+    return _LITERAL.sub(r"\1", _ROLE.sub(r"\1", text))
+
+
+def _plain_help(parser: argparse.ArgumentParser) -> None:
+    """Every description, epilog and argument help of ``parser`` and its subcommands as :func:`plain_text`."""
+    for attr in ("description", "epilog"):
+        if getattr(parser, attr):
+            setattr(parser, attr, plain_text(getattr(parser, attr)))
+    for action in parser._actions:
+        if isinstance(action.help, str):
+            action.help = plain_text(action.help)
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                if isinstance(choice.help, str):
+                    choice.help = plain_text(choice.help)
+            for sub in dict.fromkeys(action.choices.values()):
+                _plain_help(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xvol", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -699,13 +750,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name: str, fn: Callable[..., int], help_text: str, epilog: str = "") -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=(fn.__doc__ or help_text).strip(), epilog=epilog,
+        p = sub.add_parser(name, help=help_text, description=inspect.cleandoc(fn.__doc__ or help_text), epilog=epilog,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(handler=fn)
         return p
 
     p = add("sites", cmd_sites, "list candidate and selected sites (output stride, geometry, MACs)",
-            "example: xvol sites resnet50 --sites os16")
+            "examples:\n  xvol sites resnet50 --sites os16\n  xvol sites timm:efficientnet_b0\n"
+            "  xvol sites mypackage.models:my_cnn --input-size 64")
     _add_model(p)
     _add_xvolify_options(p)
     p.add_argument("--all", action="store_true", help="list every conv, pointwise and not-run ones included")
@@ -762,9 +814,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("verify", cmd_verify, "compare two models' outputs (ONNX files, checkpoints, names)",
             "examples:\n  xvol verify a.onnx b.onnx\n  xvol verify r18-xvol.pt            "
             "(the model vs its fused form)\n  xvol verify r18-xvol.pt r18-fused.onnx")
-    p.add_argument("a", metavar="A", help="ONNX file, checkpoint or torchvision name")
+    p.add_argument("a", metavar="A", help="ONNX file, or a model: " + MODEL_HELP)
     p.add_argument("b", metavar="B", nargs="?", help="second model; omitted: A's fused form")
-    p.add_argument("--num-classes", type=int, default=1000, help="classifier size for models given by name")
+    p.add_argument("--num-classes", type=_positive_int, default=None, help=NUM_CLASSES_HELP)
     p.add_argument("--input-size", type=int, nargs="+", metavar="N", help="input: S, H W or C H W")
     p.add_argument("--batch", type=_positive_int, default=None,
                    help="batch size of the random input (default 2; an ONNX input with a fixed batch keeps it)")
@@ -773,12 +825,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _add_json(p)
 
-    p = add("bench", cmd_bench, "latency original : unfused : fused of a torchvision model",
-            "example: xvol bench resnet50 --backend eager,onnxruntime --batch 1 16")
-    p.add_argument("model", metavar="MODEL", help="torchvision classification model name")
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--input-size", type=int, nargs="+", metavar="N", help="input: S, H W or C H W (default 224)")
-    p.add_argument("--sites", default="os16", help="site policy (default os16)")
+    p = add("bench", cmd_bench, "latency original : unfused : fused of a classification model",
+            "examples:\n  xvol bench resnet50 --backend eager,onnxruntime --batch 1 16\n"
+            "  xvol bench timm:convnext_atto\n  xvol bench r18-xvol.pt")
+    p.add_argument("model", metavar="MODEL", help="classification model: " + MODEL_HELP + "; a checkpoint must "
+                   "be original or xvolified")
+    p.add_argument("--num-classes", type=_positive_int, default=None, help=NUM_CLASSES_HELP)
+    p.add_argument("--input-size", type=int, nargs="+", metavar="N", help=INPUT_SIZE_HELP)
+    p.add_argument("--sites", default="os16", help="site policy (default os16; an xvolified checkpoint keeps its "
+                   "own)")
     p.add_argument("--backend", default="eager", help="comma-separated: eager, compile, onnxruntime (default eager)")
     p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes (default 1)")
     p.add_argument("--repeats", type=int, default=10, help="interleaved rounds (default 10)")
@@ -800,6 +855,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--whole", action="store_true", help="draw the whole fused graph (small models only)")
     p.add_argument("--force", action="store_true", help="overwrite the output")
     _add_json(p)
+    _plain_help(parser)
     return parser
 
 

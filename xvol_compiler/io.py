@@ -9,15 +9,21 @@
   :func:`xvol_compiler.checkpoint.save_checkpoint`.
 - ONNX files are read and written by :mod:`xvol_compiler.onnx_io` (``load_onnx``,
   ``save_onnx``: also atomic, also refusing to overwrite).
-- Models are torchvision classification models built by name with
-  ``weights=None`` (nothing is downloaded), or checkpoints written by this
-  package, which record how to rebuild their model (:data:`META_KEY`).
+- Models are named in one of three forms (:func:`build_model`): a torchvision
+  model name (built with ``weights=None``, nothing is downloaded),
+  ``timm:NAME`` (``timm.create_model(NAME, pretrained=False)``) or
+  ``package.module:factory`` (a function returning an ``nn.Module``); or they
+  are checkpoints written by this package, which record the name and rebuild
+  their model through the same builder (:data:`META_KEY`).
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import os
+import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -37,12 +43,15 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "build_model",
     "check_writable",
     "classification_model_names",
     "is_classification",
     "load_model",
     "model_names",
+    "model_input_size",
     "save_model",
+    "timm_model",
     "torchvision_model",
 ]
 
@@ -86,7 +95,10 @@ def torchvision_model(name: str, *, num_classes: int | None = 1000, **kwargs: An
         close = difflib.get_close_matches(name.lower(), model_names(), n=3, cutoff=0.5)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else (
             "; torchvision.models.list_models() lists them")
-        raise InputError(f"unknown torchvision model {name!r}{hint}")
+        if _is_timm_name(name):
+            hint = f"; {name} is a timm model: give it as timm:{name}"
+        raise InputError(f"unknown torchvision model {name!r}{hint} (other models: timm:NAME or "
+                         "package.module:factory)")
     if name in classification_model_names():
         if num_classes is not None:
             kwargs.setdefault("num_classes", num_classes)
@@ -104,8 +116,128 @@ def torchvision_model(name: str, *, num_classes: int | None = 1000, **kwargs: An
         raise InputError(f"cannot build {name} with {kwargs}: {err}") from err
 
 
+def _is_timm_name(name: str) -> bool:
+    try:
+        import timm
+    except ImportError:
+        return False
+    return bool(timm.is_model(name))
+
+
 def is_classification(name: str) -> bool:
-    return name in classification_model_names()
+    """A model that takes one image batch: a torchvision classification model, a timm model or a factory's."""
+    return model_kind(name) != "torchvision" or name in classification_model_names()
+
+
+TIMM_PREFIX = "timm:"
+_FACTORY = re.compile(r"(?P<module>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?P<attr>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)")
+
+
+def model_kind(name: str) -> str:
+    """``"timm"`` for ``timm:NAME``, ``"factory"`` for ``package.module:factory``, else ``"torchvision"``."""
+    if name.startswith(TIMM_PREFIX):
+        return "timm"
+    if _FACTORY.fullmatch(name):
+        return "factory"
+    return "torchvision"
+
+
+def timm_model(name: str, *, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(name, pretrained=False)``: nothing is downloaded.
+
+    ``num_classes`` None keeps the model's own classifier size. An unknown name
+    raises :class:`InputError` naming close ones and the ``timm.list_models`` pattern to search with.
+    """
+    try:
+        import timm
+    except ImportError as err:
+        raise InputError(f"timm:{name} needs the timm package, which is not installed: pip install timm") from err
+    if not name or not timm.is_model(name):
+        base = name.split(".")[0]
+        close = difflib.get_close_matches(base.lower(), timm.list_models(), n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(repr(TIMM_PREFIX + c) for c in close)}? " if close else ""
+        stem = re.split(r"[_\d]", base, maxsplit=1)[0] or base
+        raise InputError(
+            f"unknown timm model {name!r}: {hint}list the names with timm.list_models({stem + '*'!r}) "
+            "(wildcard patterns) and give one as timm:NAME")
+    if num_classes is not None:
+        kwargs.setdefault("num_classes", num_classes)
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise InputError(f"cannot build timm:{name} with {kwargs}: {err}") from err
+
+
+def _import_module(module_name: str, spec: str) -> Any:
+    """``importlib.import_module``; a module not found on ``sys.path`` is looked for in the current directory
+    too (as ``python -m`` would), which is then kept on ``sys.path`` (at the end) for the module's own imports."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        top, cwd = module_name.split(".")[0], os.getcwd()
+        if err.name == top and cwd not in sys.path and "" not in sys.path and (
+                (Path(cwd) / top).is_dir() or (Path(cwd) / f"{top}.py").is_file()):
+            sys.path.append(cwd)
+            return _import_module(module_name, spec)
+        raise InputError(
+            f"cannot import module {module_name!r} of model {spec!r} ({err}): give an importable "
+            "package.module:factory (installed, or under the current directory)") from err
+    except Exception as err:  # the module itself failed while importing
+        raise InputError(f"importing module {module_name!r} of model {spec!r} failed "
+                         f"({type(err).__name__}: {err}): fix the module") from err
+
+
+def factory_model(spec: str, *, num_classes: int | None = None) -> nn.Module:
+    """The ``nn.Module`` that ``package.module:factory`` returns: called with no arguments, or with
+    ``num_classes=`` when that is given."""
+    match = _FACTORY.fullmatch(spec)
+    if match is None:
+        raise InputError(f"{spec!r} is not of the form package.module:factory")
+    module = _import_module(match["module"], spec)
+    obj: Any = module
+    for part in match["attr"].split("."):
+        if not hasattr(obj, part):
+            names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+            close = difflib.get_close_matches(part, names, n=3, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise InputError(f"module {match['module']!r} has no {match['attr']!r} (model {spec!r}){hint}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise InputError(f"{spec!r} is a {type(obj).__name__}, not a callable factory: name a function or class "
+                         "that returns an nn.Module")
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    try:
+        model = obj(**kwargs)
+    except TypeError as err:
+        how = f"with num_classes={num_classes}" if kwargs else "with no arguments"
+        fix = "drop --num-classes or give the factory a num_classes argument" if kwargs else (
+            "give the factory's other arguments defaults")
+        raise InputError(f"calling {spec} {how} failed ({err}): {fix}") from err
+    if not isinstance(model, nn.Module):
+        raise InputError(f"{spec} returned a {type(model).__module__}.{type(model).__qualname__}, not a "
+                         "torch.nn.Module: the factory must return the model")
+    return model
+
+
+def build_model(name: str, *, num_classes: int | None = 1000) -> nn.Module:
+    """A model by name: ``timm:NAME``, ``package.module:factory`` or a torchvision name (see the module doc).
+
+    ``num_classes`` None: the builder's default (a factory is then called with no arguments)."""
+    kind = model_kind(name)
+    if kind == "timm":
+        return timm_model(name[len(TIMM_PREFIX):], num_classes=num_classes)
+    if kind == "factory":
+        return factory_model(name, num_classes=num_classes)
+    return torchvision_model(name, num_classes=num_classes)
+
+
+def model_input_size(model: nn.Module) -> list[int] | None:
+    """The input size a timm model was trained with (its ``pretrained_cfg``), when it says; else None."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    size = cfg.get("input_size") if isinstance(cfg, Mapping) else None
+    if isinstance(size, Sequence) and len(size) == 3 and all(isinstance(v, int) and v > 0 for v in size):
+        return [int(v) for v in size]
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -115,14 +247,15 @@ def is_classification(name: str) -> bool:
 
 @dataclass
 class ModelSpec:
-    """How to rebuild a model: torchvision name, head size, stage, and the xvolify call that made its sites.
+    """How to rebuild a model: its name (see :func:`build_model`), head size, stage, and the xvolify call that
+    made its sites. ``num_classes`` None: the builder's default.
 
     Stored in a checkpoint's ``metadata[META_KEY]`` as plain data (readable
     with ``torch.load(weights_only=True)``).
     """
 
     model: str
-    num_classes: int = 1000
+    num_classes: int | None = 1000
     stage: str = "original"
     sites: list[str] = field(default_factory=list)
     xvolify: dict[str, Any] = field(default_factory=dict)
@@ -138,7 +271,7 @@ class ModelSpec:
         try:
             spec = cls(
                 model=str(data["model"]),
-                num_classes=int(data.get("num_classes", 1000)),
+                num_classes=None if data.get("num_classes", 1000) is None else int(data.get("num_classes", 1000)),
                 stage=str(data.get("stage", "original")),
                 sites=[str(s) for s in data.get("sites", [])],
                 xvolify=dict(data.get("xvolify", {})),
@@ -182,7 +315,7 @@ def save_model(
 
 
 def _rebuild(spec: ModelSpec) -> nn.Module:
-    model = torchvision_model(spec.model, num_classes=spec.num_classes)
+    model = build_model(spec.model, num_classes=spec.num_classes)
     if spec.stage == "original":
         return model
     if spec.stage == "fused" and spec.fused_modules:
@@ -204,26 +337,29 @@ def _rebuild(spec: ModelSpec) -> nn.Module:
 
 
 def load_model(
-    spec_or_path: str | os.PathLike[str], *, num_classes: int = 1000, input_size: Sequence[int] | None = None,
+    spec_or_path: str | os.PathLike[str], *, num_classes: int | None = 1000, input_size: Sequence[int] | None = None,
 ) -> tuple[nn.Module, ModelSpec]:
-    """A model from a torchvision name, or from a checkpoint written by :func:`save_model`.
+    """A model by name (:func:`build_model`), or from a checkpoint written by :func:`save_model`.
 
     A checkpoint is read with ``torch.load(weights_only=True)``; its model is
     rebuilt from the recorded :class:`ModelSpec` (xvolified / fused as it was)
     and its weights loaded strictly. ``num_classes`` and ``input_size`` apply
-    to a model given by name.
+    to a model given by name (None: the builder's default; the input size of a
+    timm model is then its ``pretrained_cfg`` one, else 3x224x224).
     """
     text = os.fspath(spec_or_path)
     path = Path(text)
     looks_like_file = path.suffix in (".pt", ".pth", ".ckpt", ".bin") or os.sep in text or path.exists()
     if not looks_like_file:
-        spec = ModelSpec(model=text, num_classes=num_classes,
-                         input_size=list(input_size) if input_size else [3, 224, 224])
-        return torchvision_model(text, num_classes=num_classes), spec
+        model = build_model(text, num_classes=num_classes)
+        size = list(input_size) if input_size else model_input_size(model) or [3, 224, 224]
+        if num_classes is None and model_kind(text) == "timm" and isinstance(getattr(model, "num_classes", None), int):
+            num_classes = model.num_classes  # what timm built: recorded, so a rebuild gets the same head
+        return model, ModelSpec(model=text, num_classes=num_classes, input_size=size)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
     if path.suffix == ".onnx":
-        raise InputError(f"{path} is an ONNX file; this command needs a torchvision model name or a checkpoint")
+        raise InputError(f"{path} is an ONNX file; this command needs a model name or a checkpoint")
     from xvol_compiler.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 
     obj = read_checkpoint(path)
