@@ -166,3 +166,21 @@ def test_given_kernel_equals_built_kernel_and_is_checked() -> None:
     assert torch.allclose(got, x * neighbours / 4, rtol=0, atol=1e-14)
     with pytest.raises(ValueError, match="kernel of shape"):
         pssa_transform(x, 1, "axial", kernel=pssa_kernel(2, "axial", False, 4, torch.float64))
+
+
+def test_strict_load_after_to_empty_restores_the_ring() -> None:
+    """A model built on the meta device, moved with to_empty() and loaded from a checkpoint: the
+    checkpoint has no ring, the load rewrites it (to_empty leaves it uninitialised: NaN here)."""
+    torch.manual_seed(0)
+    site = randomize_bn(XVolution.from_conv(nn.Conv2d(4, 6, 3, padding=1)), seed=1).eval()
+    deploy = site.fuse()
+    x = torch.randn(2, 4, 7, 7)
+    for module in (site, deploy):
+        empty = copy.deepcopy(module).to("meta").to_empty(device="cpu")
+        with torch.no_grad():
+            empty.pssa_ring.fill_(float("nan"))
+        empty.load_state_dict(module.state_dict(), strict=True)
+        assert torch.equal(empty.pssa_ring, pssa_kernel(2, "full", False, 4, torch.float32))
+        with torch.no_grad():
+            assert torch.equal(empty(x), module(x))
+            assert rel_err(empty(x), eager64(site, x)) <= 1e-5

@@ -353,6 +353,18 @@ def pssa_ring_buffer(
     module.register_buffer(PSSA_RING, kernel, persistent=False)
 
 
+def refill_ring(module: nn.Module) -> None:
+    """Rewrite ``module.pssa_ring``'s values in place (after ``to_empty()``, which leaves buffers
+    uninitialised; a state_dict does not restore a non-persistent buffer). No buffer: nothing to do."""
+    ring = site_ring(module)
+    if ring is None or ring.device.type == "meta":
+        return
+    ndim = ring.dim() - 2
+    values = pssa_kernel(ndim, module.directions, False, ring.shape[0], torch.float64)
+    with torch.no_grad():
+        ring.copy_(values)
+
+
 def site_ring(module: nn.Module) -> Tensor | None:
     """The ``pssa_ring`` buffer of a site or deploy module, None when it holds none."""
     return module._buffers.get(PSSA_RING)
@@ -669,6 +681,10 @@ class XVolution(nn.Module):
             bn.running_var.fill_(_exact_identity_var(bn.eps, bn.running_var.dtype))
             self.conv_bn = bn
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        refill_ring(self)  # a meta-built model after to_empty(): the checkpoint does not hold the ring
+
     def _check_embeddable(self, small: ConvGeometry, what: str) -> tuple[int, ...]:
         try:
             return embedding_offset(small, self.geometry)
@@ -964,6 +980,10 @@ class XVolutionDeploy(nn.Module):
         w = torch.zeros(g.out_channels, self.factor * g.in_channels // g.groups, *g.kernel_size,
                         device=device, dtype=dtype)
         self._build(w, torch.zeros(g.out_channels, device=device, dtype=dtype))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        refill_ring(self)  # a meta-built model after to_empty(): the checkpoint does not hold the ring
 
     def _build(self, weight: Tensor, bias: Tensor) -> None:
         branch = _merged_branch(self.site_geometry, self.factor, weight, bias)
