@@ -25,7 +25,7 @@ from xvol_compiler.fold import Branch
 from xvol_compiler.fusion_report import FusionReport
 from xvol_compiler.lowering import LoweringChoice
 from xvol_compiler.passes.fuse_modules import Replacement, apply_replacements, fuse_modules, fused_paths
-from xvol_compiler.passes.fx_graph import FxAdapter
+from xvol_compiler.passes.fx_graph import FxAdapter, hoist_ring_kernels
 from xvol_compiler.passes.fx_norm_act import trace_with_norm_acts_split
 from xvol_compiler.passes.lower import LoweringOption, lower_sites, validate_options
 from xvol_compiler.rules import run_rules
@@ -66,6 +66,7 @@ def fuse_graph(
             ShapeProp(gm).propagate(*example_inputs)
         except Exception as err:  # only MAC counts and the lowering choice use shapes
             log.info("shape propagation failed (%s): fusing without shapes", err)
+    hoist_ring_kernels(gm)
     adapter = FxAdapter(gm)
     rewrite_log = run_rules(adapter)
     choices = lower_fx_sites(adapter, backend=backend, lowering=lowering, single_conv=single_conv)

@@ -25,6 +25,7 @@ from torch import fx, nn
 from xvol_compiler.fold import Branch, ConvGeometry, FoldError
 from xvol_compiler.norm_act import has_own_forward, norm_act_reason
 from xvol_compiler.ops import (
+    PSSA_RING,
     XVolution,
     XVolutionDeploy,
     bn_params,
@@ -39,7 +40,7 @@ from xvol_compiler.ops import (
 )
 from xvol_compiler.rules import Rewrite
 
-__all__ = ["FxAdapter"]
+__all__ = ["FxAdapter", "hoist_ring_kernels"]
 
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
@@ -105,6 +106,50 @@ def _channels(node: fx.Node) -> int | None:
     meta = node.meta.get("tensor_meta")
     shape = getattr(meta, "shape", None)
     return None if shape is None or len(shape) < 2 else int(shape[1])
+
+
+def hoist_ring_kernels(gm: fx.GraphModule) -> int:
+    """Move the PSSA ring kernels that ``pssa_transform`` calls read (``kernel=`` a ``get_attr`` of a
+    site's ``pssa_ring`` buffer) to non-persistent buffers of ``gm`` itself, one per distinct kernel:
+    ``pssa_ring``, ``pssa_ring_1``, ... (in place; returns how many calls were retargeted).
+
+    A site's path then holds only its parameters, so the conv that replaces the site can take the
+    site's name (a buffer left under it would push the new conv to ``<site>_fused1``), and no
+    kernel key appears in the state_dict."""
+    kernels: list[tuple[str, torch.Tensor]] = []
+    retargeted = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not pssa_transform:
+            continue
+        old = node.kwargs.get("kernel")
+        if not isinstance(old, fx.Node) or old.op != "get_attr" or not str(old.target).endswith(PSSA_RING):
+            continue
+        owner_path, _, field = str(old.target).rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        value = owner._buffers.get(field)
+        if value is None:
+            continue
+        name = next((n for n, t in kernels if t.shape == value.shape and t.dtype == value.dtype
+                     and t.device == value.device and bool(torch.equal(t, value))), None)
+        if name is None:
+            name = PSSA_RING if not kernels else f"{PSSA_RING}_{len(kernels)}"
+            while hasattr(gm, name):
+                name += "_"
+            gm.register_buffer(name, value, persistent=False)
+            kernels.append((name, value))
+        with gm.graph.inserting_before(old):
+            new = gm.graph.get_attr(name)
+        new.meta = dict(old.meta)
+        node.update_kwarg("kernel", new)
+        retargeted += 1
+        if not old.users:
+            gm.graph.erase_node(old)
+            if not any(n.op == "get_attr" and n.target == old.target for n in gm.graph.nodes):
+                del owner._buffers[field]
+                owner._non_persistent_buffers_set.discard(field)
+    if retargeted:
+        gm.recompile()
+    return retargeted
 
 
 class FxAdapter:

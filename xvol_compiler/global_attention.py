@@ -49,6 +49,8 @@ class GlobalAttentionXVolution(XVolution):
     Extra RepVGG-style branches are accepted as in XVolution.
     """
 
+    _pssa_attention = False  # no PSSA transform: no ring buffer
+
     def __init__(
         self,
         geometry: ConvGeometry,

@@ -11,7 +11,7 @@ import functools
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.fx
@@ -60,7 +60,9 @@ __all__ = [
     "neighbour_offsets",
     "pssa_kernel",
     "pssa_kernel_layout",
+    "pssa_ring_buffer",
     "pssa_transform",
+    "site_ring",
 ]
 
 CONV_TYPES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -273,7 +275,8 @@ def _fast_form(ndim: int, shifts: tuple[int, ...], directional: bool) -> bool:
 
 
 def pssa_transform(
-    x: Tensor, shift: int | Sequence[int] = 1, directions: Directions = None, directional: bool = False
+    x: Tensor, shift: int | Sequence[int] = 1, directions: Directions = None, directional: bool = False,
+    *, kernel: Tensor | None = None,
 ) -> Tensor:
     """Pixel-shift self-attention features T_L(x).
 
@@ -286,6 +289,11 @@ def pssa_transform(
 
     ``R_L`` is one depthwise convolution with the constant ``pssa_kernel``
     (dilation = padding = L) where that is the faster form (see ``_fast_form``).
+
+    ``kernel``: that constant, held by the caller (a site's ``pssa_ring`` buffer, so that
+    exported programs read it as a buffer, see :func:`pssa_ring_buffer`); it must be
+    ``pssa_kernel(ndim, directions, False, C)`` (only its shape is checked) and is unused
+    where the transform is not computed as a conv. None: the function builds (and caches) it.
     """
     ndim = x.dim() - 2
     offsets = neighbour_offsets(ndim, directions)
@@ -296,9 +304,70 @@ def pssa_transform(
         return prods.flatten(1, 2)
     if _fast_form(ndim, shifts, directional):
         channels = x.shape[1]
-        ring = pssa_kernel(ndim, len(offsets), False, channels, x.dtype, x.device)
+        if kernel is None:
+            ring = pssa_kernel(ndim, len(offsets), False, channels, x.dtype, x.device)
+        else:
+            ring = _given_kernel(kernel, ndim, channels, x)
         return x * CONV_FNS[ndim](x, ring, None, 1, shifts, shifts, channels)
     return x * _neighbour_mean(x, shifts, len(offsets) == 3**ndim - 1)
+
+
+def _given_kernel(kernel: Tensor, ndim: int, channels: int, x: Tensor) -> Tensor:
+    """A caller's ring kernel for ``x``: its shape checked, cast to ``x``'s dtype and device when they differ."""
+    expected = (channels, 1, *(3,) * ndim)
+    if tuple(kernel.shape) != expected:
+        raise ValueError(
+            f"pssa_transform: kernel of shape {tuple(kernel.shape)} for an input of {channels} channels in "
+            f"{ndim}-D; the ring kernel has shape {expected} (pssa_kernel(ndim, directions, False, channels))"
+        )
+    if kernel.dtype != x.dtype or kernel.device != x.device:
+        kernel = kernel.to(device=x.device, dtype=x.dtype)
+    return kernel
+
+
+PSSA_RING = "pssa_ring"
+
+
+def pssa_ring_buffer(
+    module: nn.Module, channels: int, ndim: int, shift: int | Sequence[int], directions: Directions,
+    directional: bool, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+) -> None:
+    """Register the PSSA ring kernel as ``module.pssa_ring``, a non-persistent buffer, where the
+    transform computes it as a conv (``_fast_form``); elsewhere register nothing.
+
+    Non-persistent: state_dict keys stay as they were (checkpoints load strictly either way);
+    ``.to(device/dtype)`` moves it; ``torch.export`` lists it as a buffer input of the program
+    instead of a tensor built inside forward, so delegates (ExecuTorch's XNNPACK) see a
+    constant-weight conv.
+    """
+    shifts = _shifts(shift, ndim)
+    if directional or not _fast_form(ndim, shifts, directional):
+        return
+    offsets = neighbour_offsets(ndim, directions)
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if not dtype.is_floating_point:
+        return  # (an integer site cannot run the transform anyway; pssa_transform builds what it needs)
+    with _untraced():
+        kernel = _build_kernel(ndim, offsets, False, channels, dtype, device)
+    module.register_buffer(PSSA_RING, kernel, persistent=False)
+
+
+def refill_ring(module: nn.Module) -> None:
+    """Rewrite ``module.pssa_ring``'s values in place (after ``to_empty()``, which leaves buffers
+    uninitialised; a state_dict does not restore a non-persistent buffer). No buffer: nothing to do."""
+    ring = site_ring(module)
+    if ring is None or ring.device.type == "meta":
+        return
+    ndim = ring.dim() - 2
+    values = pssa_kernel(ndim, module.directions, False, ring.shape[0], torch.float64)
+    with torch.no_grad():
+        ring.copy_(values)
+
+
+def site_ring(module: nn.Module) -> Tensor | None:
+    """The ``pssa_ring`` buffer of a site or deploy module, None when it holds none."""
+    return module._buffers.get(PSSA_RING)
 
 
 def interleave_groups(tensors: Sequence[Tensor], groups: int) -> Tensor:
@@ -554,7 +623,12 @@ class XVolution(nn.Module):
     parameters and attributes (e.g. ``gain``, ``eps``) move onto the site
     under the same names, and :meth:`conv_weights` evaluates the weight it
     computes (constant in eval mode).
+
+    The PSSA ring kernel is a non-persistent buffer, ``pssa_ring`` (see :func:`pssa_ring_buffer`):
+    not in the state_dict, moved by ``.to()``, a buffer input of ``torch.export`` programs.
     """
+
+    _pssa_attention: ClassVar[bool] = True  # False: the attention branch is no PSSA transform (no ring buffer)
 
     def __init__(
         self,
@@ -580,6 +654,8 @@ class XVolution(nn.Module):
         self.shift = _shifts(shift, ndim)
         self.directions = len(neighbour_offsets(ndim, directions))
         self.directional = directional
+        if self._pssa_attention:
+            pssa_ring_buffer(self, g.in_channels, ndim, self.shift, self.directions, directional, device, dtype)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(g.out_channels, g.in_channels // g.groups, *g.kernel_size, **factory))
         self.bias = nn.Parameter(torch.zeros(g.out_channels, **factory)) if bias else None
@@ -604,6 +680,10 @@ class XVolution(nn.Module):
             bn = BN_TYPES[ndim](g.out_channels).to(**factory)
             bn.running_var.fill_(_exact_identity_var(bn.eps, bn.running_var.dtype))
             self.conv_bn = bn
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        refill_ring(self)  # a meta-built model after to_empty(): the checkpoint does not hold the ring
 
     def _check_embeddable(self, small: ConvGeometry, what: str) -> tuple[int, ...]:
         try:
@@ -721,7 +801,7 @@ class XVolution(nn.Module):
 
     def attention(self, x: Tensor) -> Tensor:
         """The attention branch's input transform: T_L(x) (PSSA)."""
-        return pssa_transform(x, self.shift, self.directions, self.directional)
+        return pssa_transform(x, self.shift, self.directions, self.directional, kernel=site_ring(self))
 
     def forward(self, x: Tensor) -> Tensor:
         y = self._conv(x)
@@ -870,7 +950,8 @@ class XVolutionDeploy(nn.Module):
     1 (or |D| for the directional variant); ``"spatial"``: ``ConvNd(C_in, C_out, (..., (1+k) K_w),
     (..., (1+k) s_w), ...)(interleave_spatial(x, T(x)))``; ``"split"`` (``single_conv=False``):
     ``conv(x) + conv_attn(T(x))``. The main conv's weight and bias keep the site's names
-    (``weight``, ``bias``) so a checkpoint key still names the site.
+    (``weight``, ``bias``) so a checkpoint key still names the site. T(x)'s ring kernel is the
+    non-persistent buffer ``pssa_ring`` (no checkpoint key), as in :class:`XVolution`.
     """
 
     def __init__(
@@ -895,9 +976,14 @@ class XVolutionDeploy(nn.Module):
         self.single_conv = single_conv
         self.site_geometry = g
         self.factor = 1 + (self.directions if directional else 1)
+        pssa_ring_buffer(self, g.in_channels, ndim, self.shift, self.directions, directional, device, dtype)
         w = torch.zeros(g.out_channels, self.factor * g.in_channels // g.groups, *g.kernel_size,
                         device=device, dtype=dtype)
         self._build(w, torch.zeros(g.out_channels, device=device, dtype=dtype))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        refill_ring(self)  # a meta-built model after to_empty(): the checkpoint does not hold the ring
 
     def _build(self, weight: Tensor, bias: Tensor) -> None:
         branch = _merged_branch(self.site_geometry, self.factor, weight, bias)
@@ -923,6 +1009,6 @@ class XVolutionDeploy(nn.Module):
         return f"lowering={self.lowering!r}"
 
     def forward(self, x: Tensor) -> Tensor:
-        t = pssa_transform(x, self.shift, self.directions, self.directional)
+        t = pssa_transform(x, self.shift, self.directions, self.directional, kernel=site_ring(self))
         convs = [self.conv] + ([self.conv_attn] if self.lowering == "split" else [])
         return run_lowering(self.lowering, convs, self.layout, [x, t])
