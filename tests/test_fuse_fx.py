@@ -284,9 +284,14 @@ def test_fuse_real_models_after_training(name):
 def test_fuse_resnet50_all_sites_and_bns():
     model = _train_briefly(_xvolify_os16(torchvision.models.resnet50(), 64), 64)
     x = torch.randn(1, 3, 64, 64)
+    # graph form: the 53 BatchNorms of ResNet-50 and the 6 attention-branch BNs, each a conv+bn rewrite
+    flat, flat_report = fuse_with_report(model, example_inputs=(x,), graph=True)
+    assert flat_report.count("x-volution") == 6 and flat_report.count("conv+bn") == 53 + 6
+    assert not _bns(flat)
+    assert rel_err(flat(x), model(x)) <= 1e-4
+    # module form: the attention BNs fold inside each site's deploy module; the 53 pairs are conv+bn
     fused, report = fuse_with_report(model, example_inputs=(x,))
-    # 53 BatchNorms of ResNet-50 and the 6 attention-branch BNs
-    assert report.count("x-volution") == 6 and report.count("conv+bn") == 53 + 6
+    assert report.count("x-volution") == 6 and report.count("conv+bn") == 53
     assert not _bns(fused)
     assert rel_err(fused(x), model(x)) <= 1e-4
 
