@@ -25,10 +25,12 @@ import contextlib
 import inspect
 import io
 import re
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 import xvol_compiler
 
@@ -111,8 +113,10 @@ def run_block(block: Block, namespace: dict, filename: str = "README.md") -> str
     except BaseException as e:  # re-raised with the block's line, whatever it was
         if isinstance(e, (KeyboardInterrupt, pytest.skip.Exception)):
             raise
+        lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == filename]
+        at = f" at line {lines[-1]}" if lines else ""
         raise AssertionError(
-            f"{filename}:{block.line}: the python block of section {block.section!r} raised "
+            f"{filename}:{block.line}: the python block of section {block.section!r} raised{at} "
             f"{type(e).__name__}: {e}"
         ) from e
     return out.getvalue()
@@ -149,8 +153,19 @@ def test_every_python_fence_is_found():
     assert "Quick start (API)" in SECTIONS
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: on two shared, loaded cores, two threads' spin-waiting made these blocks 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("section", list(SECTIONS), ids=lambda s: re.sub(r"\W+", "-", s).strip("-").lower())
-def test_readme_section_runs(section, tmp_path, monkeypatch):
+def test_readme_section_runs(section, tmp_path, monkeypatch, one_thread):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__readme__"}
     skipped = []
@@ -177,7 +192,7 @@ def test_xvolify_signature_block_matches_the_function():
         written[name] = None if default is None else ast.literal_eval(default)
     params = inspect.signature(xvol_compiler.xvolify).parameters
     real = {n: (None if p.default is inspect.Parameter.empty else p.default) for n, p in params.items()}
-    assert written == real
+    assert written == real, f"README.md:{listing.line}: the listed signature is not xvolify's"
     kw_only = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
     assert {a.arg for a in args.kwonlyargs} == kw_only
 
@@ -237,7 +252,7 @@ def test_run_block_reports_the_readme_line():
     ns: dict = {}
     run_block(blocks[0], ns)
     assert ns["a"] == 1
-    with pytest.raises(AssertionError, match=r"README.md:25: .*NameError") as info:
+    with pytest.raises(AssertionError, match=r"README.md:25: .* at line 25 NameError") as info:
         run_block(blocks[4], {})
     tb = info.value.__cause__.__traceback__
     assert inspect.getinnerframes(tb)[-1].lineno == 25  # the traceback points at the README line
