@@ -167,6 +167,7 @@ def one_thread():
 @pytest.mark.parametrize("section", list(SECTIONS), ids=lambda s: re.sub(r"\W+", "-", s).strip("-").lower())
 def test_readme_section_runs(section, tmp_path, monkeypatch, one_thread):
     monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)  # README blocks draw random weights and inputs: a failure reproduces
     namespace: dict = {"__name__": "__readme__"}
     skipped = []
     for block, shown in SECTIONS[section]:
