@@ -20,7 +20,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from xvol_compiler.arguments import ArgumentError, check_bool, check_example_inputs, check_module, check_tolerance
-from xvol_compiler.attention_probe import has_silent_attention, with_exercised_attention
+from xvol_compiler.attention_probe import GAMMA_RANGE, has_silent_attention, with_exercised_attention
 from xvol_compiler.fold import Branch
 from xvol_compiler.fusion_report import FusionReport
 from xvol_compiler.lowering import LoweringChoice
@@ -203,22 +203,36 @@ def _fuse_graph_form(model: nn.Module, example: tuple[Any, ...], *, inplace: boo
     return gm, report
 
 
+# Scales of the gammas given to untrained attention BatchNorms for the second check, tried in turn.
+_PROBE_SCALES = (1.0, 1e-1, 1e-2, 1e-3)
+
+
 def _verify_exercised(model: nn.Module, example: tuple[Any, ...], report: FusionReport,
                       replacements: list[Replacement] | None, *, rtol: float | None, atol: float | None,
                       inplace: bool, backend: str, lowering: LoweringOption, single_conv: bool) -> None:
     """Verify the fusion again on a copy whose untrained (zero-gamma) attention BatchNorms are given
     non-zero gammas: with gamma 0 the T(x) half of every fused weight is 0 and a wrong attention fold
     would pass. The module form applies the same replacements to the copy; the graph form fuses it again."""
-    probe, changed = with_exercised_attention(model)
-    probe_reference = reference_run(probe, example)
+    for scale in _PROBE_SCALES:  # the largest gammas whose run stays finite (T(x) is quadratic in x)
+        probe, changed = with_exercised_attention(model, scale=scale)
+        probe_reference = reference_run(probe, example)
+        if probe_reference.checkable():
+            break
+    else:
+        report.notes.append(
+            f"the attention fold was not checked with exercised attention: with {changed} untrained attention "
+            f"BatchNorm(s) given gammas down to {_PROBE_SCALES[-1] * GAMMA_RANGE[0]:g}, the unfused model's "
+            "output has no finite value on the example input"
+        )
+        return
     if replacements is None:
         fused_probe, _ = _fuse_graph_form(probe, example, inplace=True, backend=backend, lowering=lowering,
                                           single_conv=single_conv)
     else:
         fused_probe = apply_replacements(probe, replacements, single_conv=single_conv)
     verdict = verify_model(probe_reference, fused_probe.eval(), example, rtol=rtol, atol=atol)
-    report.notes.append(f"verified again with {changed} untrained attention BatchNorm(s) given non-zero gammas: "
-                        f"{verdict.describe()}")
+    report.notes.append(f"verified again with {changed} untrained attention BatchNorm(s) given gammas in "
+                        f"[{scale * GAMMA_RANGE[0]:g}, {scale * GAMMA_RANGE[1]:g}]: {verdict.describe()}")
     if not verdict.ok:
         raise FusionVerificationError(
             f"with its attention exercised (the untrained attention BatchNorms given non-zero gammas), the "

@@ -301,3 +301,22 @@ def test_cli_verify_exercises_the_attention(tmp_path: Path, capsys: pytest.Captu
     assert main(["verify", str(checkpoint)]) == 0
     line = capsys.readouterr().out
     assert f"{data['exercised_batchnorms']} X-volution attention" in line and "exercised" in line, line
+
+
+def test_exercised_attention_falls_back_to_smaller_gammas_where_the_run_overflows() -> None:
+    """T(x) is quadratic in x: six chained untrained sites at input scale 30 overflow float32 with attention
+    gammas near 1; fuse then verifies with gammas ten times smaller instead of failing."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(6):
+        layers += [xc.XVolution.from_conv(nn.Conv2d(4, 4, 3, padding=1)), nn.BatchNorm2d(4)]
+    model = nn.Sequential(*layers).eval()
+    x = torch.randn(1, 4, 8, 8) * 30
+    probe, _ = with_exercised_attention(model)
+    with torch.no_grad():
+        assert not torch.isfinite(probe(x)).any()  # the first scale overflows here
+    fused, report = xc.fuse_with_report(model, example_inputs=(x,))
+    assert any("gammas in [0.05, 0.15]" in note for note in report.notes), report.notes
+    with torch.no_grad():
+        reference = copy.deepcopy(model).double()(x.double())
+        assert rel_error(reference, fused(x).double()) <= 1e-5

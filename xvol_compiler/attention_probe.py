@@ -66,11 +66,12 @@ def has_silent_attention(model: nn.Module) -> bool:
     return bool(silent_batchnorms(model))
 
 
-def with_exercised_attention(model: nn.Module, *, seed: int = 0) -> tuple[nn.Module, int]:
+def with_exercised_attention(model: nn.Module, *, seed: int = 0, scale: float = 1.0) -> tuple[nn.Module, int]:
     """``(copy, changed)``: a deep copy of ``model`` in which every zero gamma of an X-volution site's attention
     BatchNorm (``attn_bn``) and extra-branch BatchNorms (``branch_1x1[1]``, ``branch_identity``) is set to a
-    value drawn uniformly from :data:`GAMMA_RANGE` by a ``torch.Generator`` seeded with ``seed``, and the
-    number of BatchNorms changed.
+    value drawn uniformly from :data:`GAMMA_RANGE` (times ``scale``) by a ``torch.Generator`` seeded with
+    ``seed``, and the number of BatchNorms changed. T(x) grows with the square of x: in a deep untrained
+    network a smaller ``scale`` keeps the copy's outputs finite.
 
     Deterministic: the same model and seed give the same gammas. Non-zero
     gammas are kept. ``model`` itself is not changed (parameters, buffers,
@@ -81,9 +82,11 @@ def with_exercised_attention(model: nn.Module, *, seed: int = 0) -> tuple[nn.Mod
     _check_module(model)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise AttentionProbeError(f"seed must be an int, got {seed!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise AttentionProbeError(f"scale must be a positive number, got {scale!r}")
     probe = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(seed)
-    low, high = GAMMA_RANGE
+    low, high = (scale * v for v in GAMMA_RANGE)
     changed = 0
     with torch.no_grad():
         for _path, bn in silent_batchnorms(probe):
