@@ -16,6 +16,7 @@ import copy
 import logging
 from typing import Any
 
+import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -117,6 +118,12 @@ def fuse_with_report(
 ) -> tuple[nn.Module, FusionReport]:
     """``fuse`` that also returns the report."""
     validate_options(backend, lowering, single_conv)
+    if isinstance(model, torch.export.ExportedProgram):
+        raise ArgumentError(
+            "model is a torch.export.ExportedProgram, which fuse does not read yet: fuse the nn.Module you "
+            "exported, then export the fused model (torch.export.export(fuse(model), args)); a fused model "
+            "exports with every conv weight a graph input"
+        )
     check_module("model", model)
     check_example_inputs(example_inputs)
     check_bool("verify", verify)
@@ -146,6 +153,10 @@ def fuse_with_report(
     target.eval()
     if not report.outcomes:
         report.notes.append("no fusable patterns found (no BatchNorm after a conv, no X-volution site)")
+        if graph_form and _aten_batch_norms(target):
+            report.notes.append(
+                "this is an ATen-level graph (torch.export's module() or make_fx) whose BatchNorms are ATen "
+                "batch-norm ops, which no rule reads yet: fuse the original nn.Module instead")
     if reference is not None:
         _verify(reference, target, example, report, rtol=rtol, atol=atol, inplace=inplace)
         if has_silent_attention(model):
@@ -157,6 +168,14 @@ def fuse_with_report(
     target.xvol_fusion_report = report
     log.info("%s", report.summary())
     return target, report
+
+
+def _aten_batch_norms(gm: nn.Module) -> int:
+    """How many ATen batch-norm calls a GraphModule holds (an exported or make_fx graph)."""
+    graph = getattr(gm, "graph", None)
+    if graph is None:
+        return 0
+    return sum(1 for n in graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target))
 
 
 def _check_eval(model: nn.Module) -> None:
