@@ -49,6 +49,7 @@ from xvol_compiler.fusion_report import FusionReport
 from xvol_compiler.lowering import LoweringChoice
 from xvol_compiler.norm_act import has_own_forward, norm_act_reason, remainder_of
 from xvol_compiler.ops import (
+    CONV_TYPES,
     XVolution,
     XVolutionDeploy,
     _merged_branch,
@@ -67,7 +68,7 @@ __all__ = ["GRAPH_FORM_ONLY", "Replacement", "apply_replacements", "fuse_modules
 log = logging.getLogger(__name__)
 
 GRAPH_FORM_ONLY = "graph form only: fuse(model, graph=True) applies it"
-_CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_MODULES = tuple(CONV_TYPES.values())
 
 
 @dataclass(frozen=True)

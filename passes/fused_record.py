@@ -57,7 +57,7 @@ def fused_record(model: nn.Module, paths: Mapping[str, str]) -> dict[str, Any]:
                             "lowering": module.lowering, "single_conv": module.single_conv,
                             "shift": list(module.shift), "directions": module.directions,
                             "directional": module.directional})
-        elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        elif isinstance(module, tuple(CONV_TYPES.values())):
             entries.append({"path": path, "module": "conv", "geometry": _geometry_data(conv_geometry(module)),
                             "bias": module.bias is not None})
         elif isinstance(module, nn.Identity):

@@ -132,8 +132,7 @@ def test_factory_module_in_the_current_directory(tmp_path: Path) -> None:
         "from torch import nn\n\n\ndef two_convs():\n"
         "    return nn.Sequential(nn.Conv2d(3, 4, 3, 16, 1), nn.Conv2d(4, 4, 3, 1, 1))\n")
     exe = Path(sys.executable).with_name("xvol")
-    if not exe.exists():
-        pytest.skip("no installed xvol script next to this Python")
+    assert exe.exists(), f"no xvol script next to {sys.executable}: install the package (make env) first"
     proc = subprocess.run([str(exe), "sites", "my_models:two_convs", "--input-size", "32", "--json"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": ""})
