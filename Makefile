@@ -28,7 +28,7 @@ test-full: $(STAMP)
 	HYPOTHESIS_PROFILE=long $(PY) -m pytest -q $(ARGS)
 
 ruff: $(STAMP)
-	$(PY) -m ruff check xvol_compiler passes tests examples benchmarks
+	$(PY) -m ruff check xvol_compiler passes/xvol_passes tests examples benchmarks
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py $(ARGS)

@@ -28,7 +28,7 @@ _WORKER = r'''
 import importlib.util, json, sys, time
 from pathlib import Path
 tree = Path(sys.argv[1])
-paths = {"xvol_compiler": tree / "xvol_compiler", "xvol_compiler.passes": tree / "passes"}
+paths = {"xvol_compiler": tree / "xvol_compiler", "xvol_passes": tree / "passes"}
 
 class _TreeFinder:
     @classmethod

@@ -28,10 +28,10 @@ from xvol_compiler import XVolution, xvolify
 from xvol_compiler.io import torchvision_model
 from xvol_compiler.lowering import LOWERINGS, check_lowering
 from xvol_compiler.ops import lowered_convs, run_lowering
-from xvol_compiler.passes.fx_graph import FxAdapter
-from xvol_compiler.passes.lower import choose_lowering
 from xvol_compiler.report import render_table
 from xvol_compiler.rules import run_rules
+from xvol_passes.fx_graph import FxAdapter
+from xvol_passes.lower import choose_lowering
 
 DEFAULT_MODELS = ("resnet18", "resnet50", "regnet_y_400mf", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny")
 BACKENDS = ("eager", "compile", "onnxruntime")
@@ -67,7 +67,7 @@ def candidate_runs(branch: Any, shape: tuple[int, ...], backend: str) -> dict[st
         except ValueError:
             continue
         if backend == "onnxruntime":
-            from xvol_compiler.passes.onnx_site import one_site_session
+            from xvol_passes.onnx_site import one_site_session
 
             session, names = one_site_session(branch, lowering, shape)
             feeds = {n: t.numpy() for n, t in zip(names, inputs, strict=True)}

@@ -15,7 +15,7 @@ from tests.hyp import examples
 from tests.strategies import conv_sites, randomize_bn, rel_err
 from xvol_compiler import XVolution
 from xvol_compiler.arguments import ArgumentError
-from xvol_compiler.passes.fuse_fx import FusionError, fuse, fuse_graph, fuse_with_report
+from xvol_passes.fuse_fx import FusionError, fuse, fuse_graph, fuse_with_report
 
 
 def _convs(model: nn.Module) -> list[nn.Module]:

@@ -25,8 +25,8 @@ from tests.strategies import SiteSpec, conv_sites, randomize_bn
 from xvol_compiler import XVolution
 from xvol_compiler.fold import FoldError
 from xvol_compiler.onnx_io import OnnxFileError, OutputExistsError, export_onnx, external_data_path, save_onnx
-from xvol_compiler.passes.fuse_onnx import NO_SITES_NOTE, OnnxVerificationError, fuse_onnx
 from xvol_compiler.verify import onnx_session
+from xvol_passes.fuse_onnx import NO_SITES_NOTE, OnnxVerificationError, fuse_onnx
 
 CONFIGS = {
     "dynamo": dict(dynamo=True, optimize=True),

@@ -18,7 +18,7 @@ from tests.strategies import randomize_bn, rel_err
 from xvol_compiler import XVolutionDeploy, fuse, xvolify
 from xvol_compiler.checkpoint import CheckpointError
 from xvol_compiler.io import ModelSpec, load_model, save_model
-from xvol_compiler.passes.fused_record import FusedRecordError, fused_record, rebuild_fused
+from xvol_passes.fused_record import FusedRecordError, fused_record, rebuild_fused
 
 
 def _xvolified_resnet18(size: int = 64) -> tuple[nn.Module, torch.Tensor]:

@@ -22,10 +22,10 @@ from xvol_compiler import XVolution, XVolutionDeploy, fuse, xvolify
 from xvol_compiler.fold import Branch, ConvGeometry, FoldError
 from xvol_compiler.lowering import LOWERINGS, check_lowering, interleave_factor, spatial_layout, spatial_weight
 from xvol_compiler.ops import interleave_groups, interleave_spatial, neighbour_offsets
-from xvol_compiler.passes.fuse_fx import fuse_with_report
-from xvol_compiler.passes.fuse_onnx import fuse_onnx
-from xvol_compiler.passes.lower import choose_lowering
 from xvol_compiler.verify import onnx_session
+from xvol_passes.fuse_fx import fuse_with_report
+from xvol_passes.fuse_onnx import fuse_onnx
+from xvol_passes.lower import choose_lowering
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 

@@ -16,10 +16,11 @@ from xvol_compiler import fuse
 from xvol_compiler.cli import main
 from xvol_compiler.fold import Branch, ConvGeometry
 from xvol_compiler.lowering_table import RULES, SITE_CLASSES, rule_entry, shape_class, site_class
-from xvol_compiler.passes import lower
-from xvol_compiler.passes.fuse_fx import fuse_with_report
-from xvol_compiler.passes.fuse_onnx import fuse_onnx
-from xvol_compiler.passes.lower import (
+from xvol_compiler.verify import onnx_session
+from xvol_passes import lower
+from xvol_passes.fuse_fx import fuse_with_report
+from xvol_passes.fuse_onnx import fuse_onnx
+from xvol_passes.lower import (
     BACKENDS,
     CACHE_ENV,
     LoweringCacheError,
@@ -27,8 +28,7 @@ from xvol_compiler.passes.lower import (
     lowering_cache_path,
     using_lowering_cache,
 )
-from xvol_compiler.passes.onnx_site import one_site_session
-from xvol_compiler.verify import onnx_session
+from xvol_passes.onnx_site import one_site_session
 
 SPINNING = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
 
@@ -54,7 +54,7 @@ def _no_timing(monkeypatch: pytest.MonkeyPatch) -> None:
 
     for name in ("_time_rounds", "_measure_eager", "_measure_onnxruntime"):
         monkeypatch.setattr(lower, name, refuse)
-    monkeypatch.setattr("xvol_compiler.passes.onnx_site.one_site_session", refuse)
+    monkeypatch.setattr("xvol_passes.onnx_site.one_site_session", refuse)
 
 
 # --------------------------------------------------------------------------- the rule

@@ -105,7 +105,7 @@ def test_video_models_full_clip(name):
 
 def test_video_r3d_18_onnx_fusion(tmp_path):
     from xvol_compiler.onnx_io import export_onnx
-    from xvol_compiler.passes.fuse_onnx import fuse_onnx
+    from xvol_passes.fuse_onnx import fuse_onnx
 
     clip = torch.randn(1, 3, 4, 32, 32)
     model = _move_bn_statistics(xvolify(torchvision.models.video.r3d_18().eval(), example_inputs=(clip,)), clip)

@@ -40,8 +40,8 @@ from tests.random_cnn import (
 )
 from xvol_compiler import SiteSelection, SiteSelectionError, XVolution, xvolify
 from xvol_compiler.lowering import LOWERINGS
-from xvol_compiler.passes.fuse_fx import fuse_with_report
-from xvol_compiler.passes.fuse_onnx import fuse_onnx
+from xvol_passes.fuse_fx import fuse_with_report
+from xvol_passes.fuse_onnx import fuse_onnx
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 

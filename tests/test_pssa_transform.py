@@ -23,10 +23,10 @@ from xvol_compiler import XVolution, analyze_model, fuse_with_report, pssa_trans
 from xvol_compiler.measure import count_macs
 from xvol_compiler.onnx_io import export_onnx
 from xvol_compiler.ops import neighbour_offsets, pssa_kernel, pssa_kernel_layout
-from xvol_compiler.passes.fuse_onnx import fuse_onnx
-from xvol_compiler.passes.fx_graph import FxAdapter
-from xvol_compiler.passes.onnx_graph import OnnxGraphAdapter
 from xvol_compiler.rules import _xvolution_base, mark_pssa_transforms, pssa_products
+from xvol_passes.fuse_onnx import fuse_onnx
+from xvol_passes.fx_graph import FxAdapter
+from xvol_passes.onnx_graph import OnnxGraphAdapter
 
 EXPORTERS = {"torchscript": dict(dynamo=False), "dynamo": dict(dynamo=True, optimize=True),
              "dynamo-noopt": dict(dynamo=True, optimize=False)}

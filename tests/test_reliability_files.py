@@ -25,8 +25,8 @@ from torch import nn
 from xvol_compiler.checkpoint import save_checkpoint
 from xvol_compiler.cli import main
 from xvol_compiler.onnx_io import OnnxFileError, export_onnx, external_data_path, load_onnx, save_onnx
-from xvol_compiler.passes.fuse_onnx import fuse_onnx
 from xvol_compiler.verify import onnx_session
+from xvol_passes.fuse_onnx import fuse_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--num-classes", "10", "--input-size", "32"]
@@ -218,7 +218,7 @@ def test_fuse_onnx_refuses_an_unwritable_folder_before_loading(
     def no_work(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded before the output was checked")
 
-    monkeypatch.setattr("xvol_compiler.passes.fuse_onnx.load_onnx", no_work)
+    monkeypatch.setattr("xvol_passes.fuse_onnx.load_onnx", no_work)
     out = unwritable / "out.onnx"
     with pytest.raises(ValueError) as err:
         fuse_onnx(src, output_path=out)
@@ -235,7 +235,7 @@ def test_fuse_onnx_checks_the_output_data_file_before_fusing(tmp_path: Path, mon
     def no_work(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was fused before its data file was checked")
 
-    monkeypatch.setattr("xvol_compiler.passes.fuse_onnx.run_rules", no_work)
+    monkeypatch.setattr("xvol_passes.fuse_onnx.run_rules", no_work)
     with pytest.raises(FileExistsError, match=r"out\.onnx\.data exists"):
         fuse_onnx(src, output_path=out)
     assert external_data_path(out).read_bytes() == b"someone else's weights" and not out.exists()
@@ -323,7 +323,7 @@ def test_cli_fuse_failing_export_leaves_no_checkpoint(
     def failing_export(*args: object, **kwargs: object) -> None:
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("xvol_compiler.passes.fuse_onnx.export_onnx", failing_export)
+    monkeypatch.setattr("xvol_passes.fuse_onnx.export_onnx", failing_export)
     code, err = run_cli(capsys, "fuse", "resnet18", *SMALL, "--no-verify", "-o", tmp_path / "p1.pt",
                         "--onnx", tmp_path / "p1.onnx")
     assert code == 1 and "No space left" in err

@@ -24,8 +24,8 @@ from xvol_compiler.cli import main
 from xvol_compiler.fold import FoldError
 from xvol_compiler.io import atomic_write_text, check_writable
 from xvol_compiler.onnx_io import export_onnx, save_onnx
-from xvol_compiler.passes.fuse_fx import FusionError, fuse_graph
 from xvol_compiler.sites import SiteSelectionError
+from xvol_passes.fuse_fx import FusionError, fuse_graph
 
 ArgumentErrors = (TypeError, ValueError)  # the package's ArgumentError is both
 

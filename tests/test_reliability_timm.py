@@ -24,8 +24,8 @@ import xvol_compiler as xc
 from tests.strategies import randomize_bn, rel_err
 from xvol_compiler import XVolution
 from xvol_compiler.onnx_io import export_onnx
-from xvol_compiler.passes.fuse_onnx import fuse_onnx
 from xvol_compiler.sites import SiteSelectionError
+from xvol_passes.fuse_onnx import fuse_onnx
 
 SMALL = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 WS_CONVS = (StdConv2d, ScaledStdConv2d)

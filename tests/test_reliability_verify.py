@@ -27,7 +27,6 @@ from torch import nn
 
 import xvol_compiler as xc
 from xvol_compiler.cli import main
-from xvol_compiler.passes.fuse_onnx import OnnxVerificationError, compare_onnx
 from xvol_compiler.verify import (
     UNFUSED_ERROR_FACTOR,
     Reference,
@@ -38,6 +37,7 @@ from xvol_compiler.verify import (
     verify_model,
     verify_outputs,
 )
+from xvol_passes.fuse_onnx import OnnxVerificationError, compare_onnx
 
 
 def trained_like(model: nn.Module, seed: int = 0, gain: float = 1.0) -> nn.Module:

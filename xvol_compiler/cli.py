@@ -201,9 +201,9 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def cmd_sites(args: argparse.Namespace, out: Output) -> int:
     """Candidate and selected X-volution sites of a model."""
-    from xvol_compiler.passes.xvolify import added_cost
     from xvol_compiler.report import format_count, format_stride
     from xvol_compiler.sites import analyze_model, select_sites
+    from xvol_passes.xvolify import added_cost
 
     model, spec = _load(args)
     example = spec.example_inputs(model)
@@ -308,8 +308,8 @@ def cmd_fuse(args: argparse.Namespace, out: Output) -> int:
     from xvol_compiler import fuse
     from xvol_compiler.files import check_outputs, written_together
     from xvol_compiler.io import save_model
-    from xvol_compiler.passes.fuse_onnx import export_onnx
-    from xvol_compiler.passes.lower import using_lowering_cache
+    from xvol_passes.fuse_onnx import export_onnx
+    from xvol_passes.lower import using_lowering_cache
 
     check_outputs([args.output, *([args.onnx] if args.onnx else [])], force=args.force)
     model, spec = _load(args)
@@ -339,7 +339,7 @@ def cmd_export(args: argparse.Namespace, out: Output) -> int:
     printed says which opset and exporter were used.
     """
     from xvol_compiler.onnx_io import OpsetError, check_output_path, onnx_opset
-    from xvol_compiler.passes.fuse_onnx import export_onnx
+    from xvol_passes.fuse_onnx import export_onnx
 
     check_output_path(args.output, force=args.force)
     model, spec = _load(args)
@@ -362,12 +362,12 @@ def cmd_export(args: argparse.Namespace, out: Output) -> int:
 def cmd_fuse_onnx(args: argparse.Namespace, out: Output) -> int:
     """Fuse every X-volution site, conv+BN and branch sum of an ONNX model; verify in onnxruntime."""
     from xvol_compiler.files import atomic_write_json, atomic_write_text, check_outputs, written_together
-    from xvol_compiler.passes.fuse_onnx import fuse_onnx
+    from xvol_passes.fuse_onnx import fuse_onnx
 
     report_path = None if args.report in (None, "-") else Path(args.report)
     check_outputs([args.output, *([report_path] if report_path else [])], force=args.force)
-    from xvol_compiler.passes.fuse_onnx import OnnxVerificationError
-    from xvol_compiler.passes.lower import using_lowering_cache
+    from xvol_passes.fuse_onnx import OnnxVerificationError
+    from xvol_passes.lower import using_lowering_cache
 
     with written_together(), using_lowering_cache(args.lowering_cache):  # the fused model and report, or nothing
         try:
@@ -407,7 +407,7 @@ CLI_FLOAT64_FIX = "onnxruntime has no float64 Conv: convert the model to float32
 
 def _cli_message(err: Any, fix_for_inputs: str, fix_for_float64: str) -> str:
     """An ``OnnxVerificationError``'s problem with the advice in command-line flags instead of API words."""
-    from xvol_compiler.passes.fuse_onnx import API_FIX, FLOAT64_FIX
+    from xvol_passes.fuse_onnx import API_FIX, FLOAT64_FIX
 
     fix = {API_FIX: fix_for_inputs, FLOAT64_FIX: fix_for_float64}.get(err.fix, err.fix)
     return f"{err.problem}: {fix}" if fix else err.problem
@@ -417,8 +417,8 @@ def _run_onnx(path: str, inputs: tuple[Any, ...]) -> list[Any]:
     import numpy as np
 
     from xvol_compiler.onnx_io import load_onnx
-    from xvol_compiler.passes.fuse_onnx import float64_inputs
     from xvol_compiler.verify import onnx_session
+    from xvol_passes.fuse_onnx import float64_inputs
 
     proto = load_onnx(path).model
     try:
@@ -441,7 +441,7 @@ def _onnx_feeds(model: Any, path: str, size: list[int] | None, batch: int | None
     import onnx
     import torch
 
-    from xvol_compiler.passes.fuse_onnx import random_inputs
+    from xvol_passes.fuse_onnx import random_inputs
 
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
@@ -504,7 +504,7 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
     how: str
     if a.endswith(".onnx") and (b is None or b.endswith(".onnx")):
         from xvol_compiler.onnx_io import load_onnx
-        from xvol_compiler.passes.fuse_onnx import OnnxVerificationError, compare_onnx, fuse_onnx, onnx_dtype
+        from xvol_passes.fuse_onnx import OnnxVerificationError, compare_onnx, fuse_onnx, onnx_dtype
 
         first = load_onnx(a).model
         if b is None:
@@ -642,7 +642,7 @@ def cmd_graph(args: argparse.Namespace, out: Output) -> int:
     """Picture of one site's neighbourhood before and after fusion (FX or ONNX), or of a whole fused graph."""
     from xvol_compiler import fuse, pictures, xvolify
     from xvol_compiler.io import check_writable
-    from xvol_compiler.passes.fuse_onnx import export_onnx, fuse_onnx
+    from xvol_passes.fuse_onnx import export_onnx, fuse_onnx
 
     check_writable(args.output, force=args.force)
     if Path(args.output).suffix.lower() not in (".png", ".svg", ".pdf"):

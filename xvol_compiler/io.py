@@ -261,7 +261,7 @@ class ModelSpec:
     xvolify: dict[str, Any] = field(default_factory=dict)
     input_size: list[int] = field(default_factory=lambda: [3, 224, 224])
     lowerings: dict[str, str] = field(default_factory=dict)  # fused: site -> deploy lowering (else "channel")
-    fused_modules: dict[str, Any] = field(default_factory=dict)  # fused: what replaced what (passes/fused_record.py)
+    fused_modules: dict[str, Any] = field(default_factory=dict)  # what replaced what (xvol_passes.fused_record)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -306,7 +306,7 @@ def save_model(
 
     fused_paths = getattr(model, "xvol_fused_modules", None)
     if spec.stage == "fused" and not spec.fused_modules and isinstance(fused_paths, Mapping):
-        from xvol_compiler.passes.fused_record import fused_record
+        from xvol_passes.fused_record import fused_record
 
         spec = replace(spec, fused_modules=fused_record(model, fused_paths))
 
@@ -319,7 +319,7 @@ def _rebuild(spec: ModelSpec) -> nn.Module:
     if spec.stage == "original":
         return model
     if spec.stage == "fused" and spec.fused_modules:
-        from xvol_compiler.passes.fused_record import rebuild_fused
+        from xvol_passes.fused_record import rebuild_fused
 
         return rebuild_fused(model, spec.fused_modules)  # the recorded structure; the weights come next
     from xvol_compiler import fuse, xvolify

@@ -1,6 +1,6 @@
 """The deterministic lowering rule of ``lowering="auto"``: data, one entry per site class and backend.
 
-``lowering="auto"`` (``xvol_compiler.passes.lower.choose_lowering``) picks a
+``lowering="auto"`` (``xvol_passes.lower.choose_lowering``) picks a
 fused site's deploy lowering from this table, never by timing: the same model,
 options and package version give the same fused structure whatever the
 machine's load. Timing is opt-in (``lowering="measure"``).

@@ -1,7 +1,7 @@
 """Rewrite rules, each declared once, and the networkx matcher that applies them.
 
-This module knows neither torch.fx nor ONNX. A graph adapter (``passes/fx_graph.py``,
-``passes/onnx_graph.py``) presents its graph as a ``networkx.DiGraph`` *view*
+This module knows neither torch.fx nor ONNX. A graph adapter (``passes/xvol_passes/fx_graph.py``,
+``passes/xvol_passes/onnx_graph.py``) presents its graph as a ``networkx.DiGraph`` *view*
 and applies the ``Rewrite`` values this module plans; the fold math comes from
 ``xvol_compiler.fold``. The same rule therefore serves both graph kinds.
 

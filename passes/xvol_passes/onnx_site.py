@@ -15,8 +15,8 @@ import torch
 from onnx import TensorProto, helper
 
 from xvol_compiler.fold import Branch
-from xvol_compiler.passes.onnx_graph import OnnxGraphAdapter
 from xvol_compiler.rules import Rewrite
+from xvol_passes.onnx_graph import OnnxGraphAdapter
 
 __all__ = ["one_site_model", "one_site_session"]
 

@@ -59,9 +59,9 @@ from xvol_compiler.ops import (
     conv_module_weights,
     lowered_convs,
 )
-from xvol_compiler.passes.fx_graph import FxAdapter
-from xvol_compiler.passes.lower import LoweringOption, choose_lowering, site_option
 from xvol_compiler.rules import CONV_BN, RULES, Outcome, Refusal, ViewAdapter, plan_conv_bn, run_rules
+from xvol_passes.fx_graph import FxAdapter
+from xvol_passes.lower import LoweringOption, choose_lowering, site_option
 
 __all__ = ["GRAPH_FORM_ONLY", "Replacement", "apply_replacements", "fuse_modules", "fused_paths", "plan_replacements"]
 

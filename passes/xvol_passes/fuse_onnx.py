@@ -31,10 +31,10 @@ from xvol_compiler.onnx_io import (
     model_data_bytes,
     save_onnx,
 )
-from xvol_compiler.passes.lower import lower_sites, validate_options
-from xvol_compiler.passes.onnx_graph import Interleave, OnnxGraphAdapter, infer_shapes
 from xvol_compiler.rules import run_rules
 from xvol_compiler.verify import ErrorStats, OutputMismatchError, accepts, default_rtol, error_stats, onnx_session
+from xvol_passes.lower import lower_sites, validate_options
+from xvol_passes.onnx_graph import Interleave, OnnxGraphAdapter, infer_shapes
 
 __all__ = [
     "NO_SITES_NOTE",
@@ -231,7 +231,7 @@ def fuse_onnx(
     ``lowering="auto"``, a deterministic rule without timing (``xvol_compiler.lowering_table``: a
     depthwise site takes "split" with ``single_conv=False``, else "spatial"; other sites "channel");
     ``lowering="measure"`` (opt-in), the fastest on a one-site model at the site's shapes, the times
-    kept in a persistent cache file (``xvol_compiler.passes.lower``); or the one forced by
+    kept in a persistent cache file (``xvol_passes.lower``); or the one forced by
     ``lowering="channel"|"spatial"|"split"`` (a site where it is not exact keeps "channel", the
     report says why); ``single_conv=False`` allows "split" (two Conv and an Add per site).
 

@@ -169,7 +169,7 @@ def _measure_eager(branch: Branch, candidates: Sequence[str], shape: tuple[int, 
 
 
 def _measure_onnxruntime(branch: Branch, candidates: Sequence[str], shape: tuple[int, ...]) -> dict[str, float]:
-    from xvol_compiler.passes.onnx_site import one_site_session
+    from xvol_passes.onnx_site import one_site_session
 
     inputs = [t.numpy() for t in _inputs(branch, shape)]
     runs: dict[str, Callable[[], object]] = {}

@@ -1,6 +1,6 @@
 """Fusion entry points: ``fuse`` / ``fuse_with_report`` in two forms, and the FX graph pass ``fuse_graph``.
 
-- **module form** (default): ``passes/fuse_modules.py``. The model keeps its own code;
+- **module form** (default): ``passes/xvol_passes/fuse_modules.py``. The model keeps its own code;
   every fusion is a leaf-module replacement found by tracing (an X-volution site becomes
   its deploy module, a folded conv takes a conv's place and ``nn.Identity`` its BatchNorm's).
 - **graph form** (``graph=True``): the model is traced once with torch.fx into one flat
@@ -25,13 +25,13 @@ from xvol_compiler.attention_probe import GAMMA_RANGE, has_silent_attention, wit
 from xvol_compiler.fold import Branch
 from xvol_compiler.fusion_report import FusionReport
 from xvol_compiler.lowering import LoweringChoice
-from xvol_compiler.passes.fuse_modules import Replacement, apply_replacements, fuse_modules, fused_paths
-from xvol_compiler.passes.fx_graph import FxAdapter, hoist_ring_kernels
-from xvol_compiler.passes.fx_norm_act import trace_with_norm_acts_split
-from xvol_compiler.passes.lower import LoweringOption, lower_sites, validate_options
 from xvol_compiler.rules import run_rules
 from xvol_compiler.training_flags import training_sensitive_modules
 from xvol_compiler.verify import OutputMismatchError, reference_run, verify_model
+from xvol_passes.fuse_modules import Replacement, apply_replacements, fuse_modules, fused_paths
+from xvol_passes.fx_graph import FxAdapter, hoist_ring_kernels
+from xvol_passes.fx_norm_act import trace_with_norm_acts_split
+from xvol_passes.lower import LoweringOption, lower_sites, validate_options
 
 __all__ = ["FusedSubmoduleError", "FusionError", "FusionVerificationError", "fuse", "fuse_graph", "fuse_with_report"]
 
@@ -55,7 +55,7 @@ def fuse_graph(
     lowering: LoweringOption = "auto", single_conv: bool = True,
 ) -> tuple[fx.GraphModule, FusionReport]:
     """Rewrite ``gm`` in place: conv+BN folds, X-volution sites and branch sums become one conv each
-    (each site in the lowering chosen for ``backend``, see ``xvol_compiler.passes.lower``)."""
+    (each site in the lowering chosen for ``backend``, see ``xvol_passes.lower``)."""
     if not isinstance(gm, fx.GraphModule):
         raise ArgumentError(
             f"gm={type(gm).__name__}: fuse_graph takes a torch.fx.GraphModule (torch.fx.symbolic_trace(model)); "
@@ -163,7 +163,7 @@ def fuse_with_report(
             _verify_exercised(model, example, report, replacements if not graph_form else None,
                               rtol=rtol, atol=atol, inplace=inplace, **options)
     if not graph_form:
-        # Every path a replacement changed: what a fused checkpoint records (passes/fused_record.py).
+        # Every path a replacement changed: what a fused checkpoint records (passes/xvol_passes/fused_record.py).
         target.xvol_fused_modules = fused_paths(model, replacements)
     target.xvol_fusion_report = report
     log.info("%s", report.summary())
@@ -345,7 +345,7 @@ def fuse(
     (``xvol_compiler.lowering_table``: a depthwise site takes "split" with ``single_conv=False``,
     else "spatial"; dense and grouped sites "channel"), so the same model and options always give
     the same structure. ``lowering="measure"`` (opt-in) times the exact candidates on the site's
-    shapes and keeps the times in a persistent cache file (``xvol_compiler.passes.lower``; the
+    shapes and keeps the times in a persistent cache file (``xvol_passes.lower``; the
     report's reason names it). ``lowering="channel"|"spatial"|"split"`` forces one (a site
     where it is not exact keeps "channel", with the reason in the report). ``single_conv=False``
     allows "split" (two convolutions and an add per site). ``lowering`` may also map site names to
