@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-full ruff bench env
+.PHONY: demo test test-full ruff lint bench env
 
 env: $(STAMP)
 
@@ -19,9 +19,15 @@ $(STAMP): requirements.lock pyproject.toml
 demo: $(STAMP)
 	$(PY) examples/demo.py $(ARGS)
 
-# CI suite: everything except tests marked slow. Exit code 5 (no tests) fails make.
-test: $(STAMP)
+# CI suite: the import contracts, the type check, then every test not marked slow.
+# Exit code 5 (no tests) fails make.
+test: lint
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+# Import contracts (import-linter, [tool.importlinter] in pyproject.toml) and types (mypy, [tool.mypy]).
+lint: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
+	$(PY) -m mypy
 
 # Full torchvision sweep and long hypothesis profile.
 test-full: $(STAMP)
