@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from xvol_compiler.machine_load import load_line
 
 _WORKER = r'''
 import importlib.util, json, sys, time
@@ -61,16 +62,6 @@ def _time(tree: Path, model: str, size: int, options: dict[str, str], threads: i
     return float(json.loads(out.stdout.strip().splitlines()[-1])["seconds"])
 
 
-def _load(start: bool) -> str:
-    """The load average; at the start a machine above 0.3 per core is flagged (at the end the figure
-    includes this benchmark's own processes)."""
-    one, five, _ = os.getloadavg()
-    cores = os.cpu_count() or 1
-    flag = "  LOADED (above 0.3 per core): figures not valid" if start and one > 0.3 * cores else ""
-    when = "start" if start else "end, this benchmark included"
-    return f"load average ({when}) {one:.2f} (1 min), {five:.2f} (5 min) on {cores} cores{flag}"
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ref-tree", type=Path, required=True, help="checkout of the version to compare with")
@@ -80,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     this = Path(__file__).resolve().parent.parent
-    print(f"this tree {this}, ref tree {args.ref_tree.resolve()}; {_load(True)}")
+    print(f"this tree {this}, ref tree {args.ref_tree.resolve()}; {load_line('start')}")
     option_sets = {"defaults": {}, "lowering=channel": {"lowering": "channel"}}
     times: dict[tuple[str, str, str], list[float]] = {}
     for r in range(args.repeats):
@@ -100,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
             print(f"| {model} | {label} | {statistics.median(mine):.2f} | {statistics.median(ref):.2f} | "
                   f"{statistics.median(ratios):.3f} | {q[0]:.3f}-{q[2]:.3f} |")
-    print(_load(False))
+    print(load_line("end, this benchmark included"))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from torch import fx
 from xvol_compiler import XVolution, xvolify
 from xvol_compiler.io import torchvision_model
 from xvol_compiler.lowering import LOWERINGS, check_lowering
+from xvol_compiler.machine_load import load_line
 from xvol_compiler.ops import lowered_convs, run_lowering
 from xvol_compiler.report import render_table
 from xvol_compiler.rules import run_rules
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.input_size, args.repeats, args.warmup = 64, 2, 1
+    start_load = load_line("start")
     rows = []
     for name in [m for m in args.models.split(",") if m]:
         sites = site_branches(name, args.input_size)
@@ -140,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     print(render_table(["model", "site", "backend", "batch", *(f"{k} us" for k in LOWERINGS), "fastest (1 conv)",
                         "auto", "auto = fastest"], rows,
                        title=f"Lowerings per site, median [p25-p75] of {args.repeats} interleaved rounds, "
-                             f"{args.input_size} px, {torch.get_num_threads()} threads"))
+                             f"{args.input_size} px, {torch.get_num_threads()} threads; {start_load}"))
+    print(load_line("end, this benchmark included"))
     return 0
 
 

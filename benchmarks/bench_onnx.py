@@ -33,6 +33,7 @@ import torchvision
 from torch import nn
 
 from xvol_compiler import XVolution, export_onnx, fuse_onnx, xvolify
+from xvol_compiler.machine_load import load_line
 from xvol_compiler.measure import interleaved_latency, machine_info
 from xvol_compiler.report import render_table
 
@@ -139,6 +140,7 @@ def bench_exporter(args: argparse.Namespace, exporter: str, original: nn.Module,
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    start_load = load_line("start")
     original, xvol = build(args.model, args.size)
     results: dict[str, Any] = {"model": args.model, "size": args.size, "threads": args.threads,
                                "interleave": args.interleave, "machine": machine_info(), "exporters": {}}
@@ -158,13 +160,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ])
     info = results["machine"]
     title = (f"ONNX fusion, {args.model} {args.size}px, onnxruntime CPU {args.threads} threads, "
-             f"{args.repeats} interleaved rounds; {info.get('cpu')}, load {info.get('load_average_1min')}")
+             f"{args.repeats} interleaved rounds; {info.get('cpu')}; {start_load}")
     table = render_table(
         ["exporter", "sites", "fuse s", "fuse+verify s", "batch", "original ms", "unfused ms", "fused ms",
          "unfused/orig", "fused/orig", "fused/unfused (p25-p75)", "rel err"],
         rows, title=title,
     )
-    sys.stdout.write(table + "\n")
+    sys.stdout.write(table + "\n" + load_line("end, this benchmark included") + "\n")
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2, default=float))
     return results

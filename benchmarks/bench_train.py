@@ -21,6 +21,7 @@ import torchvision
 from torch import nn
 
 from xvol_compiler import xvolify
+from xvol_compiler.machine_load import load_line
 from xvol_compiler.measure import interleaved_latency, machine_info
 
 
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     info = machine_info()
+    print(load_line("start"))
     print(f"{info.get('cpu', '?')}; {torch.get_num_threads()} torch threads; torch {torch.__version__}")
     print(f"training step, batch {args.batch}, {args.input_size} px, {args.repeats} interleaved rounds "
           f"({args.warmup} warm-up)\n")
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         lo, hi = lat.ratio_spread("xvolified", "original")
         print(f"| {name} | {sites} | {1e3 * lat.median('original'):.1f} | {1e3 * lat.median('xvolified'):.1f} | "
               f"{lat.ratio('xvolified', 'original'):.3f} [{lo:.3f}-{hi:.3f}] |", flush=True)
+    print(load_line("end, this benchmark included"))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from xvol_compiler import pssa_transform, render_table
+from xvol_compiler.machine_load import load_line
 from xvol_compiler.measure import interleaved_latency
 
 # (model, site input channels, spatial size, groups of the site's conv)
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    start_load = load_line("start")
     rows, results = [], []
     for label, channels, size, kind in SITES[: args.sites]:
         groups = channels if kind == "depthwise" else 1
@@ -84,12 +86,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
             results.append({"site": label, "shape": [batch, channels, size, size], "ms": cells,
                             "speedup": speedup, "speedup_p25_p75": [1 / hi, 1 / lo], "max_rel_error": err})
     title = (f"PSSA transform alone, eager float32: {args.repeats} interleaved rounds, {args.threads} threads, "
-             f"torch {torch.__version__}")
+             f"torch {torch.__version__}; {start_load}")
     print(render_table(
         ["site", "input", "avgpool ms (p25-p75)", "pssa_transform ms (p25-p75)", "site conv ms (p25-p75)",
          "speed-up (p25-p75)", "transform / site conv", "rel. error"],
         rows, title=title,
     ))
+    print(load_line("end, this benchmark included"))
     return results
 
 

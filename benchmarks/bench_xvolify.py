@@ -19,6 +19,7 @@ import torch
 import torchvision
 
 from xvol_compiler import analyze_model, render_table, xvolify
+from xvol_compiler.machine_load import load_line
 
 
 def _median(fn: Callable[[], object], runs: int) -> tuple[float, float, float]:
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    start_load = load_line("start")
     model = torchvision.models.get_model(args.model, weights=None).eval()
     with torch.no_grad():  # warm-up: the first forward pays one-time allocator/kernel set-up
         model(torch.rand(1, 3, 224, 224))
@@ -54,8 +56,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         rows.append([label, f"{med:.3f}", f"{lo:.3f}", f"{hi:.3f}"])
     sites = len(xvolify(model).xvol_report.selected)
     title = (f"xvolify on {args.model}: {sites} sites; {args.runs} runs, {args.threads} threads, "
-             f"torch {torch.__version__}")
+             f"torch {torch.__version__}; {start_load}")
     print(render_table(["step", "median s", "min s", "max s"], rows, title=title))
+    print(load_line("end, this benchmark included"))
     return result
 
 

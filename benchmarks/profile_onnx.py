@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_onnx import EXPORTER_CONFIGS, build, session
 
 from xvol_compiler import export_onnx, fuse_onnx
+from xvol_compiler.machine_load import load_line
 from xvol_compiler.report import render_table
 
 
@@ -68,6 +69,7 @@ def kernel_ms_per_op(model: onnx.ModelProto, feed: dict[str, np.ndarray], args: 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    start_load = load_line("start")
     _, xvol = build(args.model, args.size)
     config = EXPORTER_CONFIGS[args.exporter]
     unfused = export_onnx(xvol, None, (torch.randn(1, 3, args.size, args.size),), **config)
@@ -84,8 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     rows.append(["total", f"{tu:.2f}", f"{tf:.2f}", f"{tf - tu:+.2f}"])
     sys.stdout.write(f"onnxruntime kernel time per run (ms), {args.model} {args.size}px batch {args.batch}, "
                      f"{args.exporter} exporter, {args.threads} threads, mean of {args.runs} runs; "
-                     f"{report.count('x-volution')} X-volution sites fused\n")
+                     f"{report.count('x-volution')} X-volution sites fused; {start_load}\n")
     sys.stdout.write(render_table(["operator", "unfused", "fused", "fused - unfused"], rows) + "\n")
+    sys.stdout.write(load_line("end, this benchmark included") + "\n")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import torch
 
 from xvol_compiler.benchmark import BACKENDS, prepare, prepare_onnx, refuse_for, time_backend
 from xvol_compiler.io import atomic_path, atomic_write_json, atomic_write_text
+from xvol_compiler.machine_load import LoadAverage, load_average, load_line
 from xvol_compiler.measure import machine_info
 from xvol_compiler.report import format_count
 
@@ -129,6 +130,12 @@ def bench_model(name: str, args: argparse.Namespace, device: str, log: Any) -> d
     return entry
 
 
+def _load_text(load: dict[str, Any] | None, when: str) -> str:
+    if load is None:
+        return f"load average ({when}) not recorded"
+    return LoadAverage(load["one_min"], load["five_min"], load["cores"]).describe(when)
+
+
 def markdown(data: dict[str, Any]) -> str:
     m = data["machine"]
     lines = [
@@ -136,7 +143,9 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         f"{data['date']}; {m.get('gpu', m['cpu'])}; {m['cores']} cores ({m['cores_usable']} usable), "
         f"{m['torch_threads']} torch threads; torch {m['torch']}, onnxruntime {m.get('onnxruntime', '-')}, "
-        f"python {m['python']}; load average at start {m.get('load_average_1min', '-')}.",
+        f"python {m['python']}.",
+        f"{_load_text(m.get('load_start'), 'start')}; "
+        f"{_load_text(data.get('load_end'), 'end, this benchmark included')}.",
         f"Input {data['input_size']} px, sites {data['sites']}; median of {data['repeats']} interleaved rounds "
         f"({data['warmup']} warm-up); ratios are to the original model, the median of the per-round ratios; [a-b] "
         "is their 25th-75th percentile. MAC floor = fused MACs / original MACs (docs/operator.md, section 5): "
@@ -262,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(text: str) -> None:
         print(text, flush=True)
 
+    log(load_line("start"))
     log(f"{len(args.models)} model(s) x {args.backends} x batch {args.batches} on {device}, "
         f"{torch.get_num_threads()} threads, {args.repeats} rounds")
     failed = False
@@ -277,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         entry["seconds"] = time.perf_counter() - t0
         data["models"].append(entry)
+    end_load = load_average()
+    data["load_end"] = None if end_load is None else end_load.to_dict()
     stem = "quick" if args.quick else "latest"
     args.out.mkdir(parents=True, exist_ok=True)
     text = markdown(data)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from xvol_compiler.machine_load import load_average
 from xvol_compiler.verify import error_stats, tensors_of
 
 __all__ = [
@@ -272,11 +273,10 @@ def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
         info["onnxruntime"] = onnxruntime.__version__
     except ImportError:
         pass
-    try:
-        load = os.getloadavg()
-        info["load_average_1min"] = round(load[0], 2)
-    except (AttributeError, OSError):
-        pass
+    load = load_average()
+    if load is not None:
+        info["load_average_1min"] = round(load.one_min, 2)
+        info["load_start"] = load.to_dict()
     dev = torch.device(device)
     if dev.type == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(dev)
