@@ -14,7 +14,6 @@ from torch import fx, nn
 from tests.hyp import examples
 from tests.strategies import conv_sites, randomize_bn, rel_err
 from xvol_compiler import XVolution
-from xvol_compiler.arguments import ArgumentError
 from xvol_passes.fuse_fx import FusionError, fuse, fuse_graph, fuse_with_report
 
 
@@ -363,12 +362,13 @@ def test_global_attention_sites_are_refused_with_reason_while_bns_fold():
     assert rel_err(fused(x), model(x)) <= 1e-4
 
 
-def test_exported_programs_get_a_message_and_aten_graphs_say_why_nothing_fused():
+def test_exported_programs_and_their_aten_graphs_fuse():
     model = _simulate_training(SiteNet(XVolution.from_conv(nn.Conv2d(3, 4, 3, padding=1)), True), 5)
     x = torch.randn(2, 3, 7, 7)
     ep = torch.export.export(model, (x,))
-    with pytest.raises(ArgumentError, match=r"ExportedProgram.*torch\.export\.export\(fuse\(model\), args\)"):
-        fuse(ep)
-    fused, report = fuse_with_report(ep.module(), example_inputs=(x,))
-    assert any("ATen-level graph" in note for note in report.notes), report.notes
+    program, report = fuse_with_report(ep)
+    assert isinstance(program, torch.export.ExportedProgram) and report.count("x-volution") == 1
+    assert rel_err(program.module()(x), model(x)) <= 1e-6
+    fused, report = fuse_with_report(ep.module(), example_inputs=(x,))  # the unlifted ATen graph alone
+    assert report.count("x-volution") == 1
     assert rel_err(fused(x), model(x)) <= 1e-6

@@ -28,6 +28,7 @@ from xvol_compiler.lowering import LoweringChoice
 from xvol_compiler.rules import run_rules
 from xvol_compiler.training_flags import training_sensitive_modules
 from xvol_compiler.verify import OutputMismatchError, reference_run, verify_model
+from xvol_passes.fuse_exported import dynamic_shapes_of, normalize_aten
 from xvol_passes.fuse_modules import Replacement, apply_replacements, fuse_modules, fused_paths
 from xvol_passes.fx_graph import FxAdapter, hoist_ring_kernels
 from xvol_passes.fx_norm_act import trace_with_norm_acts_split
@@ -119,11 +120,8 @@ def fuse_with_report(
     """``fuse`` that also returns the report."""
     validate_options(backend, lowering, single_conv)
     if isinstance(model, torch.export.ExportedProgram):
-        raise ArgumentError(
-            "model is a torch.export.ExportedProgram, which fuse does not read yet: fuse the nn.Module you "
-            "exported, then export the fused model (torch.export.export(fuse(model), args)); a fused model "
-            "exports with every conv weight a graph input"
-        )
+        return _fuse_exported(model, example_inputs=example_inputs, verify=verify, atol=atol, rtol=rtol,
+                              backend=backend, lowering=lowering, single_conv=single_conv, graph=graph)
     check_module("model", model)
     check_example_inputs(example_inputs)
     check_bool("verify", verify)
@@ -153,10 +151,6 @@ def fuse_with_report(
     target.eval()
     if not report.outcomes:
         report.notes.append("no fusable patterns found (no BatchNorm after a conv, no X-volution site)")
-        if graph_form and _aten_batch_norms(target):
-            report.notes.append(
-                "this is an ATen-level graph (torch.export's module() or make_fx) whose BatchNorms are ATen "
-                "batch-norm ops, which no rule reads yet: fuse the original nn.Module instead")
     if reference is not None:
         _verify(reference, target, example, report, rtol=rtol, atol=atol, inplace=inplace)
         if has_silent_attention(model):
@@ -170,12 +164,22 @@ def fuse_with_report(
     return target, report
 
 
-def _aten_batch_norms(gm: nn.Module) -> int:
-    """How many ATen batch-norm calls a GraphModule holds (an exported or make_fx graph)."""
-    graph = getattr(gm, "graph", None)
-    if graph is None:
-        return 0
-    return sum(1 for n in graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target))
+def _fuse_exported(program: torch.export.ExportedProgram, *, example_inputs: Any, graph: bool | None,
+                   **options: Any) -> tuple[Any, FusionReport]:
+    """The graph form on the program's unlifted ATen graph, exported again with its dynamic dimensions."""
+    if graph is False:
+        raise ArgumentError("an ExportedProgram is a graph: it fuses in the graph form only (leave graph unset)")
+    if example_inputs is None:
+        args, kwargs = program.example_inputs or ((), {})
+        if kwargs:
+            raise ArgumentError("the program was exported with keyword inputs: pass example_inputs as a tuple of "
+                                "the positional inputs it takes")
+        example_inputs = args
+    example = _as_tuple(example_inputs)
+    fused, report = fuse_with_report(program.module(), example_inputs=example, graph=True, **options)
+    fused_program = torch.export.export(fused, example, dynamic_shapes=dynamic_shapes_of(program))
+    fused_program.xvol_fusion_report = report  # type: ignore[attr-defined]
+    return fused_program, report
 
 
 def _check_eval(model: nn.Module) -> None:
@@ -198,6 +202,7 @@ def _fuse_graph_form(model: nn.Module, example: tuple[Any, ...], *, inplace: boo
     """The flat GraphModule of ``model`` with every rule applied."""
     if isinstance(model, fx.GraphModule):
         gm = model if inplace else copy.deepcopy(model)
+        normalize_aten(gm)  # an ATen-level graph (torch.export's module(), make_fx): the forms rules read
     else:
         try:
             gm = trace_with_norm_acts_split(model if inplace else copy.deepcopy(model))
@@ -307,7 +312,12 @@ def fuse(
       alone computes the chain it replaced. Matches needing graph surgery (branch
       sums, identity branches) are reported "graph form only".
     - graph form (``graph=True``, the default for a ``torch.fx.GraphModule``): one
-      flat ``GraphModule`` traced from the model with every rule applied.
+      flat ``GraphModule`` traced from the model with every rule applied. An ATen-level
+      graph (``ExportedProgram.module()``, make_fx) is read as well.
+
+    A ``torch.export.ExportedProgram`` gives an ``ExportedProgram``: the graph form on its
+    ATen graph (``xvol_passes.fuse_exported``), exported again with the same dynamic
+    dimensions; ``example_inputs`` default to the program's own.
 
     Fusing a fused model changes nothing.
 
