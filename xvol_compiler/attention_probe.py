@@ -24,7 +24,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from xvol_compiler.ops import XVolution
+from xvol_compiler.xvolution import XVolution
 
 __all__ = ["GAMMA_RANGE", "AttentionProbeError", "has_silent_attention", "silent_batchnorms",
            "with_exercised_attention"]

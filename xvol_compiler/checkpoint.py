@@ -304,7 +304,7 @@ def convert_sync_batchnorm(model: nn.Module, process_group: Any = None) -> nn.Mo
 
 def _owner_dims(model: nn.Module) -> dict[str, int]:
     """BatchNorm input ranks known from the X-volution site that owns them (attn_bn, conv_bn, branches)."""
-    from xvol_compiler.ops import XVolution
+    from xvol_compiler.xvolution import XVolution
 
     dims = {}
     for name, m in model.named_modules():

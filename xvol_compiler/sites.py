@@ -57,9 +57,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xvol_compiler.arguments import check_example_inputs, check_module
+from xvol_compiler.conv_modules import conv_geometry
+from xvol_compiler.deploy import XVolutionDeploy
 from xvol_compiler.fold import ConvGeometry
-from xvol_compiler.ops import XVolution, XVolutionDeploy, conv_forward_reason, conv_geometry
 from xvol_compiler.report import format_stride, with_article
+from xvol_compiler.xvolution import XVolution, conv_forward_reason
 
 __all__ = [
     "CONV_MODULES",

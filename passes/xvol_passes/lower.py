@@ -54,11 +54,11 @@ from typing import Any, Protocol
 
 import torch
 
+from xvol_compiler.deploy import lowered_convs, run_lowering
 from xvol_compiler.files import PathLike, atomic_write_json, written_now
 from xvol_compiler.fold import Branch, FoldError
 from xvol_compiler.lowering import LOWERINGS, LoweringChoice, check_lowering
 from xvol_compiler.lowering_table import rule_entry, site_class
-from xvol_compiler.ops import lowered_convs, run_lowering
 from xvol_compiler.rules import Rewrite
 
 __all__ = [
