@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from xvol_compiler.errors import XvolError
 from xvol_compiler.files import atomic_path, check_output
 from xvol_compiler.report import with_article
 from xvol_compiler.training_flags import kept_training_flags
@@ -66,7 +67,7 @@ _BN_BY_DIM: dict[int, type[nn.modules.batchnorm._BatchNorm]] = {
 _LISTED = 20  # keys listed per category in an error message
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(XvolError, RuntimeError):
     """A checkpoint that does not fit the model, or that cannot be read or written as asked."""
 
 

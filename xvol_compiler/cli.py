@@ -37,12 +37,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from xvol_compiler.errors import VerificationError
+
 __all__ = ["build_parser", "main"]
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 
-class VerificationFailed(Exception):
+class VerificationFailed(VerificationError):
     """Outputs differ beyond the tolerance; the message says by how much."""
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from xvol_compiler.errors import XvolError
+
 __all__ = [
     "BatchNormParams",
     "Branch",
@@ -38,7 +40,7 @@ __all__ = [
 WeightBias = tuple[Tensor, Tensor]
 
 
-class FoldError(ValueError):
+class FoldError(XvolError, ValueError):
     """A fold that would not be exact; the message says which condition failed."""
 
 

@@ -59,6 +59,7 @@ from torch import Tensor, nn
 from xvol_compiler.arguments import check_example_inputs, check_module
 from xvol_compiler.conv_modules import conv_geometry
 from xvol_compiler.deploy import XVolutionDeploy
+from xvol_compiler.errors import XvolError
 from xvol_compiler.fold import ConvGeometry
 from xvol_compiler.report import format_stride, with_article
 from xvol_compiler.xvolution import XVolution, conv_forward_reason
@@ -94,7 +95,7 @@ AnalysisMode = Literal["auto", "hooks", "fx"]
 _FULL_SIZE_VIDEO = {"S3D", "MViT"}
 
 
-class SiteSelectionError(ValueError):
+class SiteSelectionError(XvolError, ValueError):
     """A site selection that names unknown modules or selects nothing; the message lists what exists."""
 
 

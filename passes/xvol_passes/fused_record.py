@@ -17,6 +17,7 @@ from torch import nn
 
 from xvol_compiler.conv_modules import CONV_TYPES, conv_geometry
 from xvol_compiler.deploy import XVolutionDeploy
+from xvol_compiler.errors import XvolError
 from xvol_compiler.fold import ConvGeometry
 from xvol_compiler.norm_act import remainder_of
 
@@ -25,7 +26,7 @@ __all__ = ["FusedRecordError", "fused_record", "rebuild_fused"]
 RECORD_VERSION = 1
 
 
-class FusedRecordError(ValueError):
+class FusedRecordError(XvolError, ValueError):
     """A fused-structure record that does not fit the model it is applied to."""
 
 
