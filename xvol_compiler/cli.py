@@ -204,7 +204,8 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 def cmd_sites(args: argparse.Namespace, out: Output) -> int:
     """Candidate and selected X-volution sites of a model."""
     from xvol_compiler.report import format_count, format_stride
-    from xvol_compiler.sites import analyze_model, select_sites
+    from xvol_compiler.site_analysis import analyze_model
+    from xvol_compiler.site_selection import select_sites
     from xvol_passes.xvolify import added_cost
 
     model, spec = _load(args)

@@ -290,7 +290,7 @@ class ModelSpec:
         """A random batch of ``input_size`` for classification models; the kind's default input otherwise."""
         if is_classification(self.model) or model is None:
             return (torch.randn(batch, *self.input_size),)
-        from xvol_compiler.sites import as_args, default_example_inputs
+        from xvol_compiler.site_analysis import as_args, default_example_inputs
 
         return as_args(default_example_inputs(model))
 

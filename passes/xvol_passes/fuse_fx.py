@@ -94,7 +94,7 @@ def lower_fx_sites(adapter: FxAdapter, *, backend: str, lowering: LoweringOption
 
 def default_example_inputs(model: nn.Module) -> tuple[Any, ...]:
     """The example input xvolify uses for this kind of model."""
-    from xvol_compiler.sites import default_example_inputs as sites_default
+    from xvol_compiler.site_analysis import default_example_inputs as sites_default
 
     return _as_tuple(sites_default(model))
 
