@@ -4,6 +4,7 @@ with torch.fx (weight standardization qualifies: timm's ``StdConv2d``/``ScaledSt
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import cast
 
 import torch.fx
 from torch import nn
@@ -69,7 +70,8 @@ def traced_forward_reason(conv: nn.Module, reserved_names: Collection[str] = ())
     g = conv_geometry(conv)
     wanted = (g.stride, g.padding, g.dilation, g.groups)
     try:
-        found = (*(_int_tuple(args[k], ndim) for k in ("stride", "padding", "dilation")), int(args["groups"]))
+        groups = int(cast(int, args["groups"]))
+        found = (*(_int_tuple(args[k], ndim) for k in ("stride", "padding", "dilation")), groups)
     except (TypeError, ValueError):
         found = ()
     if found != wanted or g.padding_mode != "zeros":

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.conv import _ConvNd
 from torch.overrides import TorchFunctionMode
 
 from xvol_compiler.fold import BatchNormParams, ConvGeometry, FoldError
@@ -72,7 +74,8 @@ def padded_conv(
 
 
 def conv_geometry(conv: nn.Module) -> ConvGeometry:
-    """Geometry of an ``nn.Conv1d/2d/3d`` (or an XVolution site)."""
+    """Geometry of an ``nn.Conv1d/2d/3d`` (or an XVolution site, which holds the same attributes)."""
+    conv = cast(_ConvNd, conv)
     padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
     return ConvGeometry(
         in_channels=conv.in_channels,
@@ -110,10 +113,11 @@ class _CaptureConv(TorchFunctionMode):
 def captured_conv_weights(module: nn.Module, what: str) -> tuple[Tensor, Tensor | None]:
     """The (weight, bias) of the first convolution ``module``'s forward calls, computed once from
     float64 copies of its own floating-point parameters and buffers, cast back to the weight's dtype."""
+    conv = cast(_ConvNd, module)  # a conv or a site: both hold a conv's attributes
     state = {n: t.detach().double() if t.is_floating_point() else t.detach()
              for n, t in itertools.chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False))}
-    extent = (d * (k - 1) + 1 for k, d in zip(module.kernel_size, module.dilation, strict=True))
-    probe = torch.zeros(1, module.in_channels, *extent, dtype=torch.float64, device=module.weight.device)
+    extent = (d * (k - 1) + 1 for k, d in zip(conv.kernel_size, conv.dilation, strict=True))
+    probe = torch.zeros(1, conv.in_channels, *extent, dtype=torch.float64, device=conv.weight.device)
     capture = _CaptureConv()
     with torch.no_grad(), capture:
         try:  # the capture stops the forward at its first convolution
@@ -122,7 +126,7 @@ def captured_conv_weights(module: nn.Module, what: str) -> tuple[Tensor, Tensor 
             pass
     if capture.weight is None:
         raise FoldError(f"{what}.forward called no convolution")
-    dtype = module.weight.dtype
+    dtype = conv.weight.dtype
     bias = None if capture.bias is None else capture.bias.to(dtype)
     return capture.weight.to(dtype), bias
 
@@ -131,12 +135,14 @@ def conv_module_weights(conv: nn.Module) -> tuple[Tensor, Tensor | None]:
     """The (weight, bias) an ``nn.Conv1d/2d/3d`` convolves with: its parameters, or for a subclass
     whose forward computes them (``conv_forward_reason(conv) == ""``) what that forward computes."""
     if type(conv).forward in PLAIN_CONV_FORWARDS:
-        return conv.weight, conv.bias
+        plain = cast(_ConvNd, conv)
+        return plain.weight, plain.bias
     return captured_conv_weights(conv, type(conv).__name__)
 
 
 def bn_params(bn: nn.Module) -> BatchNormParams:
     """Plain-tensor view of an eval BatchNorm; refuses one that would not fold exactly."""
+    bn = cast(_NormBase, bn)
     if bn.training:
         raise FoldError(
             f"{type(bn).__name__} is in training mode (uses batch statistics): call model.eval() before fusing"

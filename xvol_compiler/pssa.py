@@ -11,7 +11,7 @@ import contextlib
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -154,7 +154,8 @@ def _kernel_values(
             return taps.get(prefix, 0.0)
         return [nest(taps, (*prefix, i)) for i in range(3)]
 
-    return [[nest(taps, ())] for taps in filters] * channels
+    kernel: list[object] = [[nest(taps, ())] for taps in filters]
+    return kernel * channels
 
 
 def _cached_kernel(
@@ -176,15 +177,17 @@ def _untraced() -> Iterator[None]:
     records it as one constant instead of the ops that built it."""
     from torch.utils._python_dispatch import _disable_current_modes
 
+    # torch._C's stubs declare the getter only; the setter exists at run time.
+    set_tracing_state = torch._C._set_tracing_state  # type: ignore[attr-defined]
     state = torch._C._get_tracing_state()
     if state is not None:
-        torch._C._set_tracing_state(None)
+        set_tracing_state(None)
     try:
         with _disable_current_modes():
             yield
     finally:
         if state is not None:
-            torch._C._set_tracing_state(state)
+            set_tracing_state(state)
 
 
 def _build_kernel(
@@ -328,7 +331,8 @@ def refill_ring(module: nn.Module) -> None:
     if ring is None or ring.device.type == "meta":
         return
     ndim = ring.dim() - 2
-    values = pssa_kernel(ndim, module.directions, False, ring.shape[0], torch.float64)
+    directions = cast(int, module.directions)  # the site's or deploy module's neighbourhood size |D|
+    values = pssa_kernel(ndim, directions, False, ring.shape[0], torch.float64)
     with torch.no_grad():
         ring.copy_(values)
 

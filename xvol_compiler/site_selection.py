@@ -120,7 +120,8 @@ class SiteSelection:
         if self.names is not None:
             parts.append(f"names {list(self.names)}")
         if self.regex is not None:
-            parts.append(f"regex {self.regex.pattern!r}")
+            pattern = self.regex if isinstance(self.regex, str) else self.regex.pattern
+            parts.append(f"regex {pattern!r}")
         if self.predicate is not None:
             parts.append(f"predicate {getattr(self.predicate, '__name__', 'callable')}")
         if self.max_sites is not None:
@@ -254,7 +255,7 @@ def _verdict(info: ConvInfo, module: nn.Module, sel: SiteSelection) -> str:
             return "temporal stride: " + (",".join(format_stride(t) for t in dict.fromkeys(temporal)) or "none")
     if sel.names is not None and not named:
         return "not named"
-    if sel.regex is not None and not any(sel.regex.search(n) for n in (info.name, *info.aliases)):
+    if sel.regex is not None and not any(re.search(sel.regex, n) for n in (info.name, *info.aliases)):
         return "regex: no match"
     if sel.predicate is not None and not sel.predicate(info.name, module, info):
         return "predicate: returned False"
