@@ -5,13 +5,14 @@ shared with the graph passes."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 
 from xvol_compiler.conv_modules import CONV_TYPES
 from xvol_compiler.fold import Branch, ConvGeometry
@@ -54,7 +55,7 @@ def merged_branch(geometry: ConvGeometry, factor: int, weight: Tensor, bias: Ten
 
 def lowered_convs(branch: Branch, lowering: str, *, single_conv: bool = True,
                   device: torch.device | None = None, dtype: torch.dtype | None = None,
-                  ) -> tuple[list[nn.Module], SpatialLayout | None]:
+                  ) -> tuple[list[_ConvNd], SpatialLayout | None]:
     """The conv modules of ``lowering`` for a merged two-or-more-input site branch, weights set.
 
     "channel" and "spatial": one conv (its bias the site's); "split": one conv per input,
@@ -67,15 +68,18 @@ def lowered_convs(branch: Branch, lowering: str, *, single_conv: bool = True,
     dtype = dtype or branch.weight.dtype
     device = device or branch.weight.device
 
-    def conv(geometry: ConvGeometry, weight: Tensor, bias: Tensor | None) -> nn.Module:
-        module = CONV_TYPES[ndim](
+    # Typed as a callable: the per-dimension classes declare per-dimension tuple types, a geometry holds tuples.
+    conv_type: Callable[..., _ConvNd] = CONV_TYPES[ndim]
+
+    def conv(geometry: ConvGeometry, weight: Tensor, bias: Tensor | None) -> _ConvNd:
+        module = conv_type(
             geometry.in_channels, geometry.out_channels, geometry.kernel_size, geometry.stride, geometry.padding,
             geometry.dilation, geometry.groups, bias=bias is not None, padding_mode=geometry.padding_mode,
             device=device, dtype=dtype,
         )
         with torch.no_grad():
             module.weight.copy_(weight)
-            if bias is not None:
+            if bias is not None and module.bias is not None:
                 module.bias.copy_(bias)
         return module.eval()
 
@@ -103,7 +107,7 @@ def run_lowering(lowering: str, convs: Sequence[nn.Module], layout: SpatialLayou
                  inputs: Sequence[Tensor]) -> Tensor:
     """Evaluate a lowered site on its inputs ``[x, T(x)]`` (eager; the graph passes emit the same ops)."""
     if lowering == "channel":
-        return convs[0](interleave_groups(list(inputs), convs[0].groups))
+        return convs[0](interleave_groups(list(inputs), cast(_ConvNd, convs[0]).groups))
     if lowering == "spatial":
         if layout is not None and layout.pre_pads is not None:
             inputs = [pad_input(t, layout.pre_pads, layout.pre_mode) for t in inputs]
@@ -169,11 +173,11 @@ class XVolutionDeploy(nn.Module):
         self._build(weight, bias)
 
     @property
-    def weight(self) -> nn.Parameter:
+    def weight(self) -> Tensor:
         return self.conv.weight
 
     @property
-    def bias(self) -> nn.Parameter:
+    def bias(self) -> Tensor | None:
         return self.conv.bias
 
     def extra_repr(self) -> str:
