@@ -46,11 +46,12 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.fx
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 
 from xvol_compiler.arguments import check_example_inputs, check_module
 from xvol_compiler.conv_modules import CONV_CALLS, CONV_TYPES, PLAIN_CONV_FORWARDS, conv_geometry
@@ -79,7 +80,7 @@ __all__ = [
     "nominal_stride",
 ]
 
-CONV_MODULES: tuple[type[nn.Module], ...] = tuple(CONV_TYPES.values())
+CONV_MODULES: tuple[type[_ConvNd], ...] = tuple(CONV_TYPES.values())
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _SITE_CONTAINERS = (XVolution, XVolutionDeploy)
 # Class names of modules that already are X-volution sites (ModelAnalysis.other_modules holds class names).
@@ -282,6 +283,7 @@ class ModelAnalysis:
 
 
 def _conv_macs(module: nn.Module, inp: tuple[int, ...], out: tuple[int, ...]) -> int:
+    module = cast(_ConvNd, module)  # a conv, a transposed conv or a site: each holds a conv's attributes
     k = math.prod(module.kernel_size)
     if isinstance(module, _TRANSPOSED):
         return math.prod(inp) * (module.out_channels // module.groups) * k
@@ -409,7 +411,8 @@ def analyze_model(
     training = {m: m.training for _, m in all_named}
     handles = []
     try:
-        for m in {id(m): m for _, m in all_named}.values():
+        unique: dict[int, nn.Module] = {id(m): m for _, m in all_named}
+        for m in unique.values():
             if isinstance(m, (*CONV_MODULES, *_TRANSPOSED, nn.Linear, *_SITE_CONTAINERS)):
                 handles.append(m.register_forward_hook(make_hook(primary[id(m)], m), with_kwargs=True))
         model.eval()
@@ -458,9 +461,9 @@ def analyze_model(
         if direct is not None:
             refs[nd] = tuple(direct.shape[2:])
     if reference_size is not None:
-        ref = tuple(int(v) for v in reference_size)
+        given = tuple(int(v) for v in reference_size)
         for nd in (1, 2, 3):
-            refs[nd] = ref[-nd:] if len(ref) >= nd else refs.get(nd, ())
+            refs[nd] = given[-nd:] if len(given) >= nd else refs.get(nd, ())
     for name, info in convs.items():
         info.analysis = path
         nd = info.ndim
