@@ -59,6 +59,8 @@ def conv_forward_reason(conv: nn.Module) -> str:
     """'' when ``conv`` can become the conv branch of a site: its forward is one convolution of its
     input (see :func:`xvol_compiler.conv_forward.traced_forward_reason`) and none of its own names
     clashes with the site's; else why not."""
+    if type(conv).forward in PLAIN_CONV_FORWARDS:
+        return ""  # (before the site's names: building them draws from the RNG, a plain conv needs none)
     return traced_forward_reason(conv, _site_attribute_names())
 
 
