@@ -25,10 +25,10 @@ import torch
 from torch import fx
 
 from xvol_compiler import XVolution, xvolify
+from xvol_compiler.deploy import lowered_convs, run_lowering
 from xvol_compiler.io import torchvision_model
 from xvol_compiler.lowering import LOWERINGS, check_lowering
 from xvol_compiler.machine_load import load_line
-from xvol_compiler.ops import lowered_convs, run_lowering
 from xvol_compiler.report import render_table
 from xvol_compiler.rules import run_rules
 from xvol_passes.fx_graph import FxAdapter

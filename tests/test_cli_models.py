@@ -16,7 +16,7 @@ import torch
 from tests.test_cli import SUBCOMMANDS, assert_one_line_error, run
 from xvol_compiler.cli import main
 from xvol_compiler.io import ModelSpec, load_model, save_model
-from xvol_compiler.ops import XVolution
+from xvol_compiler.xvolution import XVolution
 
 FACTORY = "tests.factory_models:tiny_cnn"
 

@@ -16,7 +16,7 @@ from torch import nn
 import xvol_compiler
 from tests.strategies import eager64, randomize_bn, rel_err
 from xvol_compiler import XVolution, XVolutionDeploy, pssa_transform
-from xvol_compiler.ops import pssa_kernel
+from xvol_compiler.pssa import pssa_kernel
 
 _ATEN = torch.ops.aten
 _CONVS = {_ATEN.conv1d.default, _ATEN.conv2d.default, _ATEN.conv3d.default, _ATEN.convolution.default}

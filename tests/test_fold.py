@@ -13,7 +13,7 @@ from tests.hyp import examples
 from tests.strategies import SiteSpec, conv_sites, randomize_bn, rel_err
 from xvol_compiler import FoldError, XVolution, pssa_transform
 from xvol_compiler.fold import BatchNormParams, fold_conv_bn
-from xvol_compiler.ops import neighbour_offsets
+from xvol_compiler.pssa import neighbour_offsets
 
 
 def naive_pssa(x: torch.Tensor, shift, directions=None, directional=False) -> torch.Tensor:

@@ -21,7 +21,7 @@ from tests.strategies import SiteSpec, conv_sites, randomize_bn, rel_err
 from xvol_compiler import XVolution, XVolutionDeploy, fuse, xvolify
 from xvol_compiler.fold import Branch, ConvGeometry, FoldError
 from xvol_compiler.lowering import LOWERINGS, check_lowering, interleave_factor, spatial_layout, spatial_weight
-from xvol_compiler.ops import interleave_groups, interleave_spatial, neighbour_offsets
+from xvol_compiler.pssa import interleave_groups, interleave_spatial, neighbour_offsets
 from xvol_compiler.verify import onnx_session
 from xvol_passes.fuse_fx import fuse_with_report
 from xvol_passes.fuse_onnx import fuse_onnx

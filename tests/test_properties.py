@@ -364,6 +364,6 @@ def test_one_training_step_moves_attention(case: Case) -> None:
 
 
 def module_pssa(site: XVolution, x: torch.Tensor) -> torch.Tensor:
-    from xvol_compiler.ops import pssa_transform
+    from xvol_compiler.pssa import pssa_transform
 
     return pssa_transform(x, site.shift, site.directions, site.directional)

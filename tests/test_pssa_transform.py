@@ -22,7 +22,7 @@ from tests.strategies import ort_run, randomize_bn, rel_err
 from xvol_compiler import XVolution, analyze_model, fuse_with_report, pssa_transform, xvolify
 from xvol_compiler.measure import count_macs
 from xvol_compiler.onnx_io import export_onnx
-from xvol_compiler.ops import neighbour_offsets, pssa_kernel, pssa_kernel_layout
+from xvol_compiler.pssa import neighbour_offsets, pssa_kernel, pssa_kernel_layout
 from xvol_compiler.rules import _xvolution_base, mark_pssa_transforms, pssa_products
 from xvol_passes.fuse_onnx import fuse_onnx
 from xvol_passes.fx_graph import FxAdapter

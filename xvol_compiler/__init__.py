@@ -2,12 +2,15 @@
 
 from typing import TYPE_CHECKING, Any
 
+from xvol_compiler.deploy import XVolutionDeploy
 from xvol_compiler.fold import FoldError
 from xvol_compiler.fusion_report import FusionReport
 from xvol_compiler.global_attention import GlobalAttentionXVolution
-from xvol_compiler.ops import XVolution, XVolutionDeploy, interleave_groups, pssa_transform
+from xvol_compiler.pssa import interleave_groups, pssa_transform
 from xvol_compiler.report import SiteReport, TableReport, XvolifyReport, render_table
-from xvol_compiler.sites import ConvInfo, SiteSelection, SiteSelectionError, analyze_model
+from xvol_compiler.site_analysis import ConvInfo, SiteSelectionError, analyze_model
+from xvol_compiler.site_selection import SiteSelection
+from xvol_compiler.xvolution import XVolution
 
 # The passes (and through them onnx) load on first use, so `import xvol_compiler` stays light and the
 # library layer imports nothing above it at import time.

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from xvol_compiler.errors import XvolError
+
 __all__ = [
     "ArgumentError",
     "check_bool",
@@ -34,7 +36,7 @@ __all__ = [
 ]
 
 
-class ArgumentError(TypeError, ValueError):
+class ArgumentError(XvolError, TypeError, ValueError):
     """An argument of a public function has the wrong type or value; the message names it and the fix."""
 
 

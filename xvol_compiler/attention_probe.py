@@ -24,7 +24,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from xvol_compiler.ops import XVolution
+from xvol_compiler.errors import XvolError
+from xvol_compiler.xvolution import XVolution
 
 __all__ = ["GAMMA_RANGE", "AttentionProbeError", "has_silent_attention", "silent_batchnorms",
            "with_exercised_attention"]
@@ -32,7 +33,7 @@ __all__ = ["GAMMA_RANGE", "AttentionProbeError", "has_silent_attention", "silent
 GAMMA_RANGE: tuple[float, float] = (0.5, 1.5)  # new gammas: uniform in this range (a BatchNorm's usual scale)
 
 
-class AttentionProbeError(ValueError):
+class AttentionProbeError(XvolError, ValueError):
     """The argument is not something whose attention can be exercised (not a module, a bad seed)."""
 
 

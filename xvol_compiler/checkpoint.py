@@ -30,13 +30,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
 
+from xvol_compiler.errors import XvolError
 from xvol_compiler.files import atomic_path, check_output
 from xvol_compiler.report import with_article
 from xvol_compiler.training_flags import kept_training_flags
@@ -66,7 +68,7 @@ _BN_BY_DIM: dict[int, type[nn.modules.batchnorm._BatchNorm]] = {
 _LISTED = 20  # keys listed per category in an error message
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(XvolError, RuntimeError):
     """A checkpoint that does not fit the model, or that cannot be read or written as asked."""
 
 
@@ -80,8 +82,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
+        elif isinstance(inner := getattr(model, "_orig_mod", None), nn.Module):
+            model = inner
         else:
             return model
 
@@ -304,7 +306,7 @@ def convert_sync_batchnorm(model: nn.Module, process_group: Any = None) -> nn.Mo
 
 def _owner_dims(model: nn.Module) -> dict[str, int]:
     """BatchNorm input ranks known from the X-volution site that owns them (attn_bn, conv_bn, branches)."""
-    from xvol_compiler.ops import XVolution
+    from xvol_compiler.xvolution import XVolution
 
     dims = {}
     for name, m in model.named_modules():
@@ -379,7 +381,8 @@ def revert_sync_batchnorm(model: nn.Module, example_inputs: tuple[Any, ...] | No
 
 
 def _rebuild(sync: nn.SyncBatchNorm, kind: type[nn.Module]) -> nn.Module:
-    bn = kind(sync.num_features, sync.eps, sync.momentum, sync.affine, sync.track_running_stats,
+    make = cast(Callable[..., _NormBase], kind)  # a BatchNorm1d/2d/3d class
+    bn = make(sync.num_features, sync.eps, sync.momentum, sync.affine, sync.track_running_stats,
               device=sync.running_mean.device if sync.running_mean is not None else None)
     if sync.affine:
         bn.weight, bn.bias = sync.weight, sync.bias

@@ -37,12 +37,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from xvol_compiler.errors import VerificationError
+
 __all__ = ["build_parser", "main"]
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 
-class VerificationFailed(Exception):
+class VerificationFailed(VerificationError):
     """Outputs differ beyond the tolerance; the message says by how much."""
 
 
@@ -202,7 +204,8 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 def cmd_sites(args: argparse.Namespace, out: Output) -> int:
     """Candidate and selected X-volution sites of a model."""
     from xvol_compiler.report import format_count, format_stride
-    from xvol_compiler.sites import analyze_model, select_sites
+    from xvol_compiler.site_analysis import analyze_model
+    from xvol_compiler.site_selection import select_sites
     from xvol_passes.xvolify import added_cost
 
     model, spec = _load(args)

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from xvol_compiler.errors import XvolError
+
 __all__ = [
     "OutputError",
     "OutputExistsError",
@@ -59,7 +61,7 @@ __all__ = [
 PathLike = str | os.PathLike[str]
 
 
-class OutputError(ValueError):
+class OutputError(XvolError, ValueError):
     """An output that cannot be written as asked; the message (one line) names the path and the fix."""
 
     def __init__(self, message: str) -> None:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from xvol_compiler.errors import XvolError
+
 __all__ = [
     "BatchNormParams",
     "Branch",
@@ -32,14 +34,13 @@ __all__ = [
     "fold_conv_bn",
     "identity_kernel",
     "merge_branches",
-    "merge_interleaved",
     "sum_branches",
 ]
 
 WeightBias = tuple[Tensor, Tensor]
 
 
-class FoldError(ValueError):
+class FoldError(XvolError, ValueError):
     """A fold that would not be exact; the message says which condition failed."""
 
 
@@ -207,28 +208,6 @@ def sum_branches(branches: Sequence[tuple[Tensor, Tensor | None]]) -> WeightBias
         if w.shape != shape:
             raise FoldError(f"kernel shapes differ: {tuple(w.shape)} vs {tuple(shape)}")
     w = sum(_f64(w) for w, _ in branches)
-    b = sum(_bias_or_zeros(w_, b_) for w_, b_ in branches)
-    dtype = branches[0][0].dtype
-    return w.to(dtype), b.to(dtype)
-
-
-def merge_interleaved(branches: Sequence[tuple[Tensor, Tensor | None]]) -> WeightBias:
-    """Branches on different inputs as one conv over their per-group interleaved inputs.
-
-    With inputs interleaved group by group (``interleave_groups``), each output
-    channel's group sees ``[input0_g, input1_g, ...]``, so the kernel is the
-    branch kernels concatenated along the input-channel axis: grouped and
-    depthwise convolutions stay grouped.
-    """
-    if not branches:
-        raise FoldError("no branches to merge")
-    c_out, spatial = branches[0][0].shape[0], branches[0][0].shape[2:]
-    for w, _ in branches:
-        if w.shape[0] != c_out or w.shape[2:] != spatial:
-            raise FoldError(
-                f"branch kernels disagree on outputs or kernel size: {tuple(w.shape)} vs {tuple(branches[0][0].shape)}"
-            )
-    w = torch.cat([_f64(w) for w, _ in branches], dim=1)
     b = sum(_bias_or_zeros(w_, b_) for w_, b_ in branches)
     dtype = branches[0][0].dtype
     return w.to(dtype), b.to(dtype)

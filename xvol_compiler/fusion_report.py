@@ -1,29 +1,21 @@
-"""What a fusion pass did, per site: a dataclass that prints as a table."""
+"""What a fusion pass did, per site: a :class:`~xvol_compiler.report.TableReport` dataclass."""
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 from xvol_compiler.lowering import LoweringChoice
-from xvol_compiler.report import render_table
+from xvol_compiler.report import TableReport, format_count
 from xvol_compiler.rules import Outcome, RewriteLog
 
 __all__ = ["FusionReport"]
 
 
-def _num(value: int | None) -> str:
-    if value is None:
-        return "-"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.2f}{unit}"
-    return str(value)
-
-
 @dataclass
-class FusionReport:
+class FusionReport(TableReport):
     """Per-site outcome of ``fuse`` / ``fuse_onnx``.
 
     ``outcomes`` lists every rewrite done and every match refused (with its
@@ -95,16 +87,21 @@ class FusionReport:
             "summary": self.summary(),
         }
 
-    def __str__(self) -> str:
-        rows = [
-            [o.name, o.kind, o.status, _num(o.params_before), _num(o.params_after), _num(o.macs_before),
-             _num(o.macs_after), o.lowering or "-", o.reason or o.lowering_reason]
+    @property
+    def title(self) -> str:  # the table's title names the graph form that was fused
+        return f"Fusion report ({self.source})"
+
+    def headers(self) -> list[str]:
+        return ["site", "pattern", "result", "params before", "params after", "MACs before", "MACs after",
+                "lowering", "reason"]
+
+    def rows(self) -> list[list[Any]]:
+        return [
+            [o.name, o.kind, o.status, format_count(o.params_before), format_count(o.params_after),
+             format_count(o.macs_before), format_count(o.macs_after), o.lowering or "-",
+             o.reason or o.lowering_reason]
             for o in sorted(self.outcomes, key=lambda o: (o.status != "fused", o.kind != "x-volution", o.name))
         ]
-        table = render_table(
-            ["site", "pattern", "result", "params before", "params after", "MACs before", "MACs after", "lowering",
-             "reason"],
-            rows, title=f"Fusion report ({self.source})",
-        )
-        extra = [f"path: {k} -> {v}" for k, v in sorted(self.paths.items())] + self.notes
-        return "\n".join([table, *extra, self.summary()])
+
+    def footer(self) -> list[str]:
+        return [*(f"path: {k} -> {v}" for k, v in sorted(self.paths.items())), *self.notes, self.summary()]

@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xvol_compiler.arguments import check_extra_branches, check_initialized, check_optional_int
+from xvol_compiler.conv_modules import CONV_TYPES
+from xvol_compiler.deploy import XVolutionDeploy
 from xvol_compiler.fold import ConvGeometry, FoldError
-from xvol_compiler.ops import CONV_TYPES, EXTRA_BRANCHES, XVolution, XVolutionDeploy
+from xvol_compiler.xvolution import EXTRA_BRANCHES, XVolution
 
 __all__ = ["GLOBAL_ATTENTION_NOT_FUSABLE", "GlobalAttentionXVolution", "global_attention"]
 

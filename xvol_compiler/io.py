@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from xvol_compiler.errors import XvolError
 from xvol_compiler.files import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
 from xvol_compiler.files import check_output as check_writable
 
@@ -59,7 +60,7 @@ META_KEY = "xvol"
 STAGES = ("original", "xvolified", "fused")
 
 
-class InputError(ValueError):
+class InputError(XvolError, ValueError):
     """A model name, file or argument the user gave that cannot be used; the message says why."""
 
 
@@ -289,7 +290,7 @@ class ModelSpec:
         """A random batch of ``input_size`` for classification models; the kind's default input otherwise."""
         if is_classification(self.model) or model is None:
             return (torch.randn(batch, *self.input_size),)
-        from xvol_compiler.sites import as_args, default_example_inputs
+        from xvol_compiler.site_analysis import as_args, default_example_inputs
 
         return as_args(default_example_inputs(model))
 

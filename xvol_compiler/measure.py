@@ -69,7 +69,7 @@ class _PssaConvMacs(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         if func is torch.ops.aten.convolution.default and not args[6]:
-            from xvol_compiler.ops import pssa_kernel_layout
+            from xvol_compiler.pssa import pssa_kernel_layout
 
             x, weight, groups = args[0], args[1], int(args[8])
             if groups == x.shape[1] and pssa_kernel_layout(weight, groups) is not None:

@@ -40,6 +40,7 @@ from xvol_compiler.arguments import (
     check_optional_int,
     check_path,
 )
+from xvol_compiler.errors import XvolError
 from xvol_compiler.files import OutputError, OutputExistsError, atomic_outputs, check_outputs
 from xvol_compiler.training_flags import kept_training_flags
 
@@ -65,7 +66,7 @@ __all__ = [
 PROTOBUF_LIMIT = 2**31 - 1  # a serialized ModelProto cannot exceed 2 GiB
 
 
-class OnnxError(ValueError):
+class OnnxError(XvolError, ValueError):
     """Base of the ONNX errors of this package; the message is one line."""
 
     def __init__(self, message: str) -> None:

@@ -4,9 +4,10 @@ Every pass returns a report dataclass. ``str(report)`` is a plain-text table
 (no terminal codes: safe in logs, doctests and files); ``rich`` renders the
 same rows as a rich table (``rich.print(report)``, or ``report.rich_table()``).
 
-A new report (e.g. a fusion pass's) subclasses :class:`TableReport` and
-implements ``title``, ``headers``, ``rows`` and optionally ``notes``; the
-rendering lives here once.
+Every report (:class:`XvolifyReport` here, ``FusionReport`` of the fusion
+passes) subclasses :class:`TableReport` and implements ``title``, ``headers``,
+``rows`` and optionally ``footer`` (the lines under the table); the rendering
+and the count format (:func:`format_count`: 950, 12.3K, 4.11M) live here once.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ def with_article(noun: str) -> str:
     return f"{'an' if vowel else 'a'} {text}"
 
 
-def format_count(n: float) -> str:
-    """Short human count: 950, 12.3K, 4.11M, 2.05G."""
+def format_count(n: float | None) -> str:
+    """Short human count, the one format of every report: 950, 12.3K, 4.11M, 2.05G; None: "-"."""
     if n is None or (isinstance(n, float) and not math.isfinite(n)):
         return "-"
     for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -99,9 +100,11 @@ def render_table(
 
 
 class TableReport:
-    """Base for reports: subclasses give ``title``, ``headers()``, ``rows()`` and ``notes()``."""
+    """Base for reports: subclasses give ``title``, ``headers()``, ``rows()`` and ``footer()``."""
 
-    title: str = ""
+    @property
+    def title(self) -> str:
+        return ""
 
     def headers(self) -> list[str]:
         raise NotImplementedError
@@ -109,17 +112,20 @@ class TableReport:
     def rows(self) -> list[list[Any]]:
         raise NotImplementedError
 
-    def notes(self) -> list[str]:
-        return []
+    def footer(self) -> list[str]:
+        """Lines printed under the table (a rich table's caption): by default what a ``notes()``
+        method gives (the hook's older name, which subclasses written for it keep), else none."""
+        notes = getattr(self, "notes", None)
+        return [str(line) for line in notes()] if callable(notes) else []
 
     def __str__(self) -> str:
-        return render_table(self.headers(), self.rows(), title=self.title, notes=self.notes())
+        return render_table(self.headers(), self.rows(), title=self.title, notes=self.footer())
 
     def rich_table(self) -> Any:
         """The same table as a ``rich.table.Table`` (notes as its caption)."""
         from rich.table import Table
 
-        table = Table(title=self.title or None, caption="\n".join(self.notes()) or None, caption_justify="left")
+        table = Table(title=self.title or None, caption="\n".join(self.footer()) or None, caption_justify="left")
         rows = [[str(c) for c in r] for r in self.rows()]
         for i, h in enumerate(self.headers()):
             numeric = bool(rows) and all(_is_number(r[i]) or r[i] == "-" for r in rows)
@@ -209,7 +215,7 @@ class XvolifyReport(TableReport):
     shared_policy: str = "a module called several times is selected if any of its calls qualifies"
 
     @property
-    def title(self) -> str:  # type: ignore[override]
+    def title(self) -> str:
         return f"xvolify: {self.model}"
 
     @property
@@ -256,6 +262,7 @@ class XvolifyReport(TableReport):
         return [self._row(s) for s in self.selected]
 
     def notes(self) -> list[str]:
+        """The lines under the table: inputs, selection, added cost, skipped convs by reason."""
         sel = self.selected
         frac = self.added_mac_fraction
         notes = [

@@ -62,7 +62,7 @@ from xvol_compiler.fold import (
     fold_conv_bn,
     merge_branches,
 )
-from xvol_compiler.ops import PssaKernelLayout, pssa_kernel_layout
+from xvol_compiler.pssa import PssaKernelLayout, pssa_kernel_layout
 
 __all__ = [
     "RULES",

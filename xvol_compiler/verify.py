@@ -56,6 +56,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from xvol_compiler.errors import VerificationError
+
 __all__ = [
     "DEFAULT_RTOL",
     "UNFUSED_ERROR_FACTOR",
@@ -89,7 +91,7 @@ LOW_PRECISION = ("float16", "bfloat16")
 DETECTION_STAGES = ("backbone", "head", "rpn.head")
 
 
-class OutputMismatchError(ValueError):
+class OutputMismatchError(VerificationError):
     """Two outputs differ in structure (number of tensors) or in a tensor's shape."""
 
 

@@ -22,6 +22,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from xvol_compiler.arguments import ArgumentError, check_bool, check_example_inputs, check_module, check_tolerance
 from xvol_compiler.attention_probe import GAMMA_RANGE, has_silent_attention, with_exercised_attention
+from xvol_compiler.errors import VerificationError, XvolError
 from xvol_compiler.fold import Branch
 from xvol_compiler.fusion_report import FusionReport
 from xvol_compiler.lowering import LoweringChoice
@@ -39,11 +40,11 @@ __all__ = ["FusedSubmoduleError", "FusionError", "FusionVerificationError", "fus
 log = logging.getLogger(__name__)
 
 
-class FusionError(ValueError):
+class FusionError(XvolError, ValueError):
     """The model cannot be fused as asked; the message says why and what to do."""
 
 
-class FusionVerificationError(FusionError):
+class FusionVerificationError(FusionError, VerificationError):
     """The fused model does not reproduce the unfused one within tolerance."""
 
 
@@ -94,7 +95,7 @@ def lower_fx_sites(adapter: FxAdapter, *, backend: str, lowering: LoweringOption
 
 def default_example_inputs(model: nn.Module) -> tuple[Any, ...]:
     """The example input xvolify uses for this kind of model."""
-    from xvol_compiler.sites import default_example_inputs as sites_default
+    from xvol_compiler.site_analysis import default_example_inputs as sites_default
 
     return _as_tuple(sites_default(model))
 

@@ -44,22 +44,14 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from xvol_compiler.conv_modules import CONV_TYPES, bn_params, conv_geometry, conv_module_weights
+from xvol_compiler.deploy import XVolutionDeploy, lowered_convs, merged_branch
 from xvol_compiler.fold import Branch, FoldError, fold_conv_bn
 from xvol_compiler.fusion_report import FusionReport
 from xvol_compiler.lowering import LoweringChoice
 from xvol_compiler.norm_act import has_own_forward, norm_act_reason, remainder_of
-from xvol_compiler.ops import (
-    CONV_TYPES,
-    XVolution,
-    XVolutionDeploy,
-    _merged_branch,
-    bn_params,
-    conv_forward_reason,
-    conv_geometry,
-    conv_module_weights,
-    lowered_convs,
-)
 from xvol_compiler.rules import CONV_BN, RULES, Outcome, Refusal, ViewAdapter, plan_conv_bn, run_rules
+from xvol_compiler.xvolution import XVolution, conv_forward_reason
 from xvol_passes.fx_graph import FxAdapter
 from xvol_passes.lower import LoweringOption, choose_lowering, site_option
 
@@ -331,7 +323,7 @@ def _site_lowering(site: XVolution, path: str, weights: tuple[torch.Tensor, torc
                    single_conv: bool) -> LoweringChoice:
     w, b = weights
     factor = 1 + (site.directions if site.directional else 1)
-    return choose_lowering(_merged_branch(site.geometry, factor, w, b), backend=backend,
+    return choose_lowering(merged_branch(site.geometry, factor, w, b), backend=backend,
                            lowering=site_option(lowering, path), single_conv=single_conv, input_shape=shape)
 
 

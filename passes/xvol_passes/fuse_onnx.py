@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from xvol_compiler.arguments import ArgumentError, check_bool, check_choice, check_path, check_tolerance
+from xvol_compiler.errors import VerificationError
 from xvol_compiler.fusion_report import FusionReport
 from xvol_compiler.onnx_io import (
     PROTOBUF_LIMIT,
@@ -58,7 +59,7 @@ API_FIX = "pass example_inputs, or verify=False to skip the check"
 FLOAT64_FIX = "convert the model to float32 to verify it, or skip the check (verify=False)"
 
 
-class OnnxVerificationError(OnnxError):
+class OnnxVerificationError(OnnxError, VerificationError):
     """The fused model does not compute what the original computes (or cannot be run to check it).
 
     ``problem`` says what went wrong, ``fix`` what to do in API terms (empty when

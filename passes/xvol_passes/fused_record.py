@@ -15,16 +15,18 @@ from typing import Any
 
 from torch import nn
 
+from xvol_compiler.conv_modules import CONV_TYPES, conv_geometry
+from xvol_compiler.deploy import XVolutionDeploy
+from xvol_compiler.errors import XvolError
 from xvol_compiler.fold import ConvGeometry
 from xvol_compiler.norm_act import remainder_of
-from xvol_compiler.ops import CONV_TYPES, XVolutionDeploy, conv_geometry
 
 __all__ = ["FusedRecordError", "fused_record", "rebuild_fused"]
 
 RECORD_VERSION = 1
 
 
-class FusedRecordError(ValueError):
+class FusedRecordError(XvolError, ValueError):
     """A fused-structure record that does not fit the model it is applied to."""
 
 

@@ -22,28 +22,18 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from xvol_compiler.conv_modules import CONV_CALLS as _CONV_FUNCTIONS
+from xvol_compiler.conv_modules import bn_params, conv_geometry, conv_module_weights, padded_conv
+from xvol_compiler.deploy import XVolutionDeploy, lowered_convs
 from xvol_compiler.fold import Branch, ConvGeometry, FoldError
 from xvol_compiler.norm_act import has_own_forward, norm_act_reason
-from xvol_compiler.ops import (
-    PSSA_RING,
-    XVolution,
-    XVolutionDeploy,
-    bn_params,
-    conv_forward_reason,
-    conv_geometry,
-    conv_module_weights,
-    interleave_groups,
-    interleave_spatial,
-    lowered_convs,
-    padded_conv,
-    pssa_transform,
-)
+from xvol_compiler.pssa import PSSA_RING, interleave_groups, interleave_spatial, pssa_transform
 from xvol_compiler.rules import Rewrite
+from xvol_compiler.xvolution import XVolution, conv_forward_reason
 
 __all__ = ["FxAdapter", "hoist_ring_kernels"]
 
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul, torch.ops.aten.mul.Tensor}
 _MUL_METHODS = {"mul", "mul_"}

@@ -54,11 +54,12 @@ from typing import Any, Protocol
 
 import torch
 
+from xvol_compiler.deploy import lowered_convs, run_lowering
+from xvol_compiler.errors import XvolError
 from xvol_compiler.files import PathLike, atomic_write_json, written_now
 from xvol_compiler.fold import Branch, FoldError
 from xvol_compiler.lowering import LOWERINGS, LoweringChoice, check_lowering
 from xvol_compiler.lowering_table import rule_entry, site_class
-from xvol_compiler.ops import lowered_convs, run_lowering
 from xvol_compiler.rules import Rewrite
 
 __all__ = [
@@ -83,7 +84,7 @@ _WARMUP, _ROUNDS = 2, 5
 _CACHE_PATH: contextvars.ContextVar[Path | None] = contextvars.ContextVar("xvol_lowering_cache", default=None)
 
 
-class LoweringCacheError(ValueError):
+class LoweringCacheError(XvolError, ValueError):
     """The lowering cache file cannot be read as one (the message names the file and the fix)."""
 
 

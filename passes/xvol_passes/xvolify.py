@@ -34,27 +34,14 @@ from xvol_compiler.arguments import (
     check_optional_int,
     check_shift,
 )
+from xvol_compiler.deploy import XVolutionDeploy
 from xvol_compiler.fold import FoldError
 from xvol_compiler.global_attention import GlobalAttentionXVolution
-from xvol_compiler.ops import (
-    EXTRA_BRANCHES,
-    Directions,
-    XVolution,
-    XVolutionDeploy,
-    interleave_groups,
-    neighbour_offsets,
-)
+from xvol_compiler.pssa import Directions, interleave_groups, neighbour_offsets
 from xvol_compiler.report import SiteReport, XvolifyReport
-from xvol_compiler.sites import (
-    KINDS,
-    AnalysisMode,
-    ConvInfo,
-    SiteDecision,
-    SiteSelectionError,
-    analyze_model,
-    as_selection,
-    select_sites,
-)
+from xvol_compiler.site_analysis import KINDS, AnalysisMode, ConvInfo, SiteSelectionError, analyze_model
+from xvol_compiler.site_selection import SiteDecision, as_selection, select_sites
+from xvol_compiler.xvolution import EXTRA_BRANCHES, XVolution
 
 __all__ = ["added_cost", "xvolify", "xvolify_with_report"]
 
