@@ -12,6 +12,7 @@ Weights use torch's layout for an N-d convolution:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ __all__ = [
     "Branch",
     "ConvGeometry",
     "FoldError",
+    "PssaKernelLayout",
     "WeightBias",
     "bn_as_kernel",
     "bn_scale_shift",
@@ -33,6 +35,8 @@ __all__ = [
     "identity_kernel",
     "merge_branches",
     "merge_interleaved",
+    "neighbour_offsets",
+    "pssa_kernel_layout",
     "sum_branches",
 ]
 
@@ -294,3 +298,71 @@ def merge_branches(branches: Sequence[Branch]) -> Branch:
         padding_mode=big.geometry.padding_mode,
     )
     return Branch(keys, tuple(channels[k] for k in keys), geometry, weight, bias.to(weight.dtype))
+
+
+# --------------------------------------------------------------------------- the PSSA kernel pattern
+# (pure: the rule engine recognises a spelled-out PSSA transform with these, without torch.fx)
+
+
+def neighbour_offsets(ndim: int, directions: int | str | None = None) -> tuple[tuple[int, ...], ...]:
+    """Unit offsets of the neighbourhood: axial (2*ndim) or full (3**ndim - 1).
+
+    ``directions`` is a count (2 in 1-D; 4 or 8 in 2-D; 6 or 26 in 3-D), the
+    word ``"axial"`` or ``"full"``, or None for the full neighbourhood.
+    """
+    if ndim not in (1, 2, 3):
+        raise ValueError(f"PSSA supports 1, 2 or 3 spatial dimensions, got {ndim}")
+    full, axial = 3**ndim - 1, 2 * ndim
+    if directions is None or directions == "full" or directions == full:
+        return tuple(o for o in itertools.product((-1, 0, 1), repeat=ndim) if any(o))
+    if directions == "axial" or directions == axial:
+        return tuple(
+            tuple(sign if i == axis else 0 for i in range(ndim)) for axis in range(ndim) for sign in (-1, 1)
+        )
+    raise ValueError(
+        f"directions={directions!r} is not a neighbourhood in {ndim}-D: use {axial} (axial) or {full} (full)"
+    )
+
+
+@dataclass(frozen=True)
+class PssaKernelLayout:
+    """What a constant depthwise kernel computes when it is a ``pssa_kernel`` pattern (up to one scale)."""
+
+    ndim: int
+    directions: int  # |D|: 2*ndim (axial) or 3**ndim - 1 (full)
+    directional: bool
+    scale: float  # the value at every tap (1/|D| for a plain pssa_kernel, 1 for a directional one)
+
+
+def _tap_mask(ndim: int, directions: int, directional: bool, groups: int) -> Tensor:
+    """Where ``ops.pssa_kernel`` is nonzero: tap ``o + 1`` of each offset o, one filter per offset when
+    directional (in ``neighbour_offsets`` order), the same filter(s) in every channel."""
+    offsets = neighbour_offsets(ndim, directions)
+    filters = [[off] for off in offsets] if directional else [list(offsets)]
+    mask = torch.zeros(len(filters), 1, *(3,) * ndim, dtype=torch.bool)
+    for f, taps in enumerate(filters):
+        for off in taps:
+            mask[(f, 0, *(o + 1 for o in off))] = True
+    return mask.repeat(groups, *(1,) * (ndim + 1))
+
+
+def pssa_kernel_layout(weight: Tensor, groups: int) -> PssaKernelLayout | None:
+    """The neighbourhood of a depthwise kernel (``groups`` = input channels, weight
+    (groups * k, 1, 3, ..., 3)) when every channel holds the same ``pssa_kernel`` pattern
+    (ring for k = 1, one-hot per direction for k = |D|) with one common nonzero value, else None."""
+    ndim = weight.dim() - 2
+    if ndim not in (1, 2, 3) or groups < 1 or weight.shape[1] != 1 or tuple(weight.shape[2:]) != (3,) * ndim:
+        return None
+    if weight.shape[0] % groups or not bool(torch.isfinite(weight).all()):
+        return None
+    k = weight.shape[0] // groups
+    for directions in dict.fromkeys(len(neighbour_offsets(ndim, n)) for n in ("axial", "full")):
+        for directional in (False, True):
+            if k != (directions if directional else 1):
+                continue
+            mask = _tap_mask(ndim, directions, directional, groups)
+            taps = weight[mask]
+            scale = taps.flatten()[0]
+            if bool((weight[~mask] == 0).all()) and bool((taps == scale).all()) and float(scale) != 0.0:
+                return PssaKernelLayout(ndim, directions, directional, float(scale))
+    return None

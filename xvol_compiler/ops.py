@@ -10,7 +10,6 @@ import contextlib
 import functools
 import itertools
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -31,10 +30,13 @@ from xvol_compiler.fold import (
     Branch,
     ConvGeometry,
     FoldError,
+    PssaKernelLayout,
     bn_as_kernel,
     embedding_offset,
     fold_conv_bn,
     merge_branches,
+    neighbour_offsets,
+    pssa_kernel_layout,
 )
 from xvol_compiler.lowering import (
     SpatialLayout,
@@ -70,26 +72,6 @@ BN_TYPES: dict[int, type[nn.Module]] = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3:
 CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 EXTRA_BRANCHES = ("1x1", "identity", "bn")
 Directions = int | Literal["axial", "full"] | None
-
-
-def neighbour_offsets(ndim: int, directions: Directions = None) -> tuple[tuple[int, ...], ...]:
-    """Unit offsets of the neighbourhood: axial (2*ndim) or full (3**ndim - 1).
-
-    ``directions`` is a count (2 in 1-D; 4 or 8 in 2-D; 6 or 26 in 3-D), the
-    word ``"axial"`` or ``"full"``, or None for the full neighbourhood.
-    """
-    if ndim not in (1, 2, 3):
-        raise ValueError(f"PSSA supports 1, 2 or 3 spatial dimensions, got {ndim}")
-    full, axial = 3**ndim - 1, 2 * ndim
-    if directions is None or directions == "full" or directions == full:
-        return tuple(o for o in itertools.product((-1, 0, 1), repeat=ndim) if any(o))
-    if directions == "axial" or directions == axial:
-        return tuple(
-            tuple(sign if i == axis else 0 for i in range(ndim)) for axis in range(ndim) for sign in (-1, 1)
-        )
-    raise ValueError(
-        f"directions={directions!r} is not a neighbourhood in {ndim}-D: use {axial} (axial) or {full} (full)"
-    )
 
 
 def _shifts(shift: int | Sequence[int], ndim: int) -> tuple[int, ...]:
@@ -226,38 +208,6 @@ def _build_kernel(
     # A plain tensor even when first asked for under inference_mode: training reuses it.
     with torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext():
         return torch.tensor(_kernel_values(ndim, offsets, directional, channels), dtype=dtype, device=device)
-
-
-@dataclass(frozen=True)
-class PssaKernelLayout:
-    """What a constant depthwise kernel computes when it is a ``pssa_kernel`` pattern (up to one scale)."""
-
-    ndim: int
-    directions: int  # |D|: 2*ndim (axial) or 3**ndim - 1 (full)
-    directional: bool
-    scale: float  # the value at every tap (1/|D| for a plain pssa_kernel, 1 for a directional one)
-
-
-def pssa_kernel_layout(weight: Tensor, groups: int) -> PssaKernelLayout | None:
-    """The neighbourhood of a depthwise kernel (``groups`` = input channels, weight
-    (groups * k, 1, 3, ..., 3)) when every channel holds the same ``pssa_kernel`` pattern
-    (ring for k = 1, one-hot per direction for k = |D|) with one common nonzero value, else None."""
-    ndim = weight.dim() - 2
-    if ndim not in (1, 2, 3) or groups < 1 or weight.shape[1] != 1 or tuple(weight.shape[2:]) != (3,) * ndim:
-        return None
-    if weight.shape[0] % groups or not bool(torch.isfinite(weight).all()):
-        return None
-    k = weight.shape[0] // groups
-    for directions in dict.fromkeys(len(neighbour_offsets(ndim, n)) for n in ("axial", "full")):
-        for directional in (False, True):
-            if k != (directions if directional else 1):
-                continue
-            mask = pssa_kernel(ndim, directions, directional, groups, torch.float64) != 0
-            taps = weight[mask]
-            scale = taps.flatten()[0]
-            if bool((weight[~mask] == 0).all()) and bool((taps == scale).all()) and float(scale) != 0.0:
-                return PssaKernelLayout(ndim, directions, directional, float(scale))
-    return None
 
 
 def _fast_form(ndim: int, shifts: tuple[int, ...], directional: bool) -> bool:
