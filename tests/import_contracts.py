@@ -23,7 +23,8 @@ def _names_forbidden(line: str, forbidden: str) -> bool:
     escaped = re.escape(forbidden)
     if re.search(rf"^\s*(import|from)\s+{escaped}(\.|\s|$)", line):
         return True
-    return bool(parent) and re.search(rf"^\s*from\s+{re.escape(parent)}\s+import\s+.*\b{re.escape(child)}\b", line) is not None
+    from_parent = rf"^\s*from\s+{re.escape(parent)}\s+import\s+.*\b{re.escape(child)}\b"
+    return bool(parent) and re.search(from_parent, line) is not None
 
 
 class ForbiddenSubmoduleContract(Contract):

@@ -26,7 +26,8 @@ def test_flags_imports_of_torch_fx(line: str) -> None:
 
 @pytest.mark.parametrize(
     "line",
-    ["import torch", "from torch import nn", "import torch.nn.functional as F", "from torch.func import vmap", "import fxtools"],
+    ["import torch", "from torch import nn", "import torch.nn.functional as F", "from torch.func import vmap",
+     "import fxtools"],
 )
 def test_leaves_other_torch_imports_alone(line: str) -> None:
     assert not _names_forbidden(line, "torch.fx")

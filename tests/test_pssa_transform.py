@@ -23,7 +23,7 @@ from xvol_compiler import XVolution, analyze_model, fuse_with_report, pssa_trans
 from xvol_compiler.measure import count_macs
 from xvol_compiler.onnx_io import export_onnx
 from xvol_compiler.pssa import neighbour_offsets, pssa_kernel, pssa_kernel_layout
-from xvol_compiler.rules import _xvolution_base, mark_pssa_transforms, pssa_products
+from xvol_compiler.rules import mark_pssa_transforms, node_info, pssa_products, xvolution_base
 from xvol_passes.fuse_onnx import fuse_onnx
 from xvol_passes.fx_graph import FxAdapter
 from xvol_passes.onnx_graph import OnnxGraphAdapter
@@ -327,12 +327,12 @@ def test_aten_graphs_recognise_the_transform(tracer: str, encoding: str) -> None
     assert len(products) == 1
     ring_conv, product = next(iter(products.items()))
     mark_pssa_transforms(view)
-    assert view.nodes[ring_conv]["kind"] == view.nodes[product]["kind"] == "pssa"
-    convs = [k for k, a in view.nodes(data=True) if a["kind"] == "conv"]
+    assert node_info(view, ring_conv).kind == node_info(view, product).kind == "pssa"
+    convs = [k for k in view.nodes if node_info(view, k).kind == "conv"]
     assert len(convs) == 2  # the site's conv and Conv_a stay convs
     x_node = next(iter(view.predecessors(ring_conv)))
     attention_input = next(k for k in convs if x_node not in view.predecessors(k))
-    assert _xvolution_base(view, [x_node, next(iter(view.predecessors(attention_input)))]) == x_node
+    assert xvolution_base(view, [x_node, next(iter(view.predecessors(attention_input)))]) == (x_node, False)
 
 
 # ----------------------------------------------------------------------------- ONNX
@@ -399,6 +399,6 @@ def test_onnx_view_marks_the_transform_conv() -> None:
     x = torch.randn(2, 4, 6, 6)
     unfused = export_onnx(model, None, (x,), **EXPORTERS["dynamo-noopt"])
     view = mark_pssa_transforms(OnnxGraphAdapter(unfused).view())
-    kinds = [a["kind"] for _, a in view.nodes(data=True)]
+    kinds = [node_info(view, k).kind for k in view.nodes]
     assert kinds.count("pssa") == 2  # the ring conv and its product
     assert kinds.count("conv") == 2  # the site's conv and Conv_a

@@ -23,7 +23,7 @@ import sympy
 import torch
 from torch import fx, nn
 
-from xvol_compiler.ops import pssa_kernel_layout, pssa_transform
+from xvol_compiler.pssa import pssa_kernel_layout, pssa_transform
 
 _ATEN = torch.ops.aten
 _CONVS = {_ATEN.conv1d.default: 1, _ATEN.conv2d.default: 2, _ATEN.conv3d.default: 3}

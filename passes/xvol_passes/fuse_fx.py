@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -23,10 +24,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from xvol_compiler.arguments import ArgumentError, check_bool, check_example_inputs, check_module, check_tolerance
 from xvol_compiler.attention_probe import GAMMA_RANGE, has_silent_attention, with_exercised_attention
 from xvol_compiler.errors import VerificationError, XvolError
-from xvol_compiler.fold import Branch
 from xvol_compiler.fusion_report import FusionReport
-from xvol_compiler.lowering import LoweringChoice
-from xvol_compiler.rules import run_rules
+from xvol_compiler.rules import RuleSet, run_rules
 from xvol_compiler.training_flags import training_sensitive_modules
 from xvol_compiler.verify import OutputMismatchError, reference_run, verify_model
 from xvol_passes.fuse_exported import dynamic_shapes_of, normalize_aten
@@ -54,16 +53,18 @@ class FusedSubmoduleError(FusionError):
 
 def fuse_graph(
     gm: fx.GraphModule, example_inputs: tuple[Any, ...] | None = None, *, backend: str = "eager",
-    lowering: LoweringOption = "auto", single_conv: bool = True,
+    lowering: LoweringOption = "auto", single_conv: bool = True, skip: Collection[str] = (),
 ) -> tuple[fx.GraphModule, FusionReport]:
     """Rewrite ``gm`` in place: conv+BN folds, X-volution sites and branch sums become one conv each
-    (each site in the lowering chosen for ``backend``, see ``xvol_passes.lower``)."""
+    (each site in the lowering chosen for ``backend``, see ``xvol_passes.lower``); the rules named in
+    ``skip`` (``xvol_compiler.rules.RULES``) are not applied."""
     if not isinstance(gm, fx.GraphModule):
         raise ArgumentError(
             f"gm={type(gm).__name__}: fuse_graph takes a torch.fx.GraphModule (torch.fx.symbolic_trace(model)); "
             "fuse() takes any nn.Module"
         )
     validate_options(backend, lowering, single_conv)
+    rules = RuleSet.of(skip=skip)
     if example_inputs is not None:
         try:
             ShapeProp(gm).propagate(*example_inputs)
@@ -71,26 +72,13 @@ def fuse_graph(
             log.info("shape propagation failed (%s): fusing without shapes", err)
     hoist_ring_kernels(gm)
     adapter = FxAdapter(gm)
-    rewrite_log = run_rules(adapter)
-    choices = lower_fx_sites(adapter, backend=backend, lowering=lowering, single_conv=single_conv)
+    rewrite_log = run_rules(adapter, rules)
+    choices = lower_sites(adapter, site_names=rewrite_log.site_names, backend=backend, lowering=lowering,
+                          single_conv=single_conv)
     adapter.finalize()
     report = FusionReport.from_log(rewrite_log, source="fx")
     report.set_lowerings(choices)
     return gm, report
-
-
-def _input_shape(branch: Branch) -> tuple[int, ...] | None:
-    meta = getattr(branch.inputs[0], "meta", {}).get("tensor_meta")
-    shape = getattr(meta, "shape", None)
-    return None if shape is None else tuple(int(d) for d in shape)
-
-
-def lower_fx_sites(adapter: FxAdapter, *, backend: str, lowering: LoweringOption, single_conv: bool,
-                   prefix: str = "") -> dict[str, LoweringChoice]:
-    """Each fused site of ``adapter``'s graph in its chosen lowering (name -> choice)."""
-    return lower_sites(adapter, name_of=lambda node: adapter.origin.get(node) or adapter._name(node),
-                       shape_of=_input_shape, backend=backend, lowering=lowering, single_conv=single_conv,
-                       prefix=prefix)
 
 
 def default_example_inputs(model: nn.Module) -> tuple[Any, ...]:
@@ -117,9 +105,11 @@ def fuse_with_report(
     lowering: LoweringOption = "auto",
     single_conv: bool = True,
     graph: bool | None = None,
+    skip: Collection[str] = (),
 ) -> tuple[nn.Module, FusionReport]:
     """``fuse`` that also returns the report."""
     validate_options(backend, lowering, single_conv)
+    skip = RuleSet.of(skip=skip).skip  # an unknown rule name raises, listing the rules
     if isinstance(model, torch.export.ExportedProgram):
         return _fuse_exported(model, example_inputs=example_inputs, verify=verify, atol=atol, rtol=rtol,
                               backend=backend, lowering=lowering, single_conv=single_conv, graph=graph)
@@ -142,7 +132,7 @@ def fuse_with_report(
                 "the unfused model's output has no finite value on the example input (BatchNorm statistics "
                 "overflow?), so fusion cannot be verified: fix the model, pass other example_inputs, or verify=False"
             )
-    options = {"backend": backend, "lowering": lowering, "single_conv": single_conv}
+    options = {"backend": backend, "lowering": lowering, "single_conv": single_conv, "skip": skip}
     replacements: list[Replacement] = []
     if graph_form:
         target, report = _fuse_graph_form(model, example, inplace=inplace, **options)
@@ -199,7 +189,8 @@ def _check_eval(model: nn.Module) -> None:
 
 
 def _fuse_graph_form(model: nn.Module, example: tuple[Any, ...], *, inplace: bool, backend: str,
-                     lowering: LoweringOption, single_conv: bool) -> tuple[fx.GraphModule, FusionReport]:
+                     lowering: LoweringOption, single_conv: bool, skip: Collection[str] = (),
+                     ) -> tuple[fx.GraphModule, FusionReport]:
     """The flat GraphModule of ``model`` with every rule applied."""
     if isinstance(model, fx.GraphModule):
         gm = model if inplace else copy.deepcopy(model)
@@ -223,7 +214,7 @@ def _fuse_graph_form(model: nn.Module, example: tuple[Any, ...], *, inplace: boo
             "around them (an isinstance or None check), and the flat graph would drop the others; use the "
             "module form (fuse(model), graph=False), which keeps the model's own code"
         )
-    gm, report = fuse_graph(gm, example, backend=backend, lowering=lowering, single_conv=single_conv)
+    gm, report = fuse_graph(gm, example, backend=backend, lowering=lowering, single_conv=single_conv, skip=skip)
     report.paths["<model>"] = "graph form (flat fx.GraphModule)"
     return gm, report
 
@@ -234,7 +225,8 @@ _PROBE_SCALES = (1.0, 1e-1, 1e-2, 1e-3)
 
 def _verify_exercised(model: nn.Module, example: tuple[Any, ...], report: FusionReport,
                       replacements: list[Replacement] | None, *, rtol: float | None, atol: float | None,
-                      inplace: bool, backend: str, lowering: LoweringOption, single_conv: bool) -> None:
+                      inplace: bool, backend: str, lowering: LoweringOption, single_conv: bool,
+                      skip: Collection[str] = ()) -> None:
     """Verify the fusion again on a copy whose untrained (zero-gamma) attention BatchNorms are given
     non-zero gammas: with gamma 0 the T(x) half of every fused weight is 0 and a wrong attention fold
     would pass. The module form applies the same replacements to the copy; the graph form fuses it again."""
@@ -252,7 +244,7 @@ def _verify_exercised(model: nn.Module, example: tuple[Any, ...], report: Fusion
         return
     if replacements is None:
         fused_probe, _ = _fuse_graph_form(probe, example, inplace=True, backend=backend, lowering=lowering,
-                                          single_conv=single_conv)
+                                          single_conv=single_conv, skip=skip)
     else:
         fused_probe = apply_replacements(probe, replacements, single_conv=single_conv)
     verdict = verify_model(probe_reference, fused_probe.eval(), example, rtol=rtol, atol=atol)
@@ -300,6 +292,7 @@ def fuse(
     lowering: LoweringOption = "auto",
     single_conv: bool = True,
     graph: bool | None = None,
+    skip: Collection[str] = (),
 ) -> nn.Module:
     """Deploy form of ``model``: every fusable site one convolution; report at ``.xvol_fusion_report``.
 
@@ -362,8 +355,12 @@ def fuse(
     allows "split" (two convolutions and an add per site). ``lowering`` may also map site names to
     lowerings (``report.lowerings()`` of an earlier fusion; sites not named keep "channel"): how a
     saved fused model is rebuilt to load its state dict.
+
+    ``skip`` names rules not to apply (``xvol_compiler.rules.RULES``: "conv+bn", "x-volution",
+    "branch-sum", "bn-branch", "identity-branch"); an unknown name raises ``UnknownRuleError``
+    listing them.
     """
     fused, _ = fuse_with_report(model, example_inputs=example_inputs, verify=verify, atol=atol, rtol=rtol,
                                 inplace=inplace, backend=backend, lowering=lowering, single_conv=single_conv,
-                                graph=graph)
+                                graph=graph, skip=skip)
     return fused

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +50,18 @@ from xvol_compiler.fold import Branch, FoldError, fold_conv_bn
 from xvol_compiler.fusion_report import FusionReport
 from xvol_compiler.lowering import LoweringChoice
 from xvol_compiler.norm_act import has_own_forward, norm_act_reason, remainder_of
-from xvol_compiler.rules import CONV_BN, RULES, Outcome, Refusal, ViewAdapter, plan_conv_bn, run_rules
+from xvol_compiler.rules import (
+    CONV_BN,
+    CONV_BN_RULE,
+    XVOLUTION,
+    Outcome,
+    RuleSet,
+    ViewAdapter,
+    node_info,
+    run_rules,
+    set_info,
+    try_rule,
+)
 from xvol_compiler.xvolution import XVolution, conv_forward_reason
 from xvol_passes.fx_graph import FxAdapter
 from xvol_passes.lower import LoweringOption, choose_lowering, site_option
@@ -144,7 +155,7 @@ def _pair_refusal(view: nx.DiGraph, producer: fx.Node, bn: fx.Node, shared_modul
     """Why the module-form replacement of ``producer`` + ``bn`` is not safe ('' when it is)."""
     if producer.op != "call_module" or bn.op != "call_module":
         what = producer if producer.op != "call_module" else bn
-        return f"{view.nodes[what]['name']} is not a module call; {GRAPH_FORM_ONLY}"
+        return f"{node_info(view, what).name} is not a module call; {GRAPH_FORM_ONLY}"
     conv_path, bn_path = prefix + str(producer.target), prefix + str(bn.target)
     conv_parent, bn_parent = conv_path.rpartition(".")[0], bn_path.rpartition(".")[0]
     if conv_parent != bn_parent:  # a container holding one of them would compute something else alone
@@ -160,11 +171,12 @@ def _pair_refusal(view: nx.DiGraph, producer: fx.Node, bn: fx.Node, shared_modul
     return ""
 
 
-def _graph_only(view: nx.DiGraph) -> list[Outcome]:
-    """What only the graph form can do here: the rules run to their fixpoint on a copy of the view in
-    which every conv -> BatchNorm pair is already one conv (their weights need not be folded to see the
-    structure); every rewrite is "graph form only", and every refusal keeps its reason."""
-    log = run_rules(ViewAdapter(_bns_contracted(view)), RULES[1:])
+def _graph_only(view: nx.DiGraph, skip: Collection[str] = ()) -> list[Outcome]:
+    """What only the graph form can do here: the rules (but conv+bn and those in ``skip``) run to their
+    fixpoint on a copy of the view in which every conv -> BatchNorm pair is already one conv (their
+    weights need not be folded to see the structure); every rewrite is "graph form only", and every
+    refusal keeps its reason."""
+    log = run_rules(ViewAdapter(_bns_contracted(view)), RuleSet.of(skip={*skip, CONV_BN_RULE.name}))
     return [Outcome(r.kind, r.name, "refused", GRAPH_FORM_ONLY) for r in log.applied] + log.refused
 
 
@@ -172,18 +184,18 @@ def _bns_contracted(view: nx.DiGraph) -> nx.DiGraph:
     """A copy of ``view`` in which each BatchNorm fed by a single-consumer conv is merged into that conv."""
     out = view.copy()
     for conv, bn in [(m["conv"], m["bn"]) for m in CONV_BN.matches(view)]:
-        attrs, bn_attrs = view.nodes[conv], view.nodes[bn]
-        foldable = attrs.get("branch") is not None and bn_attrs.get("bn") is not None
-        if (attrs.get("users") != 1 or attrs.get("refusal") or bn_attrs.get("refusal") or not foldable
+        info, bn_info = node_info(view, conv), node_info(view, bn)
+        foldable = info.branch is not None and bn_info.bn is not None
+        if (info.users != 1 or info.refusal or bn_info.refusal or not foldable
                 or conv not in out or bn not in out):
             continue  # the graph form would not fold it either
         for succ in list(out.successors(bn)):
             out.add_edge(conv, succ)
-            branch = out.nodes[succ].get("branch")
+            branch = node_info(out, succ).branch
             if branch is not None and bn in branch.inputs:
-                out.nodes[succ]["branch"] = dataclasses.replace(
-                    branch, inputs=tuple(conv if k == bn else k for k in branch.inputs))
-        out.nodes[conv]["users"] = out.nodes[bn].get("users", 1)
+                set_info(out, succ, branch=dataclasses.replace(
+                    branch, inputs=tuple(conv if k == bn else k for k in branch.inputs)))
+        set_info(out, conv, users=node_info(out, bn).users)
         out.remove_node(bn)
     return out
 
@@ -237,9 +249,12 @@ def _node_shapes(gm: fx.GraphModule) -> dict[str, tuple[int, ...]]:
 
 def plan_replacements(
     model: nn.Module, example: tuple[Any, ...] | None = None, *, backend: str = "eager",
-    lowering: LoweringOption = "auto", single_conv: bool = True,
+    lowering: LoweringOption = "auto", single_conv: bool = True, skip: Collection[str] = (),
 ) -> Plan:
-    """What the module form replaces in ``model`` (nothing is changed), with the report's outcomes."""
+    """What the module form replaces in ``model`` (nothing is changed), with the report's outcomes;
+    the rules named in ``skip`` are not applied ("conv+bn": no pair folds, "x-volution": sites stay)."""
+    skip = RuleSet.of(skip=skip).skip
+    fold_bns = CONV_BN_RULE.name not in skip
     plan = Plan()
     shared_modules, shared_params = _shared(model)
     modules = dict(model.named_modules())
@@ -251,44 +266,40 @@ def plan_replacements(
     for prefix_path, gm in parts:
         prefix = f"{prefix_path}." if prefix_path else ""
         view = FxAdapter(gm).view()
-        for m in CONV_BN.matches(view):
+        for m in CONV_BN.matches(view) if fold_bns else ():
             producer, bn = m["conv"], m["bn"]
-            name = prefix + str(view.nodes[producer]["name"])
+            name = prefix + node_info(view, producer).name
             why = _pair_refusal(view, producer, bn, shared_modules, shared_params, prefix)
-            rewrite = None
-            if not why:
-                try:
-                    rewrite = plan_conv_bn(view, dict(m))
-                except Refusal as err:
-                    why = str(err)
-            if why:
-                plan.outcomes.append(Outcome("conv+bn", name, "refused", why))
+            planned = why or try_rule(CONV_BN_RULE, view, dict(m))
+            if isinstance(planned, str):
+                plan.outcomes.append(Outcome("conv+bn", name, "refused", planned))
                 continue
+            rewrite = planned
             path, bn_path = prefix + str(producer.target), prefix + str(bn.target)
             plan.replacements.append(Replacement("conv+bn", path, bn_path))
             plan.built[path] = _conv_like(modules[path], rewrite.branch)
             plan.built[bn_path] = _bn_remainder(modules[bn_path])
             plan.outcomes.append(Outcome("conv+bn", path, "fused", "", rewrite.params_before, rewrite.params_after,
                                          rewrite.macs_before, rewrite.macs_after))
-        for m in _site_bn_matches(view):
+        for m in _site_bn_matches(view) if fold_bns else ():
             producer, bn = m
             path, bn_path = prefix + str(producer.target), prefix + str(bn.target)
             if not isinstance(modules.get(path), XVolution):
                 continue  # an already fused site: nothing to do
             why = _pair_refusal(view, producer, bn, shared_modules, shared_params, prefix)
-            why = why or str(view.nodes[producer].get("refusal") or view.nodes[bn].get("refusal") or "")
-            if not why and view.nodes[producer]["users"] != 1:
-                why = f"{path} output is also used elsewhere ({view.nodes[producer]['users']} users)"
+            why = why or node_info(view, producer).refusal or node_info(view, bn).refusal or ""
+            if not why and node_info(view, producer).users != 1:
+                why = f"{path} output is also used elsewhere ({node_info(view, producer).users} users)"
             if why:
                 plan.outcomes.append(Outcome("conv+bn", path, "refused", why))
                 continue
             site_bn[path] = bn_path
             plan.outcomes.append(Outcome("conv+bn", path, "fused", "", 2 * modules[bn_path].num_features, 0))
-        plan.outcomes += [dataclasses.replace(o, name=prefix + o.name) for o in _graph_only(view)]
+        plan.outcomes += [dataclasses.replace(o, name=prefix + o.name) for o in _graph_only(view, skip)]
     if shapes is None:
         shapes = _site_shapes(model, example) if lowering in ("auto", "measure") else {}
     for path, site in modules.items():
-        if not isinstance(site, XVolution):
+        if not isinstance(site, XVolution) or XVOLUTION.name in skip:
             continue
         params = sum(p.numel() for p in site.parameters()) + sum(
             b.numel() for n, b in site.named_buffers() if "running" in n)
@@ -314,8 +325,8 @@ def plan_replacements(
 
 def _site_bn_matches(view: nx.DiGraph) -> list[tuple[fx.Node, fx.Node]]:
     """(site call, BatchNorm call) where a site's output feeds a BatchNorm."""
-    return [(key, user) for key, attrs in view.nodes(data=True) if attrs.get("kind") == "site"
-            for user in view.successors(key) if view.nodes[user].get("kind") == "bn"]
+    return [(key, user) for key in view.nodes if node_info(view, key).kind == "site"
+            for user in view.successors(key) if node_info(view, user).kind == "bn"]
 
 
 def _site_lowering(site: XVolution, path: str, weights: tuple[torch.Tensor, torch.Tensor],
@@ -412,10 +423,11 @@ def fused_paths(model: nn.Module, replacements: Sequence[Replacement]) -> dict[s
 
 def fuse_modules(
     model: nn.Module, example: tuple[Any, ...] | None = None, *, backend: str = "eager",
-    lowering: LoweringOption = "auto", single_conv: bool = True,
+    lowering: LoweringOption = "auto", single_conv: bool = True, skip: Collection[str] = (),
 ) -> tuple[nn.Module, FusionReport, list[Replacement]]:
     """The pass: ``model`` (changed in place) with every safe replacement applied, its report and the plan."""
-    plan = plan_replacements(model, example, backend=backend, lowering=lowering, single_conv=single_conv)
+    plan = plan_replacements(model, example, backend=backend, lowering=lowering, single_conv=single_conv,
+                             skip=skip)
     _put(model, plan.built)
     report = FusionReport(source="modules", outcomes=_unique(plan.outcomes), notes=plan.notes)
     report.paths["<model>"] = "module form (leaf-module replacements)"

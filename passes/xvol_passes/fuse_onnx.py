@@ -11,7 +11,7 @@ so.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,7 @@ from xvol_compiler.onnx_io import (
     model_data_bytes,
     save_onnx,
 )
-from xvol_compiler.rules import run_rules
+from xvol_compiler.rules import RuleSet, run_rules
 from xvol_compiler.verify import ErrorStats, OutputMismatchError, accepts, default_rtol, error_stats, onnx_session
 from xvol_passes.lower import lower_sites, validate_options
 from xvol_passes.onnx_graph import Interleave, OnnxGraphAdapter, infer_shapes
@@ -211,6 +211,7 @@ def fuse_onnx(
     interleave: Interleave = "reshape",
     lowering: str = "auto",
     single_conv: bool = True,
+    skip: Collection[str] = (),
 ) -> tuple[onnx.ModelProto, FusionReport]:
     """Fuse every X-volution site, conv + BatchNorm and foldable branch sum of an ONNX model.
 
@@ -235,6 +236,8 @@ def fuse_onnx(
     kept in a persistent cache file (``xvol_passes.lower``); or the one forced by
     ``lowering="channel"|"spatial"|"split"`` (a site where it is not exact keeps "channel", the
     report says why); ``single_conv=False`` allows "split" (two Conv and an Add per site).
+    ``skip`` names rules not to apply (``xvol_compiler.rules.RULES``); an unknown name raises
+    ``UnknownRuleError`` listing the rules.
 
     Raises ``OnnxFileError`` (bad input), ``OutputExistsError`` /
     ``OutputError`` (an output that cannot be written, checked before any
@@ -242,6 +245,7 @@ def fuse_onnx(
     messages.
     """
     validate_options("onnxruntime", lowering, single_conv)
+    rules = RuleSet.of(skip=skip)
     if not isinstance(model_or_path, (str, os.PathLike, bytes, bytearray, onnx.ModelProto)):
         raise ArgumentError(
             f"model_or_path={type(model_or_path).__name__}: use an ONNX file path (str or pathlib.Path), its bytes "
@@ -263,19 +267,16 @@ def fuse_onnx(
         check_output_path(out_path, force=force, external_data=True)
     model = loaded.model
     adapter = OnnxGraphAdapter(model, infer_shapes(model), interleave=interleave)
-    log = run_rules(adapter)
+    log = run_rules(adapter, rules)
     report = FusionReport.from_log(log, source="onnx")
     if log.applied:
-        report.set_lowerings(lower_sites(
-            adapter, name_of=adapter.site_name, shape_of=lambda branch: adapter.input_shape(str(branch.inputs[0])),
-            backend="onnxruntime", lowering=lowering, single_conv=single_conv, asymmetric_pads=True,
-            refusal=adapter.lowering_refusal,
-        ))
+        report.set_lowerings(lower_sites(adapter, site_names=log.site_names, backend="onnxruntime",
+                                         lowering=lowering, single_conv=single_conv))
     if not log.applied:
         fused = model
         report.notes.append(NO_SITES_NOTE)
     else:
-        fused = adapter.to_model()
+        fused = adapter.finalize()
         _check(fused)
         if verify:
             report.max_abs_error, report.max_rel_error = compare_onnx(model, fused, example_inputs, report.notes)

@@ -3,7 +3,7 @@
 After the rules reach their fixpoint every X-volution site is one conv over
 ``interleave_groups([x, T(x)])`` (the "channel" lowering). ``lower_sites`` then
 picks, per site, the lowering to deploy (``xvol_compiler.lowering``) and
-re-emits the site through the adapter's ``apply``:
+re-emits the site through the adapter's ``relower``:
 
 ``lowering="auto"`` (the default)
     a deterministic rule, no timing: the table of
@@ -50,7 +50,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -60,7 +60,7 @@ from xvol_compiler.files import PathLike, atomic_write_json, written_now
 from xvol_compiler.fold import Branch, FoldError
 from xvol_compiler.lowering import LOWERINGS, LoweringChoice, check_lowering
 from xvol_compiler.lowering_table import rule_entry, site_class
-from xvol_compiler.rules import Rewrite
+from xvol_compiler.rules import GraphAdapter, Key
 
 __all__ = [
     "BACKENDS",
@@ -86,12 +86,6 @@ _CACHE_PATH: contextvars.ContextVar[Path | None] = contextvars.ContextVar("xvol_
 
 class LoweringCacheError(XvolError, ValueError):
     """The lowering cache file cannot be read as one (the message names the file and the fix)."""
-
-
-class LoweringAdapter(Protocol):
-    def sites(self) -> list[tuple[Any, Branch]]: ...
-
-    def apply(self, rewrite: Rewrite) -> None: ...
 
 
 LoweringOption = str | Mapping[str, str]
@@ -356,38 +350,35 @@ def choose_lowering(
 
 
 def lower_sites(
-    adapter: LoweringAdapter,
+    adapter: GraphAdapter[object],
     *,
-    name_of: Callable[[Any], str],
-    shape_of: Callable[[Branch], Sequence[object] | None],
+    site_names: Mapping[Key, tuple[str, ...]] | None = None,
     backend: str = "eager",
     lowering: LoweringOption = "auto",
     single_conv: bool = True,
-    asymmetric_pads: bool = False,
-    refusal: Callable[[Branch, str], str | None] | None = None,
     prefix: str = "",
     cache_path: PathLike | None = None,
 ) -> dict[str, LoweringChoice]:
-    """Choose each fused site's lowering and re-emit the sites that do not stay "channel"; name -> choice.
+    """Choose each fused site's lowering and re-emit (``adapter.relower``) the sites that do not stay
+    "channel"; name -> choice.
 
-    ``lowering`` may map site names (``prefix`` + the graph's name) to lowerings: how a saved fused
-    model is rebuilt with the lowerings it was saved with. ``cache_path``: the cache file of
+    ``site_names``: the sites each created conv carries (``RewriteLog.site_names``): a site is named after
+    its X-volution rewrite, and later rewrites (conv+BN after it, an added branch) may name its conv after
+    another conv. ``lowering`` may map site names (``prefix`` + the graph's name) to lowerings: how a saved
+    fused model is rebuilt with the lowerings it was saved with. ``cache_path``: the cache file of
     ``lowering="measure"`` (:func:`lowering_cache_path`).
     """
     validate_options(backend, lowering, single_conv)
-    # A site is named after its X-volution rewrite (the adapters track it): later rewrites (conv+BN after
-    # it, an added branch) may name its conv after another conv.
-    site_names = getattr(adapter, "site_names", {})
+    site_names = {} if site_names is None else site_names
     choices: dict[str, LoweringChoice] = {}
     emitted = False
     for key, branch in adapter.sites():
-        carried = site_names.get(key) or (name_of(key),)
+        carried = site_names.get(key) or (adapter.site_name(key),)
         name = carried[0]
         choice = choose_lowering(
             branch, backend=backend, lowering=site_option(lowering, prefix + name), single_conv=single_conv,
-            input_shape=shape_of(branch),
-            asymmetric_pads=asymmetric_pads,
-            refusal=None if refusal is None else (lambda name, branch=branch: refusal(branch, name)),
+            input_shape=adapter.input_shape(branch), asymmetric_pads=adapter.asymmetric_pads,
+            refusal=lambda name, branch=branch: adapter.lowering_refusal(branch, name),  # type: ignore[misc]
             cache_path=cache_path,
         )
         for site in carried:  # (sites merged into one conv share it)
@@ -395,8 +386,6 @@ def lower_sites(
         if choice.lowering != "channel":
             if emitted:  # an earlier re-emission may have replaced this site's input (chained sites)
                 branch = dict(adapter.sites()).get(key, branch)
-            adapter.apply(Rewrite(rule="lowering", kind="x-volution", name=name, anchor=key, output=key,
-                                  replaced=(key,), branch=branch, params_before=0, macs_before=None,
-                                  macs_after=None, lowering=choice.lowering))
+            adapter.relower(key, branch, choice.lowering)  # type: ignore[arg-type]
             emitted = True
     return choices

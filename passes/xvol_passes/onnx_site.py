@@ -1,7 +1,7 @@
 """A one-site ONNX model per lowering candidate, for measuring it in onnxruntime.
 
 The model takes the site's inputs ``[x, T(x)]`` as graph inputs and computes
-the site's conv in the candidate lowering, emitted by ``OnnxGraphAdapter.apply``
+the site's conv in the candidate lowering, emitted by ``OnnxGraphAdapter.relower``
 (the same code that writes fused models), so what is measured is what is deployed.
 """
 
@@ -15,7 +15,6 @@ import torch
 from onnx import TensorProto, helper
 
 from xvol_compiler.fold import Branch
-from xvol_compiler.rules import Rewrite
 from xvol_passes.onnx_graph import OnnxGraphAdapter
 
 __all__ = ["one_site_model", "one_site_session"]
@@ -41,9 +40,8 @@ def one_site_model(branch: Branch, lowering: str, shape: tuple[int, ...], opset:
     adapter = OnnxGraphAdapter(model)
     adapter.view()
     site = Branch(tuple(names), branch.channels, g, branch.weight, branch.bias)
-    adapter.apply(Rewrite(rule="lowering", kind="x-volution", name="site", anchor="y", output="y", replaced=("y",),
-                          branch=site, params_before=0, macs_before=None, macs_after=None, lowering=lowering))
-    return adapter.to_model()
+    adapter.relower("y", site, lowering)  # type: ignore[arg-type]
+    return adapter.finalize()
 
 
 def one_site_session(branch: Branch, lowering: str, shape: tuple[int, ...]) -> tuple[Any, list[str]]:
