@@ -27,13 +27,13 @@ from torch import nn
 from xvol_compiler import fuse, xvolify
 from xvol_compiler.io import build_model
 from xvol_compiler.measure import Latency, PeakMemory, count_macs, count_params, interleaved_latency, max_error
+from xvol_compiler.onnx_verify import onnx_session
 from xvol_compiler.ops import XVolution
-from xvol_compiler.verify import onnx_session
+from xvol_compiler.options import BACKENDS
 from xvol_passes.fuse_onnx import export_onnx, fuse_onnx
 
 __all__ = ["BACKENDS", "VARIANTS", "Prepared", "prepare", "prepare_onnx", "time_backend"]
 
-BACKENDS = ("eager", "compile", "onnxruntime")
 VARIANTS = ("original", "unfused", "fused")
 
 
