@@ -295,7 +295,7 @@ def test_cli_single_output_commands_check_before_loading(
     def no_work(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded before the output was checked")
 
-    monkeypatch.setattr("xvol_compiler.cli._load", no_work)
+    monkeypatch.setattr("xvol_compiler.cli.common.load_model_arg", no_work)
     out = unwritable / ("out.png" if command == "graph" else "out.onnx" if command == "export" else "out.pt")
     code, err = run_cli(capsys, command, "resnet18", *SMALL, "-o", out)
     assert code == 1

@@ -247,7 +247,8 @@ def _to_float64(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.double() if value.is_floating_point() else value
     if isinstance(value, Mapping):
-        return type(value)({k: _to_float64(v) for k, v in value.items()})
+        rebuild: Any = type(value)  # the mapping's own class (a dict, an OrderedDict ...)
+        return rebuild({k: _to_float64(v) for k, v in value.items()})
     if isinstance(value, tuple):
         return tuple(_to_float64(v) for v in value)
     if isinstance(value, list):

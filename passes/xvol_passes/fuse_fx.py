@@ -175,8 +175,9 @@ def fuse_with_report(
                               single_conv=single_conv)
     if not graph_form:
         # Every path a replacement changed: what a fused checkpoint records (passes/xvol_passes/fused_record.py).
-        target.xvol_fused_modules = fused_paths(model, replacements)
-    target.xvol_fusion_report = report
+        setattr(target, "xvol_fused_modules", fused_paths(model, replacements))  # noqa: B010 (see below)
+    # setattr: nn.Module types its attributes as tensors or modules.
+    setattr(target, "xvol_fusion_report", report)  # noqa: B010
     log.info("%s", report.summary())
     return target, report
 
@@ -255,6 +256,7 @@ def _verify_exercised(model: nn.Module, example: tuple[Any, ...], report: Fusion
             "output has no finite value on the example input"
         )
         return
+    fused_probe: nn.Module
     if replacements is None:
         fused_probe, _ = _fuse_graph_form(probe, example, inplace=True, backend=backend, lowering=lowering,
                                           single_conv=single_conv)

@@ -208,7 +208,7 @@ def xvolify_with_report(
             + " call qualifies (SiteSelection.shared_calls)"
         ),
     )
-    target.xvol_report = report
+    setattr(target, "xvol_report", report)  # noqa: B010 (nn.Module types its attributes as tensors or modules)
     return target, report
 
 
