@@ -78,7 +78,7 @@ def build(name: str, size: int) -> tuple[nn.Module, nn.Module]:
 def session(model: onnx.ModelProto, threads: int, profile_prefix: str | None = None) -> Any:
     """A CPU onnxruntime session, all graph optimizations; with onnxruntime's profiler on when
     ``profile_prefix`` is given (its file starts with that path)."""
-    from xvol_compiler.verify import onnx_session
+    from xvol_compiler.onnx_verify import onnx_session
 
     return onnx_session(model, threads=threads, profile_prefix=profile_prefix)
 

@@ -50,8 +50,8 @@ from xvol_compiler.files import (
 from xvol_compiler.io import InputError, ModelSpec, save_model, torchvision_model
 from xvol_compiler.measure import count_macs, count_params, interleaved_latency, machine_info, max_error
 from xvol_compiler.onnx_io import save_onnx
+from xvol_compiler.onnx_verify import onnx_session
 from xvol_compiler.report import format_count
-from xvol_compiler.verify import onnx_session
 from xvol_passes.fuse_onnx import export_onnx, fuse_onnx
 
 ARTIFACTS = ("fused.pt", "unfused.pt", "fused.onnx", "report.json", "report.txt")

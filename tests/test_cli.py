@@ -205,3 +205,65 @@ def test_bench_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert data["machine"]["torch"]
     code, _, err = run(capsys, "bench", "resnet18", "--backend", "tensorrt")
     assert_one_line_error(code, err, "tensorrt")
+
+
+# --------------------------------------------------------------------------- errors: the package's, by type
+
+
+def test_a_bad_option_is_the_package_error_on_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "xvolify", "resnet18", *SMALL, "--shift", "0", "-o", tmp_path / "x.pt")
+    assert code == 1
+    assert_one_line_error(code, err, "shift=0", "use an int >= 1")
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_package_errors_are_one_line_and_bugs_keep_their_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from xvol_compiler.errors import XvolError
+    from xvol_compiler.io import InputError
+
+    raised: list[BaseException] = [
+        XvolError("the checkpoint holds no model: write it with xvol xvolify"),
+        InputError("resnet99 is not a model: did you mean resnet50?"),  # a package error not derived yet
+        PermissionError(13, "Permission denied", "/root/model.pt"),
+    ]
+    for error in raised:
+        def load(args: object, error: BaseException = error) -> None:
+            raise error
+
+        monkeypatch.setattr("xvol_compiler.cli.common.load_model_arg", load)
+        code, out, err = run(capsys, "sites", "resnet18")
+        assert_one_line_error(code, err, str(error).split(":")[0])
+        assert code == 1 and out == ""
+        with pytest.raises(type(error)):  # --traceback: the error itself, with its traceback
+            main(["--traceback", "sites", "resnet18"])
+
+    def buggy(args: object) -> object:
+        return {}["input_size"]  # a failing expression, not an error the package raises on purpose
+
+    monkeypatch.setattr("xvol_compiler.cli.common.load_model_arg", buggy)
+    with pytest.raises(KeyError):
+        main(["sites", "resnet18"])
+    monkeypatch.setattr("xvol_compiler.cli.common.load_model_arg", lambda args: torch_failure())
+    with pytest.raises(RuntimeError, match="is invalid for input of size 2"):
+        main(["sites", "resnet18"])
+
+
+def torch_failure() -> None:
+    import torch
+
+    torch.zeros(2).view(3)  # RuntimeError from torch: a bug of the caller, not a package error
+
+
+def test_is_package_error_by_type_and_origin() -> None:
+    from xvol_compiler.arguments import check_bool
+    from xvol_compiler.cli.errors import is_package_error
+    from xvol_compiler.errors import VerificationError
+
+    assert is_package_error(VerificationError("x")) and is_package_error(FileNotFoundError("x"))
+    for bad in (RuntimeError("x"), ValueError("raised by the test, not the package")):
+        assert not is_package_error(bad)
+    with pytest.raises(ValueError) as info:  # ArgumentError: a package class (not derived from XvolError yet)
+        check_bool("verify", "yes")
+    assert is_package_error(info.value)

@@ -295,7 +295,7 @@ def test_cli_single_output_commands_check_before_loading(
     def no_work(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded before the output was checked")
 
-    monkeypatch.setattr("xvol_compiler.cli._load", no_work)
+    monkeypatch.setattr("xvol_compiler.cli.common.load_model_arg", no_work)
     out = unwritable / ("out.png" if command == "graph" else "out.onnx" if command == "export" else "out.pt")
     code, err = run_cli(capsys, command, "resnet18", *SMALL, "-o", out)
     assert code == 1
@@ -353,8 +353,9 @@ def test_cli_fuse_onnx_failing_report_writes_no_model(
         raise RuntimeError("report cannot be rendered")
 
     monkeypatch.setattr("xvol_compiler.fusion_report.FusionReport.to_dict", failing)
-    code, err = run_cli(capsys, "fuse-onnx", src, "-o", tmp_path / "out.onnx", "--report", tmp_path / "r.json")
-    assert code == 1 and "report cannot be rendered" in err
+    # An unexpected exception is a bug: the command lets it through with its traceback, and writes nothing.
+    with pytest.raises(RuntimeError, match="report cannot be rendered"):
+        run_cli(capsys, "fuse-onnx", src, "-o", tmp_path / "out.onnx", "--report", tmp_path / "r.json")
     assert leftovers(tmp_path) == ["in.onnx"]
     monkeypatch.undo()
     code, err = run_cli(capsys, "fuse-onnx", src, "-o", tmp_path / "out.onnx", "--report", tmp_path / "r.json")

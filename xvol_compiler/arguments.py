@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from xvol_compiler.errors import XvolError
 
@@ -152,7 +153,7 @@ def check_example_inputs(value: Any, *, optional: bool = True) -> None:
 def check_initialized(model: nn.Module, what: str = "the model") -> None:
     """Refuse a model with uninitialised lazy parameters (``nn.LazyConv2d`` before its first forward)."""
     lazy = [name for name, p in (*model.named_parameters(), *model.named_buffers())
-            if isinstance(p, nn.parameter.UninitializedTensorMixin)]
+            if is_lazy(p)]
     if lazy:
         shown = ", ".join(lazy[:4]) + (f" and {len(lazy) - 4} more" if len(lazy) > 4 else "")
         raise ArgumentError(

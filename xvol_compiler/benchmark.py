@@ -14,6 +14,7 @@ recorded; latency is measured interleaved (:func:`measure.interleaved_latency`).
 from __future__ import annotations
 
 import copy
+import functools
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -27,13 +28,13 @@ from torch import nn
 from xvol_compiler import fuse, xvolify
 from xvol_compiler.io import build_model
 from xvol_compiler.measure import Latency, PeakMemory, count_macs, count_params, interleaved_latency, max_error
-from xvol_compiler.verify import onnx_session
+from xvol_compiler.onnx_verify import onnx_session
+from xvol_compiler.options import BACKENDS
 from xvol_compiler.xvolution import XVolution
 from xvol_passes.fuse_onnx import export_onnx, fuse_onnx
 
 __all__ = ["BACKENDS", "VARIANTS", "Prepared", "prepare", "prepare_onnx", "time_backend"]
 
-BACKENDS = ("eager", "compile", "onnxruntime")
 VARIANTS = ("original", "unfused", "fused")
 
 
@@ -43,7 +44,7 @@ class Prepared:
 
     name: str
     device: torch.device
-    input_size: tuple[int, int, int]
+    input_size: tuple[int, ...]
     models: dict[str, nn.Module]
     sites: list[str]
     selection: str
@@ -179,6 +180,10 @@ def prepare_onnx(p: Prepared, *, rtol: float = 1e-4, opset: int | None = None, l
     p.onnx_paths = {v: out / f"{v}.onnx" for v in VARIANTS}
 
 
+def _first_output(session: Any, feeds: dict[str, Any]) -> Any:
+    return session.run(None, feeds)[0]
+
+
 def _ort_session(path: Path, device: torch.device) -> Any:
     return onnx_session(path, threads=torch.get_num_threads(), cuda=device.type == "cuda")
 
@@ -201,11 +206,10 @@ def time_backend(
     fns: dict[str, Callable[[], Any]] = {}
     if backend == "eager":
         for v in VARIANTS:
-            fns[v] = lambda m=p.models[v]: m(x)
+            fns[v] = functools.partial(p.models[v], x)
     elif backend == "compile":
         for v in VARIANTS:
-            compiled = torch.compile(p.models[v])
-            fns[v] = lambda m=compiled: m(x)
+            fns[v] = functools.partial(torch.compile(p.models[v]), x)
     else:
         if not p.onnx_paths:
             raise ValueError("onnxruntime timing needs prepare_onnx() first")
@@ -213,7 +217,7 @@ def time_backend(
         for v in VARIANTS:
             session = _ort_session(p.onnx_paths[v], p.device)
             name = session.get_inputs()[0].name
-            fns[v] = lambda s=session, n=name: s.run(None, {n: xn})[0]
+            fns[v] = functools.partial(_first_output, session, {name: xn})
     errors: dict[str, float] = {}
     with torch.inference_mode():
         outs = {v: fn() for v, fn in fns.items()}  # also the first (compiling) call

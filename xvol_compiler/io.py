@@ -71,7 +71,7 @@ class InputError(XvolError, ValueError):
 
 def classification_model_names() -> list[str]:
     """Every torchvision classification model name (``torchvision.models.list_models``)."""
-    import torchvision
+    import torchvision  # type: ignore[import-untyped]
 
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
@@ -354,8 +354,9 @@ def load_model(
     if not looks_like_file:
         model = build_model(text, num_classes=num_classes)
         size = list(input_size) if input_size else model_input_size(model) or [3, 224, 224]
-        if num_classes is None and model_kind(text) == "timm" and isinstance(getattr(model, "num_classes", None), int):
-            num_classes = model.num_classes  # what timm built: recorded, so a rebuild gets the same head
+        built_head = getattr(model, "num_classes", None)
+        if num_classes is None and model_kind(text) == "timm" and isinstance(built_head, int):
+            num_classes = built_head  # what timm built: recorded, so a rebuild gets the same head
         return model, ModelSpec(model=text, num_classes=num_classes, input_size=size)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
@@ -364,7 +365,8 @@ def load_model(
     from xvol_compiler.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
 
     obj = read_checkpoint(path)
-    meta = obj.get("metadata") if isinstance(obj.get("metadata"), Mapping) else {}
+    metadata = obj.get("metadata")
+    meta: Mapping[str, Any] = metadata if isinstance(metadata, Mapping) else {}
     if META_KEY not in meta:
         raise InputError(
             f"{path} has no '{META_KEY}' metadata saying which model it holds; "

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 from onnx import external_data_helper, numpy_helper
 
 from xvol_compiler.arguments import (
@@ -421,8 +421,9 @@ def export_onnx(
                     n_out = len(result) if isinstance(result, (tuple, list)) else 1
                     outputs = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
                 dynamic_axes = {name: {0: "batch"} for name in [*input_names, *outputs]}
+            # (the TorchScript exporter writes to a file-like object too; the annotation says a path)
             torch.onnx.export(
-                model, args, buffer, dynamo=False, opset_version=opset, input_names=list(input_names),
+                model, args, buffer, dynamo=False, opset_version=opset, input_names=list(input_names),  # type: ignore[arg-type]
                 output_names=outputs, dynamic_axes=dynamic_axes, do_constant_folding=True,
             )
             proto = onnx.load_from_string(buffer.getvalue())

@@ -34,8 +34,8 @@ One rule for every check in the package (``fuse``, ``fuse_onnx``, ``xvol verify`
   on the outputs of ``backbone`` and ``head`` / ``rpn.head``, before
   post-processing (score threshold, top-k, non-maximum suppression turn
   rounding into different box sets).
-- :func:`onnx_session`: the one onnxruntime session set-up (CPU, quiet logs,
-  thread pools without spinning, models over 2 GiB through external data).
+- ONNX models are run and compared by :mod:`xvol_compiler.onnx_verify` (``onnx_session``, still importable
+  from here, ``random_inputs``, ``run_onnx``, ``compare_onnx``) with the same rule.
 
 An untrained X-volution site computes nothing in its attention branch (its
 BatchNorm's gamma is 0), so a check of such a model says nothing about how the
@@ -46,17 +46,17 @@ gives a copy in which it does.
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from xvol_compiler.errors import VerificationError
+
+if TYPE_CHECKING:
+    from xvol_compiler.onnx_verify import onnx_session
 
 __all__ = [
     "DEFAULT_RTOL",
@@ -249,7 +249,8 @@ def _to_float64(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.double() if value.is_floating_point() else value
     if isinstance(value, Mapping):
-        return type(value)({k: _to_float64(v) for k, v in value.items()})
+        rebuild: Any = type(value)  # the mapping's own class (a dict, an OrderedDict ...)
+        return rebuild({k: _to_float64(v) for k, v in value.items()})
     if isinstance(value, tuple):
         return tuple(_to_float64(v) for v in value)
     if isinstance(value, list):
@@ -439,61 +440,10 @@ def verify_model(reference: Reference, model: nn.Module, inputs: tuple[Any, ...]
     return verify_outputs(reference, output, candidate_stages=captured, rtol=rtol, atol=atol, name=name)
 
 
-# ---------------------------------------------------------------------------
-# onnxruntime
-# ---------------------------------------------------------------------------
+def __getattr__(name: str) -> Any:
+    # onnx_session moved to the ONNX half of the verify layer; loaded on use so that this module needs no onnx.
+    if name == "onnx_session":
+        from xvol_compiler.onnx_verify import onnx_session
 
-
-def onnx_session(
-    model: Any,
-    *,
-    threads: int | None = None,
-    optimize: bool = True,
-    cuda: bool = False,
-    profile_prefix: str | None = None,
-) -> Any:
-    """An onnxruntime ``InferenceSession`` for a ``ModelProto``, serialized bytes or a path.
-
-    CPU execution provider (CUDA first when ``cuda`` and available), one
-    inter-op thread, ``threads`` intra-op threads (None: onnxruntime's
-    default), thread pools that do not spin between runs
-    (``session.intra_op.allow_spinning`` and ``session.inter_op.allow_spinning``
-    ``"0"``: a spinning pool steals the cores of the next session), all graph
-    optimizations unless ``optimize=False``, warnings off, onnxruntime's
-    profiler on when ``profile_prefix`` is given. A ``ModelProto`` too large
-    for one protobuf is handed over through a temporary file with external data.
-    """
-    import onnx
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    # Thread pools that spin after a run steal the cores of the next session that runs (several sessions
-    # interleaved in one process: 22.6 ms against 5.9 ms without spinning, issue 23).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    options.log_severity_level = 3
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if profile_prefix is not None:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile_prefix
-    providers = ["CPUExecutionProvider"]
-    if cuda and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    if isinstance(model, onnx.ModelProto):
-        from xvol_compiler.files import written_now
-        from xvol_compiler.onnx_io import PROTOBUF_LIMIT, model_data_bytes, save_onnx
-
-        if model_data_bytes(model) > PROTOBUF_LIMIT - 2**26:
-            with tempfile.TemporaryDirectory(prefix="xvol-session-") as tmp:
-                path = Path(tmp) / "model.onnx"
-                with written_now():  # read back at once, even while a command's own outputs are held back
-                    save_onnx(model, path, external_data=True, force=True)
-                return ort.InferenceSession(str(path), options, providers=providers)
-        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
-    if isinstance(model, (bytes, bytearray)):
-        return ort.InferenceSession(bytes(model), options, providers=providers)
-    return ort.InferenceSession(os.fspath(model), options, providers=providers)
+        return onnx_session
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,10 +21,11 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from xvol_compiler.arguments import ArgumentError, check_bool, check_example_inputs, check_module, check_tolerance
+from xvol_compiler.arguments import ArgumentError, check_example_inputs, check_module
 from xvol_compiler.attention_probe import GAMMA_RANGE, has_silent_attention, with_exercised_attention
 from xvol_compiler.errors import VerificationError, XvolError
 from xvol_compiler.fusion_report import FusionReport
+from xvol_compiler.options import FuseOptions, merge
 from xvol_compiler.rules import RuleSet, run_rules
 from xvol_compiler.training_flags import training_sensitive_modules
 from xvol_compiler.verify import OutputMismatchError, reference_run, verify_model
@@ -34,7 +35,15 @@ from xvol_passes.fx_graph import FxAdapter, hoist_ring_kernels
 from xvol_passes.fx_norm_act import trace_with_norm_acts_split
 from xvol_passes.lower import LoweringOption, lower_sites, validate_options
 
-__all__ = ["FusedSubmoduleError", "FusionError", "FusionVerificationError", "fuse", "fuse_graph", "fuse_with_report"]
+__all__ = [
+    "FuseOptions",
+    "FusedSubmoduleError",
+    "FusionError",
+    "FusionVerificationError",
+    "fuse",
+    "fuse_graph",
+    "fuse_with_report",
+]
 
 log = logging.getLogger(__name__)
 
@@ -101,26 +110,22 @@ def fuse_with_report(
     atol: float | None = None,
     rtol: float | None = None,
     inplace: bool = False,
-    backend: str = "eager",
+    backend: str | None = None,
     lowering: LoweringOption = "auto",
     single_conv: bool = True,
     graph: bool | None = None,
     skip: Collection[str] = (),
+    options: FuseOptions | None = None,
 ) -> tuple[nn.Module, FusionReport]:
     """``fuse`` that also returns the report."""
-    validate_options(backend, lowering, single_conv)
-    skip = RuleSet.of(skip=skip).skip  # an unknown rule name raises, listing the rules
+    opts = merge(options, FuseOptions, verify=verify, atol=atol, rtol=rtol, inplace=inplace, backend=backend,
+                 lowering=lowering, single_conv=single_conv, graph=graph, skip=skip)
+    verify, atol, rtol, inplace, graph = opts.verify, opts.atol, opts.rtol, opts.inplace, opts.graph
+    skip = RuleSet.of(skip=opts.skip).skip  # an unknown rule name raises, listing the rules
     if isinstance(model, torch.export.ExportedProgram):
-        return _fuse_exported(model, example_inputs=example_inputs, verify=verify, atol=atol, rtol=rtol,
-                              backend=backend, lowering=lowering, single_conv=single_conv, graph=graph)
+        return _fuse_exported(model, example_inputs=example_inputs, graph=graph, options=opts)
     check_module("model", model)
     check_example_inputs(example_inputs)
-    check_bool("verify", verify)
-    check_bool("inplace", inplace)
-    if graph is not None:
-        check_bool("graph", graph)
-    check_tolerance("rtol", rtol, optional=True)
-    check_tolerance("atol", atol, optional=True)
     _check_eval(model)
     graph_form = isinstance(model, fx.GraphModule) if graph is None else graph
     example = _as_tuple(example_inputs) if example_inputs is not None else default_example_inputs(model)
@@ -132,13 +137,18 @@ def fuse_with_report(
                 "the unfused model's output has no finite value on the example input (BatchNorm statistics "
                 "overflow?), so fusion cannot be verified: fix the model, pass other example_inputs, or verify=False"
             )
+    backend = opts.backend_or("eager")
+    lowering, single_conv = opts.lowering, opts.single_conv
     options = {"backend": backend, "lowering": lowering, "single_conv": single_conv, "skip": skip}
     replacements: list[Replacement] = []
+    target: nn.Module
     if graph_form:
-        target, report = _fuse_graph_form(model, example, inplace=inplace, **options)
+        target, report = _fuse_graph_form(model, example, inplace=inplace, backend=backend, lowering=lowering,
+                                          single_conv=single_conv)
     else:
-        target = model if inplace else copy.deepcopy(model)
-        target, report, replacements = fuse_modules(target, example, **options)
+        copied = model if inplace else copy.deepcopy(model)
+        target, report, replacements = fuse_modules(copied, example, backend=backend, lowering=lowering,
+                                                    single_conv=single_conv)
     target.eval()
     if not report.outcomes:
         report.notes.append("no fusable patterns found (no BatchNorm after a conv, no X-volution site)")
@@ -146,11 +156,13 @@ def fuse_with_report(
         _verify(reference, target, example, report, rtol=rtol, atol=atol, inplace=inplace)
         if has_silent_attention(model):
             _verify_exercised(model, example, report, replacements if not graph_form else None,
-                              rtol=rtol, atol=atol, inplace=inplace, **options)
+                              rtol=rtol, atol=atol, inplace=inplace, backend=backend, lowering=lowering,
+                              single_conv=single_conv)
     if not graph_form:
         # Every path a replacement changed: what a fused checkpoint records (passes/xvol_passes/fused_record.py).
-        target.xvol_fused_modules = fused_paths(model, replacements)
-    target.xvol_fusion_report = report
+        setattr(target, "xvol_fused_modules", fused_paths(model, replacements))  # noqa: B010 (see below)
+    # setattr: nn.Module types its attributes as tensors or modules.
+    setattr(target, "xvol_fusion_report", report)  # noqa: B010
     log.info("%s", report.summary())
     return target, report
 
@@ -242,6 +254,7 @@ def _verify_exercised(model: nn.Module, example: tuple[Any, ...], report: Fusion
             "output has no finite value on the example input"
         )
         return
+    fused_probe: nn.Module
     if replacements is None:
         fused_probe, _ = _fuse_graph_form(probe, example, inplace=True, backend=backend, lowering=lowering,
                                           single_conv=single_conv, skip=skip)
@@ -288,11 +301,12 @@ def fuse(
     atol: float | None = None,
     rtol: float | None = None,
     inplace: bool = False,
-    backend: str = "eager",
+    backend: str | None = None,
     lowering: LoweringOption = "auto",
     single_conv: bool = True,
     graph: bool | None = None,
     skip: Collection[str] = (),
+    options: FuseOptions | None = None,
 ) -> nn.Module:
     """Deploy form of ``model``: every fusable site one convolution; report at ``.xvol_fusion_report``.
 
@@ -345,7 +359,7 @@ def fuse(
     The model itself is not changed by the check (it runs in eval mode, without grad).
 
     Each X-volution site is deployed in a lowering (``xvol_compiler.lowering``) for ``backend``
-    ("eager", "compile", "onnxruntime"). ``lowering="auto"``: a deterministic rule, no timing
+    ("eager", "compile", "onnxruntime"; None: "eager"). ``lowering="auto"``: a deterministic rule, no timing
     (``xvol_compiler.lowering_table``: a depthwise site takes "split" with ``single_conv=False``,
     else "spatial"; dense and grouped sites "channel"), so the same model and options always give
     the same structure. ``lowering="measure"`` (opt-in) times the exact candidates on the site's
@@ -359,8 +373,11 @@ def fuse(
     ``skip`` names rules not to apply (``xvol_compiler.rules.RULES``: "conv+bn", "x-volution",
     "branch-sum", "bn-branch", "identity-branch"); an unknown name raises ``UnknownRuleError``
     listing them.
+
+    ``options``: an :class:`~xvol_compiler.options.FuseOptions` holding these options (verify to skip) at
+    once, shared with ``fuse_onnx``; a keyword given a value other than its default replaces the option's value.
     """
     fused, _ = fuse_with_report(model, example_inputs=example_inputs, verify=verify, atol=atol, rtol=rtol,
                                 inplace=inplace, backend=backend, lowering=lowering, single_conv=single_conv,
-                                graph=graph, skip=skip)
+                                graph=graph, skip=skip, options=options)
     return fused

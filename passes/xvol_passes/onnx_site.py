@@ -45,9 +45,9 @@ def one_site_model(branch: Branch, lowering: str, shape: tuple[int, ...], opset:
 
 
 def one_site_session(branch: Branch, lowering: str, shape: tuple[int, ...]) -> tuple[Any, list[str]]:
-    """An onnxruntime CPU session of ``one_site_model`` (torch's thread count, ``verify.onnx_session``:
+    """An onnxruntime CPU session of ``one_site_model`` (torch's thread count, ``onnx_verify.onnx_session``:
     thread pools without spinning) and its input names."""
-    from xvol_compiler.verify import onnx_session
+    from xvol_compiler.onnx_verify import onnx_session
 
     model = one_site_model(branch, lowering, shape)
     session = onnx_session(model, threads=torch.get_num_threads())

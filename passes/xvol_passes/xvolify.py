@@ -19,33 +19,22 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 from torch import fx, nn
 
-from xvol_compiler.arguments import (
-    ArgumentError,
-    check_bool,
-    check_choice,
-    check_directions,
-    check_example_inputs,
-    check_extra_branches,
-    check_module,
-    check_optional_int,
-    check_shift,
-)
+from xvol_compiler.arguments import check_example_inputs, check_module
 from xvol_compiler.deploy import XVolutionDeploy
 from xvol_compiler.fold import FoldError
 from xvol_compiler.global_attention import GlobalAttentionXVolution
+from xvol_compiler.options import Attention, XvolifyOptions, merge
 from xvol_compiler.pssa import Directions, interleave_groups, neighbour_offsets
 from xvol_compiler.report import SiteReport, XvolifyReport
-from xvol_compiler.site_analysis import KINDS, AnalysisMode, ConvInfo, SiteSelectionError, analyze_model
+from xvol_compiler.site_analysis import AnalysisMode, ConvInfo, SiteSelectionError, analyze_model
 from xvol_compiler.site_selection import SiteDecision, as_selection, select_sites
-from xvol_compiler.xvolution import EXTRA_BRANCHES, XVolution
+from xvol_compiler.xvolution import XVolution
 
-__all__ = ["added_cost", "xvolify", "xvolify_with_report"]
-
-Attention = Literal["pssa", "global"]
+__all__ = ["XvolifyOptions", "added_cost", "xvolify", "xvolify_with_report"]
 
 
 def added_cost(
@@ -87,28 +76,11 @@ def added_cost(
     return macs, params
 
 
-def _validate(
-    model: Any, example_inputs: Any, shift: Any, directions: Any, directional: Any, extra_branches: Any,
-    attention: Any, qk_channels: Any, inplace: Any, kind: Any, analysis: Any,
-) -> None:
-    """Every argument checked before any work (analysis runs the model), each error naming its argument."""
+def _validate(model: Any, example_inputs: Any) -> None:
+    """The model and its example checked before any work (analysis runs the model); the options are checked
+    by :class:`XvolifyOptions` itself."""
     check_module("model", model)
     check_example_inputs(example_inputs)
-    check_shift(shift)
-    check_directions(directions)
-    check_bool("directional", directional)
-    check_extra_branches(extra_branches, EXTRA_BRANCHES)
-    if not isinstance(attention, str) or attention not in ("pssa", "global"):
-        raise ArgumentError(f"attention={attention!r}: use 'pssa' (foldable) or 'global' (true self-attention)")
-    check_optional_int("qk_channels", qk_channels, 1)
-    check_bool("inplace", inplace)
-    if kind is not None:
-        check_choice("kind", kind, KINDS)
-    check_choice("analysis", analysis, ("auto", "hooks", "fx"))
-    if attention == "global" and directional:
-        raise ArgumentError("directional=True applies to PSSA only; drop it with attention='global'")
-    if attention == "pssa" and qk_channels is not None:
-        raise ArgumentError("qk_channels applies to attention='global' only")
     _refuse_fused(model)
 
 
@@ -152,12 +124,17 @@ def xvolify_with_report(
     inplace: bool = False,
     kind: str | None = None,
     analysis: AnalysisMode = "auto",
+    options: XvolifyOptions | None = None,
 ) -> tuple[nn.Module, XvolifyReport]:
     """Like :func:`xvolify`, returning ``(model, report)``."""
-    _validate(model, example_inputs, shift, directions, directional, extra_branches, attention, qk_channels,
-              inplace, kind, analysis)
+    opts = merge(options, XvolifyOptions, shift=shift, directions=directions, directional=directional,
+                 extra_branches=extra_branches, attention=attention, qk_channels=qk_channels, inplace=inplace,
+                 kind=kind, analysis=analysis)
+    _validate(model, example_inputs)
+    shift, directions, directional = opts.shift, opts.directions, opts.directional
+    extra_branches, attention, qk_channels = opts.extra_branches, opts.attention, opts.qk_channels
     selection = as_selection(sites)
-    found = analyze_model(model, example_inputs, kind=kind, analysis=analysis)
+    found = analyze_model(model, example_inputs, kind=opts.kind, analysis=opts.analysis)
 
     def cost(info: ConvInfo) -> tuple[int, int]:
         return added_cost(info, directions=directions, directional=directional, extra_branches=extra_branches,
@@ -165,7 +142,7 @@ def xvolify_with_report(
 
     decisions = select_sites(model, found, selection, cost=cost)
     try:
-        target = model if inplace else copy.deepcopy(model)
+        target = model if opts.inplace else copy.deepcopy(model)
     except Exception as err:
         raise RuntimeError(
             f"cannot copy {type(model).__name__} ({type(err).__name__}: {err}); pass inplace=True to modify it"
@@ -220,7 +197,7 @@ def xvolify_with_report(
             + " call qualifies (SiteSelection.shared_calls)"
         ),
     )
-    target.xvol_report = report
+    setattr(target, "xvol_report", report)  # noqa: B010 (nn.Module types its attributes as tensors or modules)
     return target, report
 
 
@@ -260,6 +237,7 @@ def xvolify(
     inplace: bool = False,
     kind: str | None = None,
     analysis: AnalysisMode = "auto",
+    options: XvolifyOptions | None = None,
 ) -> nn.Module:
     """Insert X-volution at the selected conv sites of ``model``; returns the model (a copy unless ``inplace``).
 
@@ -279,6 +257,9 @@ def xvolify(
     new parameters are frozen where the conv's weight is frozen, else
     trainable. Build the optimizer after xvolify.
 
+    ``options``: an :class:`~xvol_compiler.options.XvolifyOptions` holding these options (shift to analysis)
+    at once; a keyword given a value other than its default replaces the option's value.
+
     The result has ``result.xvol_report`` (an :class:`XvolifyReport`; ``print``
     it). Raises :class:`SiteSelectionError` when a name is unknown or nothing
     is selected; the caller's model is then untouched.
@@ -286,6 +267,6 @@ def xvolify(
     result, _ = xvolify_with_report(
         model, sites, example_inputs=example_inputs, shift=shift, directions=directions, directional=directional,
         extra_branches=extra_branches, attention=attention, qk_channels=qk_channels, inplace=inplace, kind=kind,
-        analysis=analysis,
+        analysis=analysis, options=options,
     )
     return result
