@@ -45,7 +45,7 @@ EXCEPTIONS = _defined_exceptions()
 def test_the_walk_finds_the_package_errors() -> None:
     # The walk really reaches both packages: a broken walk would make the next test pass vacuously.
     for name in ("xvol_compiler.fold.FoldError", "xvol_passes.fuse_fx.FusionError",
-                 "xvol_passes.fuse_onnx.OnnxVerificationError", "xvol_compiler.errors.XvolError"):
+                 "xvol_compiler.onnx_verify.OnnxVerificationError", "xvol_compiler.errors.XvolError"):
         assert name in EXCEPTIONS
     assert len(EXCEPTIONS) >= 18
 
@@ -62,7 +62,7 @@ def test_every_package_exception_derives_from_xvol_error(name: str) -> None:
 @pytest.mark.parametrize("name", [
     "xvol_compiler.verify.OutputMismatchError",
     "xvol_passes.fuse_fx.FusionVerificationError",
-    "xvol_passes.fuse_onnx.OnnxVerificationError",
+    "xvol_compiler.onnx_verify.OnnxVerificationError",
 ])
 def test_verification_errors_share_one_parent(name: str) -> None:
     cls = EXCEPTIONS[name]
