@@ -326,6 +326,8 @@ def _given_kernel(kernel: Tensor, ndim: int, channels: int, x: Tensor) -> Tensor
 
 
 PSSA_RING = "pssa_ring"
+# Persistent per-channel buffer of a deploy module rescaled for INT8 (xvol_compiler.int8), registered only then.
+T_SCALE = "t_scale"
 
 
 def pssa_ring_buffer(
@@ -361,6 +363,10 @@ def refill_ring(module: nn.Module) -> None:
         return
     ndim = ring.dim() - 2
     values = pssa_kernel(ndim, module.directions, False, ring.shape[0], torch.float64)
+    scale = module._buffers.get(T_SCALE)
+    if scale is not None and scale.device.type != "meta":
+        # The INT8 rescale's per-channel s (xvol_compiler.int8): the ring of channel c holds s_c / |D|.
+        values = values * scale.detach().to(device=values.device, dtype=torch.float64).reshape(-1, *(1,) * (ndim + 1))
     with torch.no_grad():
         ring.copy_(values)
 
@@ -682,6 +688,12 @@ class XVolution(nn.Module):
             self.conv_bn = bn
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # An INT8-rescaled checkpoint holds t_scale (its weights are rescaled too); a plain one does not.
+        ring = site_ring(self)
+        if prefix + T_SCALE in state_dict and T_SCALE not in self._buffers and ring is not None:
+            self.register_buffer(T_SCALE, torch.ones(ring.shape[0], device=ring.device, dtype=ring.dtype))
+        elif prefix + T_SCALE not in state_dict and prefix + "conv.weight" in state_dict:
+            self._buffers.pop(T_SCALE, None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         refill_ring(self)  # a meta-built model after to_empty(): the checkpoint does not hold the ring
 
@@ -982,6 +994,12 @@ class XVolutionDeploy(nn.Module):
         self._build(w, torch.zeros(g.out_channels, device=device, dtype=dtype))
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # An INT8-rescaled checkpoint holds t_scale (its weights are rescaled too); a plain one does not.
+        ring = site_ring(self)
+        if prefix + T_SCALE in state_dict and T_SCALE not in self._buffers and ring is not None:
+            self.register_buffer(T_SCALE, torch.ones(ring.shape[0], device=ring.device, dtype=ring.dtype))
+        elif prefix + T_SCALE not in state_dict and prefix + "conv.weight" in state_dict:
+            self._buffers.pop(T_SCALE, None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         refill_ring(self)  # a meta-built model after to_empty(): the checkpoint does not hold the ring
 
