@@ -20,6 +20,7 @@ rebuilt from it on ``load_state_dict``), so it survives a checkpoint. The ONNX c
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +37,7 @@ __all__ = [
     "rescale_deploy",
     "rescale_fused_model",
     "rescale_t_columns",
+    "rescale_t_taps",
     "scale_ring",
     "t_column_divisor",
     "t_scale_from_ranges",
@@ -117,6 +119,21 @@ def rescale_t_columns(weight: Tensor, s: Tensor, groups: int, x_channels: int) -
     return scaled.to(weight.dtype)
 
 
+def rescale_t_taps(weight: Tensor, s: Tensor, groups: int, t_slot: int = 1, factor: int = 2) -> Tensor:
+    """``weight`` (O, C/g, *K[:-1], factor * K_w) of the spatial lowering (``interleave_spatial([x, T])``,
+    ``lowering.spatial_weight``: tap ``factor * t + j`` reads input ``j``) with the taps that read T
+    (``j = t_slot``) of channel c divided by ``s[c]``: the same conv over ``[x, s * T]``."""
+    c_out, c = weight.shape[0], weight.shape[1]
+    if s.numel() != groups * c or c_out % groups or weight.shape[-1] % factor:
+        raise RescaleError(f"spatial-lowering weight of shape {tuple(weight.shape)} does not read {s.numel()} "
+                           f"channels of T(x) in {groups} group(s) with {factor} inputs per tap")
+    per_column = s.to(torch.float64).reshape(groups, c).repeat_interleave(c_out // groups, dim=0)  # (O, C/g)
+    reads_t = (torch.arange(weight.shape[-1], device=weight.device) % factor) == t_slot
+    divisor = torch.where(reads_t, per_column.unsqueeze(-1), 1.0)  # (O, C/g, factor * K_w)
+    shaped = divisor.reshape(c_out, c, *(1,) * (weight.dim() - 3), weight.shape[-1])
+    return (weight.to(torch.float64) / shaped).to(weight.dtype)
+
+
 # ----------------------------------------------------------------------------- deploy modules
 
 
@@ -131,9 +148,9 @@ def _ring_of(name: str, module: XVolutionDeploy) -> Tensor:
         raise RescaleError(
             f"site {name!r} computes T(x) without a ring conv (directional, or 3-D with shift > 1): the rescale "
             "folds s into the ring kernel; keep this site unrescaled or fuse it with lowering='split'")
-    if module.lowering not in ("channel", "split"):
-        raise RescaleError(f"site {name!r} uses the {module.lowering!r} lowering; the rescale supports 'channel' "
-                           "and 'split': fuse with lowering='channel'")
+    if module.lowering not in ("channel", "split", "spatial"):
+        raise RescaleError(f"site {name!r} uses the {module.lowering!r} lowering, which the rescale does not "
+                           "know: fuse with lowering='channel'")
     return ring
 
 
@@ -148,11 +165,14 @@ def rescale_deploy(module: XVolutionDeploy, s: Tensor, name: str = "site") -> No
     module.register_buffer(T_SCALE, total.to(ring.dtype))
     refill_ring(module)
     g = module.site_geometry
+    weight = cast(Tensor, module.conv.weight if module.lowering != "split" else module.conv_attn.weight)
     with torch.no_grad():
         if module.lowering == "channel":
-            module.conv.weight.copy_(rescale_t_columns(module.conv.weight, s, g.groups, g.in_channels))
-        else:
-            module.conv_attn.weight.copy_(rescale_t_columns(module.conv_attn.weight, s, g.groups, 0))
+            weight.copy_(rescale_t_columns(weight, s, g.groups, g.in_channels))
+        elif module.lowering == "spatial":
+            weight.copy_(rescale_t_taps(weight, s, g.groups))
+        else:  # split: conv_attn reads T(x) alone
+            weight.copy_(rescale_t_columns(weight, s, g.groups, 0))
 
 
 def _batches(batches: Iterable[Tensor | tuple[Tensor, ...]]) -> Iterable[tuple[Tensor, ...]]:
@@ -165,7 +185,7 @@ def calibrate_t_scales(model: nn.Module, batches: Iterable[Tensor | tuple[Tensor
                        per_channel: bool = True) -> dict[str, Tensor]:
     """s for every fused site of ``model``, from the ranges of x and T(x) its current form sees on
     ``batches`` (inputs of ``model``, one tensor or a tuple per batch): see :func:`t_scale_from_ranges`.
-    Sites without a ring conv or in the spatial lowering raise :class:`RescaleError`."""
+    Sites without a ring conv raise :class:`RescaleError`."""
     sites = deploy_sites(model)
     if not sites:
         raise RescaleError("no XVolutionDeploy site in the model: rescale the module form of fuse "

@@ -4,10 +4,11 @@ unfused one: any conv that reads T(x) is rescaled the same way).
 A site here is the PSSA transform as exported: a depthwise ``Conv`` of ``x`` whose constant weight is the
 ring (``pssa_kernel_layout``: plain, not directional), then ``Mul(x, ring_conv(x))`` = T(x). Everything
 T(x) flows into must be a chain of the interleave ops ``fuse_onnx`` writes (``Concat``, ``Reshape``,
-``Gather`` on channels, ``Pad``) ending in ``Conv`` nodes with constant weights; each such conv's input
-channels are traced back to channels of x or of T(x), so the weight columns that read T's channel c
-are known exactly whatever the interleave. The rescale replaces the ring and those weights by new
-constants (``scale_ring``, ``1/s`` on T's columns): no node is added.
+``Gather`` on channels, ``Pad``; ``Unsqueeze``/``Concat``/``Reshape`` of the spatial interleave) ending
+in ``Conv`` nodes with constant weights; each such conv's input channels (or taps) are traced back to
+x or T(x), so the weights that read T's channel c are known exactly whatever the interleave. The
+rescale replaces the ring and those weights by new constants (``scale_ring``, ``1/s`` on what reads
+T): no node is added.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ import onnx
 import onnx_graphsurgeon as gs
 import torch
 
-from xvol_compiler.int8 import RescaleError, scale_ring, t_scale_from_ranges
+from xvol_compiler.int8 import RescaleError, rescale_t_taps, scale_ring, t_scale_from_ranges
 from xvol_compiler.ops import pssa_kernel_layout
 
 __all__ = ["OnnxRescaleSite", "apply_onnx_t_scales", "calibrate_onnx_t_scales", "onnx_rescale_sites",
            "rescale_onnx"]
 
-_PASS_THROUGH = {"Concat", "Reshape", "Gather", "Pad"}
+_PASS_THROUGH = {"Concat", "Reshape", "Gather", "Pad", "Unsqueeze"}
 Source = tuple[str, int]  # ("x" or "t", channel)
 
 
@@ -38,7 +39,9 @@ class OnnxRescaleSite:
     x: gs.Tensor
     t: gs.Tensor
     ring_conv: gs.Node
-    convs: list[tuple[gs.Node, list[Source]]]  # each reading conv, with the source of each input channel
+    # each conv T(x) reaches, with the source of each of its input channels (a channel interleave or T alone)
+    # or, for the spatial interleave, T's slot in it (tap factor * t + slot reads T)
+    convs: list[tuple[gs.Node, list[Source] | int]]
 
 
 def _const(t: gs.Tensor) -> np.ndarray | None:
@@ -86,7 +89,7 @@ def _channels(t: gs.Tensor, x: gs.Tensor, tt: gs.Tensor, c: int, depth: int = 0)
         return None
     node = t.inputs[0]
     if node.op == "Pad":
-        return _channels(node.inputs[0], x, tt, c, depth + 1)
+        return _channels(node.inputs[0], x, tt, c, depth + 1) if _spatial_pad(node) else None
     if node.op == "Concat" and _attr(node, "axis", 0) == 1:
         parts = [_channels(i, x, tt, c, depth + 1) for i in node.inputs]
         return None if any(p is None for p in parts) else [s for p in parts for s in p]  # type: ignore[union-attr]
@@ -115,6 +118,44 @@ def _channels(t: gs.Tensor, x: gs.Tensor, tt: gs.Tensor, c: int, depth: int = 0)
         out = [s for g in range(groups) for p in parts for s in p[g * len(p) // groups:(g + 1) * len(p) // groups]]  # type: ignore[index,arg-type]
         return out if int(merged[1]) == len(out) else None
     return None
+
+
+def _spatial_pad(node: gs.Node) -> bool:
+    """Whether a Pad node pads spatial axes only (batch and channel pads constant zero)."""
+    pads = _const(node.inputs[1]) if len(node.inputs) > 1 else None
+    if pads is None or pads.ndim != 1 or len(pads) % 2:
+        return False
+    rank = len(pads) // 2
+    return not any(int(pads[i]) for i in (0, 1, rank, rank + 1))
+
+
+def _unpadded(t: gs.Tensor) -> gs.Tensor:
+    while len(t.inputs) == 1 and t.inputs[0].op == "Pad" and _spatial_pad(t.inputs[0]):
+        t = t.inputs[0].inputs[0]
+    return t
+
+
+def _t_slot(t: gs.Tensor, x: gs.Tensor, tt: gs.Tensor) -> int | None:
+    """T's position in a spatial interleave of ``[x, T]`` (``interleave_spatial`` as fuse_onnx writes it:
+    ``Reshape(Concat(axis=-1, [Unsqueeze(x, -1), Unsqueeze(T, -1)]), [0, ..., 0, -1])``, each input
+    possibly padded first), else None."""
+    t = _unpadded(t)
+    if len(t.inputs) != 1 or t.inputs[0].op != "Reshape":
+        return None
+    cat = t.inputs[0].inputs[0]
+    if len(cat.inputs) != 1 or cat.inputs[0].op != "Concat" or _attr(cat.inputs[0], "axis", 0) != -1:
+        return None
+    found = []
+    for part in cat.inputs[0].inputs:
+        if len(part.inputs) != 1 or part.inputs[0].op != "Unsqueeze":
+            return None
+        axes = _const(part.inputs[0].inputs[1]) if len(part.inputs[0].inputs) > 1 else None
+        if axes is None or [int(a) for a in np.atleast_1d(axes)] != [-1]:
+            return None
+        found.append(_unpadded(part.inputs[0].inputs[0]))
+    if len(found) != 2 or {id(f) for f in found} != {id(x), id(tt)}:
+        return None
+    return found.index(tt)
 
 
 def _readers(t: gs.Tensor) -> list[gs.Node] | None:
@@ -150,8 +191,14 @@ def onnx_rescale_sites(graph: gs.Graph) -> list[OnnxRescaleSite]:
         readers = _readers(t)
         if not readers:
             continue
-        convs = [(conv, _channels(conv.inputs[0], x, t, c)) for conv in readers]
-        if any(m is None for _, m in convs):
+        convs: list[tuple[gs.Node, list[Source] | int]] = []
+        for conv in readers:
+            channels = _channels(conv.inputs[0], x, t, c)
+            read = channels if channels is not None else _t_slot(conv.inputs[0], x, t)
+            if read is None:
+                break
+            convs.append((conv, read))
+        if len(convs) != len(readers):
             continue
         sites.append(OnnxRescaleSite(node.name, x, t, node, convs))  # type: ignore[arg-type]
     return sites
@@ -188,7 +235,12 @@ def apply_onnx_t_scales(model: onnx.ModelProto, scales: Mapping[str, np.ndarray 
         site.ring_conv.inputs[1] = gs.Constant(f"{name}/t_scaled_ring", scaled.astype(ring.dtype))
         for k, (conv, sources) in enumerate(site.convs):
             w = np.asarray(_const(conv.inputs[1]))
-            new = _divided(w, _attr(conv, "group", 1), sources, s)
+            if isinstance(sources, int):
+                taps = rescale_t_taps(torch.from_numpy(w.astype(np.float64)), torch.from_numpy(s),
+                                      _attr(conv, "group", 1), t_slot=sources)
+                new = taps.numpy().astype(w.dtype)
+            else:
+                new = _divided(w, _attr(conv, "group", 1), sources, s)
             conv.inputs[1] = gs.Constant(f"{name}/t_scaled_weight_{k}", new)
     graph.cleanup()
     out = gs.export_onnx(graph, do_type_check=False)
