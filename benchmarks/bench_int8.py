@@ -216,7 +216,8 @@ def sqnr_cells(torch_models: dict[str, nn.Module], onnx_models: dict[str, onnx.M
     return out
 
 
-def site_forms(site: XVolution, calib: Sequence[torch.Tensor]) -> tuple[dict[str, nn.Module], dict[str, onnx.ModelProto]]:
+def site_forms(site: XVolution, calib: Sequence[torch.Tensor],
+               ) -> tuple[dict[str, nn.Module], dict[str, onnx.ModelProto]]:
     """One site alone in every form, PyTorch and ONNX ("split": x and T(x) quantized separately)."""
     site = copy.deepcopy(site).eval()
     wrapped = nn.Sequential(site)
