@@ -29,6 +29,7 @@ from xvol_compiler.pssa import (
     Directions,
     interleave_groups,
     interleave_spatial,
+    match_t_scale,
     neighbour_offsets,
     pssa_ring_buffer,
     pssa_transform,
@@ -157,6 +158,7 @@ class XVolutionDeploy(nn.Module):
         self._build(w, torch.zeros(g.out_channels, device=device, dtype=dtype))
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        match_t_scale(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         refill_ring(self)  # a meta-built model after to_empty(): the checkpoint does not hold the ring
 

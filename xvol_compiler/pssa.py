@@ -11,7 +11,7 @@ import contextlib
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -297,6 +297,8 @@ def _given_kernel(kernel: Tensor, ndim: int, channels: int, x: Tensor) -> Tensor
 
 
 PSSA_RING = "pssa_ring"
+# Persistent per-channel buffer of a deploy module rescaled for INT8 (xvol_compiler.int8), registered only then.
+T_SCALE = "t_scale"
 
 
 def pssa_ring_buffer(
@@ -333,8 +335,22 @@ def refill_ring(module: nn.Module) -> None:
     ndim = ring.dim() - 2
     directions = cast(int, module.directions)  # the site's or deploy module's neighbourhood size |D|
     values = pssa_kernel(ndim, directions, False, ring.shape[0], torch.float64)
+    scale = module._buffers.get(T_SCALE)
+    if scale is not None and scale.device.type != "meta":
+        # The INT8 rescale's per-channel s (xvol_compiler.int8): the ring of channel c holds s_c / |D|.
+        values = values * scale.detach().to(device=values.device, dtype=torch.float64).reshape(-1, *(1,) * (ndim + 1))
     with torch.no_grad():
         ring.copy_(values)
+
+
+def match_t_scale(module: nn.Module, state_dict: dict[str, Any], prefix: str) -> None:
+    """Before a state_dict load: an INT8-rescaled checkpoint holds ``t_scale`` (its weights are rescaled
+    too), so the module gets the buffer to load it into; a plain checkpoint of the site drops it."""
+    ring = site_ring(module)
+    if prefix + T_SCALE in state_dict and T_SCALE not in module._buffers and ring is not None:
+        module.register_buffer(T_SCALE, torch.ones(ring.shape[0], device=ring.device, dtype=ring.dtype))
+    elif prefix + T_SCALE not in state_dict and prefix + "conv.weight" in state_dict:
+        module._buffers.pop(T_SCALE, None)
 
 
 def site_ring(module: nn.Module) -> Tensor | None:

@@ -38,6 +38,7 @@ from xvol_compiler.fold import (
 )
 from xvol_compiler.pssa import (
     Directions,
+    match_t_scale,
     neighbour_offsets,
     pssa_ring_buffer,
     pssa_transform,
@@ -172,6 +173,7 @@ class XVolution(nn.Module):
             self.conv_bn = bn
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        match_t_scale(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         refill_ring(self)  # a meta-built model after to_empty(): the checkpoint does not hold the ring
 

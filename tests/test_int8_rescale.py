@@ -1,0 +1,274 @@
+"""The INT8 rescale (``xvol_compiler.int8``, ``xvol_passes.onnx_rescale``): interleaving x and s*T(x) with
+1/s folded into the weight columns that read T(x) computes the same function. Checked against the
+unrescaled fused model and the float64 eager run of the unfused site, in PyTorch and onnxruntime, for
+random geometries and random s; the calibrated s against its literal definition; the rescaled form
+through a state_dict round trip."""
+
+from __future__ import annotations
+
+import copy
+from typing import cast
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from tests.hyp import examples
+from tests.strategies import SiteSpec, conv_sites, eager64, ort_run, randomize_bn, rel_err
+from xvol_compiler import XVolution, XVolutionDeploy, fuse
+from xvol_compiler.fold import FoldError
+from xvol_compiler.int8 import (
+    RescaleError,
+    apply_t_scales,
+    calibrate_t_scales,
+    channel_absmax,
+    deploy_sites,
+    rescale_deploy,
+    rescale_fused_model,
+    rescale_t_columns,
+    scale_ring,
+    t_scale_from_ranges,
+)
+from xvol_compiler.onnx_io import export_onnx
+from xvol_compiler.ops import interleave_groups, pssa_kernel, pssa_transform
+from xvol_passes.fuse_onnx import fuse_onnx
+from xvol_passes.onnx_graph import Interleave
+from xvol_passes.onnx_rescale import apply_onnx_t_scales, calibrate_onnx_t_scales, onnx_rescale_sites, rescale_onnx
+
+TOL = 1e-4
+ACT = 6.0  # input scale: trained-like activations, T(x) ~ 36 x's range
+
+
+def random_scale(channels: int, seed: int) -> torch.Tensor:
+    """Log-uniform s in [1e-3, 1e3]: far from 1, so a wrong column or channel shows."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.exp((torch.rand(channels, generator=g, dtype=torch.float64) * 2 - 1) * np.log(1e3))
+
+
+def site_model(site: SiteSpec, shift: int, axial: bool, directional: bool = False) -> nn.Sequential:
+    xvol = XVolution.from_conv(site.conv(torch.float32), shift=shift, directions="axial" if axial else None,
+                               directional=directional)
+    return cast(nn.Sequential, randomize_bn(nn.Sequential(xvol), seed=5).eval())
+
+
+def has_ring(ndim: int, shift: int, directional: bool) -> bool:
+    """When pssa_transform computes R(x) as a conv with the ring kernel (see ops._fast_form)."""
+    return not directional and (ndim < 3 or shift == 1)
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def test_t_scale_from_ranges_is_the_ratio_of_ranges() -> None:
+    x = torch.tensor([2.0, 3.0, 0.0, 4.0])
+    t = torch.tensor([8.0, 0.0, 5.0, 1.0])
+    assert torch.equal(t_scale_from_ranges(x, t), torch.tensor([0.25, 1.0, 1.0, 4.0], dtype=torch.float64))
+    assert torch.equal(t_scale_from_ranges(x, t, per_channel=False), torch.full((4,), 0.5, dtype=torch.float64))
+    with pytest.raises(RescaleError, match="one max"):
+        t_scale_from_ranges(x, t[:3])
+    with pytest.raises(RescaleError, match="non-finite"):
+        t_scale_from_ranges(x, torch.tensor([1.0, float("nan"), 1.0, 1.0]))
+
+
+def test_scale_ring_multiplies_each_channel_filter() -> None:
+    ring = pssa_kernel(2, None, False, 3, torch.float64)
+    s = torch.tensor([2.0, 0.5, 7.0], dtype=torch.float64)
+    scaled = scale_ring(ring, s)
+    for c in range(3):
+        assert torch.equal(scaled[c], ring[c] * s[c])
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    literal = x * F.conv2d(x, scaled, None, 1, 1, 1, 3)
+    assert torch.allclose(literal, pssa_transform(x) * s.view(1, 3, 1, 1), rtol=1e-12, atol=1e-12)
+    with pytest.raises(RescaleError, match="> 0"):
+        scale_ring(ring, torch.tensor([1.0, 0.0, 1.0]))
+
+
+@settings(max_examples=examples(40))
+@given(groups=st.sampled_from([1, 2, 3]), per_group=st.integers(1, 3), out_per_group=st.integers(1, 3),
+       split=st.booleans(), seed=st.integers(0, 2**16))
+def test_rescaled_columns_read_s_times_t(groups: int, per_group: int, out_per_group: int, split: bool,
+                                         seed: int) -> None:
+    """conv([x, s*T], rescale_t_columns(w)) == conv([x, T], w) for grouped convs (and conv(s*T) alone)."""
+    c, out = groups * per_group, groups * out_per_group
+    g = torch.Generator().manual_seed(seed)
+    x, t = torch.randn(2, c, 5, 6, generator=g, dtype=torch.float64), torch.randn(2, c, 5, 6, generator=g,
+                                                                                  dtype=torch.float64)
+    s = random_scale(c, seed)
+    columns = per_group if split else 2 * per_group
+    w = torch.randn(out, columns, 3, 3, generator=g, dtype=torch.float64)
+    rescaled = rescale_t_columns(w, s, groups, 0 if split else c)
+    if split:
+        ref, got = F.conv2d(t, w, groups=groups), F.conv2d(t * s.view(1, -1, 1, 1), rescaled, groups=groups)
+    else:
+        ref = F.conv2d(interleave_groups([x, t], groups), w, groups=groups)
+        got = F.conv2d(interleave_groups([x, t * s.view(1, -1, 1, 1)], groups), rescaled, groups=groups)
+    assert rel_err(got, ref) <= 1e-12
+
+
+# ----------------------------------------------------------------------------- deploy modules (PyTorch)
+
+
+def deploy_of(model: nn.Sequential, lowering: str) -> XVolutionDeploy:
+    try:
+        return cast(XVolution, model[0]).fuse(lowering, single_conv=lowering != "split")
+    except FoldError:  # (the spatial lowering is not exact for every geometry)
+        assume(False)
+        raise
+
+
+@settings(max_examples=examples(60))
+@given(site=conv_sites(ndims=(1, 2, 3), max_kernel=5), shift=st.integers(1, 2), axial=st.booleans(),
+       lowering=st.sampled_from(["channel", "split", "spatial"]), seed=st.integers(0, 2**16))
+def test_rescaled_deploy_module_is_exact(site: SiteSpec, shift: int, axial: bool, lowering: str,
+                                         seed: int) -> None:
+    model = site_model(site, shift, axial)
+    deploy = deploy_of(model, lowering)
+    x = site.input(torch.float32, seed) * ACT
+    with torch.no_grad():
+        before = deploy(x)
+    if not has_ring(site.ndim, shift, False):
+        with pytest.raises(RescaleError, match="without a ring conv"):
+            rescale_deploy(deploy, random_scale(site.in_channels, seed))
+        return
+    rescale_deploy(deploy, random_scale(site.in_channels, seed))
+    with torch.no_grad():
+        after = deploy(x)
+    assert rel_err(after, before) <= TOL
+    assert rel_err(after, eager64(model, x)) <= TOL
+    # The checkpoint holds the rescaled form: a fresh deploy module loads it and computes the same.
+    fresh = deploy_of(model, lowering)
+    fresh.load_state_dict(deploy.state_dict())
+    with torch.no_grad():
+        assert rel_err(fresh(x), eager64(model, x)) <= TOL
+
+
+def test_directional_site_is_refused_with_the_reason() -> None:
+    site = XVolution.from_conv(nn.Conv2d(3, 4, 3, padding=1), directional=True)
+    randomize_bn(site).eval()
+    with pytest.raises(RescaleError, match="without a ring conv"):
+        rescale_fused_model(nn.Sequential(site.fuse()), [torch.randn(1, 3, 6, 6)])
+
+
+def test_unfused_model_is_refused() -> None:
+    model = nn.Sequential(XVolution.from_conv(nn.Conv2d(3, 4, 3, padding=1))).eval()
+    with pytest.raises(RescaleError, match="no XVolutionDeploy"):
+        calibrate_t_scales(model, [torch.randn(1, 3, 6, 6)])
+
+
+class TwoSites(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.a = XVolution.from_conv(nn.Conv2d(8, 8, 3, padding=1, groups=2))
+        self.bn = nn.BatchNorm2d(8)
+        self.b = XVolution.from_conv(nn.Conv2d(8, 6, 3, stride=2, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.bn(self.a(self.stem(x)))))
+
+
+@pytest.fixture(scope="module")
+def two_sites() -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_bn(TwoSites(), seed=2).eval()
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_calibrated_model_balances_ranges_and_stays_exact(two_sites: nn.Module, per_channel: bool) -> None:
+    x = torch.randn(4, 3, 12, 12) * ACT
+    fused = fuse(copy.deepcopy(two_sites), example_inputs=x)
+    ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, site in deploy_sites(fused).items():  # the literal definition: ranges of the unrescaled form
+        site.register_forward_pre_hook(lambda m, a, n=name: ranges.__setitem__(
+            n, (channel_absmax(a[0]), channel_absmax(pssa_transform(a[0])))))
+    with torch.no_grad():
+        fused(x)
+    scales = rescale_fused_model(fused, [x], per_channel=per_channel)
+    assert set(scales) == {"a", "b"}
+    for name, s in scales.items():
+        xr, tr = ranges[name]
+        if per_channel:  # (a dead, all-zero, channel keeps s = 1)
+            expected = torch.where((xr > 0) & (tr > 0), xr / tr, 1.0)
+        else:
+            expected = (xr.max() / tr.max()).expand_as(xr)
+        assert torch.allclose(s, expected, rtol=1e-6)
+        assert float((s - 1).abs().max()) > 0.5  # (trained-like inputs: T(x) far outgrows x)
+    with torch.no_grad():
+        assert rel_err(fused(x), eager64(two_sites, x)) <= TOL
+    # A second calibration finds the ranges balanced: s = 1.
+    again = calibrate_t_scales(fused, [x], per_channel=per_channel)
+    for s in again.values():
+        assert torch.allclose(s, torch.ones_like(s), rtol=1e-5)
+
+
+def test_plain_checkpoint_loaded_into_rescaled_model_drops_the_rescale(two_sites: nn.Module) -> None:
+    x = torch.randn(2, 3, 12, 12) * ACT
+    plain = fuse(copy.deepcopy(two_sites), example_inputs=x)
+    rescaled = copy.deepcopy(plain)
+    rescale_fused_model(rescaled, [x])
+    assert "a.t_scale" in rescaled.state_dict() and "a.t_scale" not in plain.state_dict()
+    rescaled.load_state_dict(plain.state_dict())  # strict: keys of the plain form
+    with torch.no_grad():
+        assert rel_err(rescaled(x), eager64(two_sites, x)) <= TOL
+    assert not any("t_scale" in k for k in rescaled.state_dict())
+
+
+def test_unknown_site_name_is_refused(two_sites: nn.Module) -> None:
+    fused = fuse(copy.deepcopy(two_sites), example_inputs=torch.randn(1, 3, 12, 12))
+    with pytest.raises(RescaleError, match="no fused site named c"):
+        apply_t_scales(fused, {"c": torch.ones(8)})
+
+
+# ----------------------------------------------------------------------------- ONNX (onnxruntime)
+
+
+@settings(max_examples=examples(25))
+@given(site=conv_sites(ndims=(1, 2), max_kernel=4), shift=st.integers(1, 2), axial=st.booleans(),
+       interleave=st.sampled_from(["reshape", "gather"]), lowering=st.sampled_from(["auto", "channel", "split"]),
+       seed=st.integers(0, 2**16))
+def test_rescaled_onnx_graph_is_exact(site: SiteSpec, shift: int, axial: bool, interleave: str, lowering: str,
+                                      seed: int) -> None:
+    """Every lowering fuse_onnx writes ("auto": spatial for depthwise sites, else channel; split)."""
+    # (TorchScript writes padding="same" with a dilation as auto_pad, which onnxruntime cannot run)
+    assume(site.padding != "same" or all(d == 1 for d in site.dilation))
+    model = site_model(site, shift, axial)
+    x = site.input(torch.float32, seed) * ACT
+    fused, report = fuse_onnx(export_onnx(model, None, (x,), dynamo=False), interleave=cast(Interleave, interleave),
+                              lowering=lowering, single_conv=lowering != "split")
+    assert report.count("x-volution") == 1, str(report)
+    sites = onnx_rescale_sites(gs.import_onnx(fused))
+    assert len(sites) == 1 and len(sites[0].convs) == 1, str(report)  # (split: the x conv reads no T)
+    rescaled = apply_onnx_t_scales(fused, {sites[0].name: random_scale(site.in_channels, seed)})
+    got = ort_run(rescaled, x)
+    assert rel_err(torch.from_numpy(got), torch.from_numpy(ort_run(fused, x))) <= TOL
+    assert rel_err(torch.from_numpy(got), eager64(model, x)) <= TOL
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_onnx_calibration_matches_pytorch(two_sites: nn.Module, dynamo: bool) -> None:
+    """onnxruntime calibration of the fused graph finds the s PyTorch finds on the fused module, and the
+    rescaled graph (fused, and unfused: its attention convs read T(x) alone) stays exact."""
+    x = torch.randn(4, 3, 12, 12) * ACT
+    unfused = export_onnx(two_sites, None, (x,), dynamo=dynamo)
+    fused, _ = fuse_onnx(unfused)
+    torch_scales = calibrate_t_scales(fuse(copy.deepcopy(two_sites), example_inputs=x), [x])
+    for graph in (fused, unfused):
+        onnx_scales = calibrate_onnx_t_scales(graph, [x.numpy()])
+        assert len(onnx_scales) == 2
+        # sites in graph order: a then b
+        for s_onnx, s_torch in zip(onnx_scales.values(), torch_scales.values(), strict=True):
+            assert np.allclose(s_onnx, s_torch.numpy(), rtol=1e-4)
+        rescaled, _ = rescale_onnx(graph, [x.numpy()])
+        assert rel_err(torch.from_numpy(ort_run(rescaled, x)), eager64(two_sites, x)) <= TOL
+
+
+def test_onnx_without_sites_is_refused() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 4, 3)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(RescaleError, match="no PSSA site"):
+        calibrate_onnx_t_scales(export_onnx(net, None, (x,), dynamo=False), [x.numpy()])

@@ -1,0 +1,238 @@
+"""INT8 deploy form of a fused site: an exact rescale of its T(x) half.
+
+A fused site convolves the interleave of ``x`` and ``T(x) = x * R(x)`` (``R``: the depthwise ring
+conv of :func:`xvol_compiler.ops.pssa_transform`). With one per-tensor activation scale for that
+interleave, ``x`` and ``T(x)`` share a step, and ``T(x)`` grows with the square of the activation
+scale: ``x`` keeps few levels. The rescale interleaves ``x`` and ``s * T(x)`` instead and folds
+``1/s`` into the weight columns that read ``T(x)``; per channel, ``s_c * T_c(x) = x_c * R'_c(x)``
+with the ring kernel of channel ``c`` multiplied by ``s_c``, so no op is added and the form stays
+one convolution. ``s`` comes from calibration data: ``s_c = max|x_c| / max|T_c(x)|`` (per channel)
+or ``max|x| / max|T(x)|`` (one per site), so both halves span the same range.
+
+The math is in small pure functions on tensors (:func:`t_scale_from_ranges`, :func:`scale_ring`,
+:func:`t_column_divisor`, :func:`rescale_t_columns`); :func:`calibrate_t_scales` and
+:func:`apply_t_scales` apply it to the ``XVolutionDeploy`` modules of a fused model (module form).
+The rescaled form lives in a persistent ``t_scale`` buffer of each deploy module (the ring is
+rebuilt from it on ``load_state_dict``), so it survives a checkpoint. The ONNX counterpart is
+:mod:`xvol_passes.onnx_rescale`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import cast
+
+import torch
+from torch import Tensor, nn
+
+from xvol_compiler.deploy import XVolutionDeploy
+from xvol_compiler.errors import XvolError
+from xvol_compiler.pssa import T_SCALE, pssa_transform, refill_ring, site_ring
+
+__all__ = [
+    "RescaleError",
+    "apply_t_scales",
+    "calibrate_t_scales",
+    "channel_absmax",
+    "deploy_sites",
+    "rescale_deploy",
+    "rescale_fused_model",
+    "rescale_t_columns",
+    "rescale_t_taps",
+    "scale_ring",
+    "t_column_divisor",
+    "t_scale_from_ranges",
+]
+
+
+class RescaleError(XvolError, ValueError):
+    """The INT8 rescale cannot be applied as asked; the message says why and what to do instead."""
+
+
+# ----------------------------------------------------------------------------- pure math
+
+
+def channel_absmax(t: Tensor) -> Tensor:
+    """max |t| per channel (axis 1) over batch and spatial axes, in float64."""
+    return t.detach().abs().transpose(0, 1).reshape(t.shape[1], -1).amax(dim=1).to(torch.float64)
+
+
+def t_scale_from_ranges(x_absmax: Tensor, t_absmax: Tensor, *, per_channel: bool = True) -> Tensor:
+    """The factor s of ``s * T(x)``: ``max|x_c| / max|T_c|`` per channel, or ``max|x| / max|T|`` for the
+    whole site (``per_channel=False``; s then has one value repeated per channel).
+
+    A channel whose T or x is all zero keeps s = 1 (nothing to balance). Ranges of equal length: the ring
+    form of T(x) has one channel per channel of x.
+    """
+    x_absmax, t_absmax = x_absmax.to(torch.float64), t_absmax.to(torch.float64)
+    if x_absmax.shape != t_absmax.shape or x_absmax.dim() != 1:
+        raise RescaleError(f"x and T(x) ranges of shapes {tuple(x_absmax.shape)} and {tuple(t_absmax.shape)}: "
+                           "pass one max|.| per channel for each (channel_absmax)")
+    if not (torch.isfinite(x_absmax).all() and torch.isfinite(t_absmax).all()):
+        raise RescaleError("non-finite activation ranges: calibrate on finite inputs")
+    if not per_channel:
+        x_absmax = x_absmax.amax().expand_as(x_absmax)
+        t_absmax = t_absmax.amax().expand_as(t_absmax)
+    usable = (x_absmax > 0) & (t_absmax > 0)
+    return torch.where(usable, x_absmax / torch.where(usable, t_absmax, 1.0), 1.0)
+
+
+def _check_scale(s: Tensor, channels: int) -> Tensor:
+    if s.dim() != 1 or s.numel() != channels:
+        raise RescaleError(f"t_scale has shape {tuple(s.shape)}; the site needs one value per T(x) channel "
+                           f"({channels})")
+    if not (torch.isfinite(s).all() and (s > 0).all()):
+        raise RescaleError("t_scale values must be finite and > 0 (t_scale_from_ranges keeps s = 1 for "
+                           "empty channels)")
+    return s
+
+
+def scale_ring(ring: Tensor, s: Tensor) -> Tensor:
+    """The depthwise ring kernel (C, 1, 3, ..., 3) with channel c's filter multiplied by ``s[c]``:
+    ``conv(x, scale_ring(ring, s))`` is ``s * R(x)``, so ``x * that`` is ``s * T(x)``."""
+    s = _check_scale(s, ring.shape[0])
+    return ring * s.to(ring.dtype).reshape(-1, *(1,) * (ring.dim() - 1))
+
+
+def t_column_divisor(s: Tensor, out_channels: int, groups: int, x_channels: int) -> Tensor:
+    """Per (output channel, input column) divisor of a grouped conv weight over the channel interleave
+    ``interleave_groups([x, T], groups)`` (``x_channels`` = 0: a conv over T alone): 1 on x's columns,
+    ``s[c]`` on the column that reads T's channel c. Shape (out_channels, columns per group)."""
+    t_channels = s.numel()
+    if out_channels % groups or t_channels % groups or x_channels % groups:
+        raise RescaleError(f"groups={groups} does not divide the channels ({x_channels} of x, {t_channels} of "
+                           f"T(x), {out_channels} out)")
+    per_group = torch.cat([torch.ones(groups, x_channels // groups, dtype=s.dtype, device=s.device),
+                           s.reshape(groups, t_channels // groups)], dim=1)
+    return per_group.repeat_interleave(out_channels // groups, dim=0)
+
+
+def rescale_t_columns(weight: Tensor, s: Tensor, groups: int, x_channels: int) -> Tensor:
+    """``weight`` (O, columns per group, *K) of a conv over ``interleave_groups([x, T], groups)`` (or over
+    T alone with ``x_channels=0``) with the columns reading T's channel c divided by ``s[c]``: the same
+    conv over ``[x, s * T]``."""
+    columns = (x_channels + s.numel()) // groups
+    if weight.shape[1] != columns:
+        raise RescaleError(f"conv weight of shape {tuple(weight.shape)} reads {weight.shape[1]} columns per "
+                           f"group; [x, T] with groups={groups} has {columns}")
+    divisor = t_column_divisor(s.to(torch.float64), weight.shape[0], groups, x_channels)
+    scaled = weight.to(torch.float64) / divisor.reshape(*divisor.shape, *(1,) * (weight.dim() - 2))
+    return scaled.to(weight.dtype)
+
+
+def rescale_t_taps(weight: Tensor, s: Tensor, groups: int, t_slot: int = 1, factor: int = 2) -> Tensor:
+    """``weight`` (O, C/g, *K[:-1], factor * K_w) of the spatial lowering (``interleave_spatial([x, T])``,
+    ``lowering.spatial_weight``: tap ``factor * t + j`` reads input ``j``) with the taps that read T
+    (``j = t_slot``) of channel c divided by ``s[c]``: the same conv over ``[x, s * T]``."""
+    c_out, c = weight.shape[0], weight.shape[1]
+    if s.numel() != groups * c or c_out % groups or weight.shape[-1] % factor:
+        raise RescaleError(f"spatial-lowering weight of shape {tuple(weight.shape)} does not read {s.numel()} "
+                           f"channels of T(x) in {groups} group(s) with {factor} inputs per tap")
+    per_column = s.to(torch.float64).reshape(groups, c).repeat_interleave(c_out // groups, dim=0)  # (O, C/g)
+    reads_t = (torch.arange(weight.shape[-1], device=weight.device) % factor) == t_slot
+    divisor = torch.where(reads_t, per_column.unsqueeze(-1), 1.0)  # (O, C/g, factor * K_w)
+    shaped = divisor.reshape(c_out, c, *(1,) * (weight.dim() - 3), weight.shape[-1])
+    return (weight.to(torch.float64) / shaped).to(weight.dtype)
+
+
+# ----------------------------------------------------------------------------- deploy modules
+
+
+def deploy_sites(model: nn.Module) -> dict[str, XVolutionDeploy]:
+    """The fused sites of ``model`` (module form of ``fuse``), by module path."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, XVolutionDeploy)}
+
+
+def _ring_of(name: str, module: XVolutionDeploy) -> Tensor:
+    ring = site_ring(module)
+    if ring is None:
+        raise RescaleError(
+            f"site {name!r} computes T(x) without a ring conv (directional, or 3-D with shift > 1): the rescale "
+            "folds s into the ring kernel; keep this site unrescaled or fuse it with lowering='split'")
+    if module.lowering not in ("channel", "split", "spatial"):
+        raise RescaleError(f"site {name!r} uses the {module.lowering!r} lowering, which the rescale does not "
+                           "know: fuse with lowering='channel'")
+    return ring
+
+
+def rescale_deploy(module: XVolutionDeploy, s: Tensor, name: str = "site") -> None:
+    """Rescale one deploy module in place by ``s`` (one value per channel of x), on top of any earlier
+    rescale: its ``t_scale`` buffer becomes ``t_scale * s``, the ring kernel follows, and the weight
+    columns that read T(x) are divided by ``s``. Exact: the module computes the same function."""
+    ring = _ring_of(name, module)
+    s = _check_scale(s.detach().to(device=ring.device, dtype=torch.float64), ring.shape[0])
+    old = module._buffers.get(T_SCALE)
+    total = s if old is None else old.to(torch.float64) * s
+    module.register_buffer(T_SCALE, total.to(ring.dtype))
+    refill_ring(module)
+    g = module.site_geometry
+    weight = cast(Tensor, module.conv.weight if module.lowering != "split" else module.conv_attn.weight)
+    with torch.no_grad():
+        if module.lowering == "channel":
+            weight.copy_(rescale_t_columns(weight, s, g.groups, g.in_channels))
+        elif module.lowering == "spatial":
+            weight.copy_(rescale_t_taps(weight, s, g.groups))
+        else:  # split: conv_attn reads T(x) alone
+            weight.copy_(rescale_t_columns(weight, s, g.groups, 0))
+
+
+def _batches(batches: Iterable[Tensor | tuple[Tensor, ...]]) -> Iterable[tuple[Tensor, ...]]:
+    for b in batches:
+        yield b if isinstance(b, tuple) else (b,)
+
+
+@torch.no_grad()
+def calibrate_t_scales(model: nn.Module, batches: Iterable[Tensor | tuple[Tensor, ...]], *,
+                       per_channel: bool = True) -> dict[str, Tensor]:
+    """s for every fused site of ``model``, from the ranges of x and T(x) its current form sees on
+    ``batches`` (inputs of ``model``, one tensor or a tuple per batch): see :func:`t_scale_from_ranges`.
+    Sites without a ring conv raise :class:`RescaleError`."""
+    sites = deploy_sites(model)
+    if not sites:
+        raise RescaleError("no XVolutionDeploy site in the model: rescale the module form of fuse "
+                           "(fuse(model), graph=False), not a GraphModule or an unfused model")
+    ranges: dict[str, list[Tensor]] = {}
+
+    def hook(name: str):  # type: ignore[no-untyped-def]
+        def record(module: XVolutionDeploy, args: tuple[Tensor, ...]) -> None:
+            x = args[0]
+            t = pssa_transform(x, module.shift, module.directions, module.directional, kernel=site_ring(module))
+            xr, tr = channel_absmax(x), channel_absmax(t)
+            if name in ranges:
+                ranges[name] = [torch.maximum(ranges[name][0], xr), torch.maximum(ranges[name][1], tr)]
+            else:
+                ranges[name] = [xr, tr]
+        return record
+
+    for name, module in sites.items():
+        _ring_of(name, module)
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in sites.items()]
+    try:
+        for args in _batches(batches):
+            model(*args)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = sorted(set(sites) - set(ranges))
+    if missing:
+        raise RescaleError(f"calibration never ran site(s) {', '.join(missing)}: pass at least one batch that "
+                           "reaches every site")
+    return {n: t_scale_from_ranges(xr, tr, per_channel=per_channel) for n, (xr, tr) in ranges.items()}
+
+
+def apply_t_scales(model: nn.Module, scales: Mapping[str, Tensor]) -> None:
+    """Rescale the named deploy modules of ``model`` in place (see :func:`rescale_deploy`)."""
+    sites = deploy_sites(model)
+    unknown = sorted(set(scales) - set(sites))
+    if unknown:
+        raise RescaleError(f"no fused site named {', '.join(unknown)}; sites: {', '.join(sites) or 'none'}")
+    for name, s in scales.items():
+        rescale_deploy(sites[name], s, name)
+
+
+def rescale_fused_model(model: nn.Module, batches: Iterable[Tensor | tuple[Tensor, ...]], *,
+                        per_channel: bool = True) -> dict[str, Tensor]:
+    """Calibrate on ``batches`` and rescale every fused site of ``model`` in place; returns the s applied."""
+    scales = calibrate_t_scales(model, batches, per_channel=per_channel)
+    apply_t_scales(model, scales)
+    return scales
