@@ -6,7 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-full ruff bench env
+ET_STAMP := $(VENV)/.executorch-installed
+
+.PHONY: demo test test-full ruff bench env executorch-env
 
 env: $(STAMP)
 
@@ -16,11 +18,18 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# Optional ExecuTorch extra (about 40 s, 310 MB); CI's test target installs it, the default env does not.
+executorch-env: $(ET_STAMP)
+
+$(ET_STAMP): $(STAMP) requirements-executorch.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-executorch.lock -c requirements.lock
+	touch $(ET_STAMP)
+
 demo: $(STAMP)
 	$(PY) examples/demo.py $(ARGS)
 
 # CI suite: everything except tests marked slow. Exit code 5 (no tests) fails make.
-test: $(STAMP)
+test: $(STAMP) $(ET_STAMP)
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 # Full torchvision sweep and long hypothesis profile.

@@ -9,8 +9,9 @@ on first use and raises :class:`ExecutorchMissingError`, naming the extra, when 
   ``to_edge_transform_and_lower(..., partitioner=[XnnpackPartitioner()])``.
 - :func:`delegate_report` counts the delegate segments of the lowered program and names the
   operators left outside them (run by ExecuTorch's portable kernels). A fused X-volution model lowers
-  to one segment: the PSSA ring kernel is a buffer (``pssa_ring``), so the ring convolution's weight
-  is a graph input the partitioner takes, like every other conv weight.
+  to one segment with no operator on activations outside it: the PSSA ring kernel is a buffer
+  (``pssa_ring``), so the ring convolution's weight is a graph input the partitioner takes, like
+  every other conv weight.
 - :func:`pte_bytes` serializes the program; :func:`run_pte` runs a ``.pte`` (bytes or a file) in
   the ExecuTorch runtime.
 """
@@ -71,14 +72,22 @@ def executorch_available() -> bool:
 
 @dataclass(frozen=True)
 class DelegateReport:
-    """The delegate segments of a lowered program and the operators left outside them."""
+    """The delegate segments of a lowered program and the operators left outside them.
+
+    ``outside`` are operators on activations (they depend on a user input): each one splits the model
+    between the delegate and the portable kernels. ``on_constants`` read only weights and constants,
+    such as the float32 casts of the int64 scalars 3 and 6 that hardswish and hardsigmoid decompose
+    into (torchvision's MobileNetV3 has them without any X-volution site).
+    """
 
     segments: int  # executorch_call_delegate calls in the program's graph
-    outside: tuple[str, ...]  # operators run outside every delegate (portable kernels), in graph order
+    outside: tuple[str, ...]  # operators on activations outside every delegate, in graph order
+    on_constants: tuple[str, ...] = ()  # operators outside the delegates that read only constants
 
     def __str__(self) -> str:
         rest = ", ".join(self.outside) if self.outside else "none"
-        return f"{self.segments} delegate segment(s); operators outside the delegate: {rest}"
+        constants = f" ({len(self.on_constants)} more on constants only)" if self.on_constants else ""
+        return f"{self.segments} delegate segment(s); operators on activations outside them: {rest}{constants}"
 
 
 def lower_to_xnnpack(model: nn.Module | torch.export.ExportedProgram, example_inputs: tuple[Any, ...]) -> Any:
@@ -115,14 +124,18 @@ def delegate_report(edge: Any) -> DelegateReport:
     """Delegate segments of an ``EdgeProgramManager`` (or its ``ExportedProgram``) and the operators
     outside them; ``getitem`` (reading a delegate's outputs) is plumbing, not an operator."""
     program = edge.exported_program() if hasattr(edge, "exported_program") else edge
+    on_activations = set(program.graph_signature.user_inputs)  # names of nodes that depend on a user input
     segments = 0
     outside: list[str] = []
+    on_constants: list[str] = []
     for node in program.graph.nodes:
+        if any(n.name in on_activations for n in node.all_input_nodes):
+            on_activations.add(node.name)
         if _is_delegate_call(node):
             segments += 1
         elif node.op == "call_function" and node.target is not operator.getitem:
-            outside.append(_op_name(node.target))
-    return DelegateReport(segments, tuple(outside))
+            (outside if node.name in on_activations else on_constants).append(_op_name(node.target))
+    return DelegateReport(segments, tuple(outside), tuple(on_constants))
 
 
 def pte_bytes(edge: Any) -> bytes:
