@@ -33,7 +33,6 @@ demo: $(STAMP)
 test: lint $(ET_STAMP)
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
-# Import contracts (import-linter, [tool.importlinter] in pyproject.toml) and types (mypy, [tool.mypy]).
 # Import contracts (import-linter, [tool.importlinter] in pyproject.toml).
 lint: $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache
