@@ -57,7 +57,7 @@ def channel_absmax(t: Tensor) -> Tensor:
     return t.detach().abs().transpose(0, 1).reshape(t.shape[1], -1).amax(dim=1).to(torch.float64)
 
 
-def t_scale_from_ranges(x_absmax: Tensor, t_absmax: Tensor, *, per_channel: bool = True) -> Tensor:
+def t_scale_from_ranges(x_absmax: Tensor, t_absmax: Tensor, *, per_channel: bool = False) -> Tensor:
     """The factor s of ``s * T(x)``: ``max|x_c| / max|T_c|`` per channel, or ``max|x| / max|T|`` for the
     whole site (``per_channel=False``; s then has one value repeated per channel).
 
@@ -183,7 +183,7 @@ def _batches(batches: Iterable[Tensor | tuple[Tensor, ...]]) -> Iterable[tuple[T
 
 @torch.no_grad()
 def calibrate_t_scales(model: nn.Module, batches: Iterable[Tensor | tuple[Tensor, ...]], *,
-                       per_channel: bool = True) -> dict[str, Tensor]:
+                       per_channel: bool = False) -> dict[str, Tensor]:
     """s for every fused site of ``model``, from the ranges of x and T(x) its current form sees on
     ``batches`` (inputs of ``model``, one tensor or a tuple per batch): see :func:`t_scale_from_ranges`.
     Sites without a ring conv raise :class:`RescaleError`."""
@@ -231,7 +231,7 @@ def apply_t_scales(model: nn.Module, scales: Mapping[str, Tensor]) -> None:
 
 
 def rescale_fused_model(model: nn.Module, batches: Iterable[Tensor | tuple[Tensor, ...]], *,
-                        per_channel: bool = True) -> dict[str, Tensor]:
+                        per_channel: bool = False) -> dict[str, Tensor]:
     """Calibrate on ``batches`` and rescale every fused site of ``model`` in place; returns the s applied."""
     scales = calibrate_t_scales(model, batches, per_channel=per_channel)
     apply_t_scales(model, scales)

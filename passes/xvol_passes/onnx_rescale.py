@@ -251,7 +251,7 @@ def apply_onnx_t_scales(model: onnx.ModelProto, scales: Mapping[str, np.ndarray 
 
 
 def calibrate_onnx_t_scales(model: onnx.ModelProto, batches: Iterable[np.ndarray | Mapping[str, np.ndarray]], *,
-                            per_channel: bool = True) -> dict[str, np.ndarray]:
+                            per_channel: bool = False) -> dict[str, np.ndarray]:
     """s for every rescalable site of ``model`` from the ranges of x and T(x) in onnxruntime on ``batches``
     (arrays for the first input, or feed dicts)."""
     from xvol_compiler.verify import onnx_session
@@ -284,7 +284,7 @@ def calibrate_onnx_t_scales(model: onnx.ModelProto, batches: Iterable[np.ndarray
 
 
 def rescale_onnx(model: onnx.ModelProto, batches: Iterable[np.ndarray | Mapping[str, np.ndarray]], *,
-                 per_channel: bool = True) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+                 per_channel: bool = False) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """Calibrate on ``batches`` and return the rescaled copy of ``model`` with the s applied per site."""
     scales = calibrate_onnx_t_scales(model, batches, per_channel=per_channel)
     return apply_onnx_t_scales(model, scales), scales
