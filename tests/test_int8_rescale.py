@@ -67,7 +67,8 @@ def has_ring(ndim: int, shift: int, directional: bool) -> bool:
 def test_t_scale_from_ranges_is_the_ratio_of_ranges() -> None:
     x = torch.tensor([2.0, 3.0, 0.0, 4.0])
     t = torch.tensor([8.0, 0.0, 5.0, 1.0])
-    assert torch.equal(t_scale_from_ranges(x, t, per_channel=True), torch.tensor([0.25, 1.0, 1.0, 4.0], dtype=torch.float64))
+    per_channel = torch.tensor([0.25, 1.0, 1.0, 4.0], dtype=torch.float64)
+    assert torch.equal(t_scale_from_ranges(x, t, per_channel=True), per_channel)
     assert torch.equal(t_scale_from_ranges(x, t, per_channel=False), torch.full((4,), 0.5, dtype=torch.float64))
     with pytest.raises(RescaleError, match="one max"):
         t_scale_from_ranges(x, t[:3])
