@@ -1,56 +1,29 @@
 """Which exceptions the ``xvol`` command reports as one line (the package's errors, ``OSError``) and which are
 bugs that keep their traceback (everything else).
 
-The package's errors are caught by type: :class:`~xvol_compiler.errors.XvolError`, and, until every package
-error derives from it, the package's own error classes listed here (:func:`errors_not_yet_derived`) and the
-builtin ``ValueError`` / ``TypeError`` / ``LookupError`` that a ``raise`` statement of the package raises
-itself (:func:`raised_by_package`). Both shims go once every error of the package derives from ``XvolError``.
+The package's errors are caught by type: :class:`~xvol_compiler.errors.XvolError` (every error class of the
+package derives from it) and ``OSError``. The builtin ``ValueError`` / ``TypeError`` / ``LookupError`` that a
+``raise`` statement of the package still raises itself (argument checks of pure functions) are one line too
+(:func:`raised_by_package`); everything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import linecache
-import sys
 
 from xvol_compiler.errors import XvolError
 
-__all__ = ["errors_not_yet_derived", "is_package_error", "one_line", "raised_by_package"]
+__all__ = ["is_package_error", "one_line", "raised_by_package"]
 
-# (module, class) of the package's error classes that do not derive from XvolError yet. A class whose module
-# was never imported cannot have been raised, so only loaded modules are looked at and nothing is imported.
-_NOT_YET_DERIVED = (
-    ("xvol_compiler.arguments", "ArgumentError"),
-    ("xvol_compiler.attention_probe", "AttentionProbeError"),
-    ("xvol_compiler.checkpoint", "CheckpointError"),
-    ("xvol_compiler.files", "OutputError"),
-    ("xvol_compiler.fold", "FoldError"),
-    ("xvol_compiler.io", "InputError"),
-    ("xvol_compiler.onnx_io", "OnnxError"),
-    ("xvol_compiler.sites", "SiteSelectionError"),
-    ("xvol_compiler.verify", "OutputMismatchError"),
-    ("xvol_passes.fuse_fx", "FusionError"),
-    ("xvol_passes.fused_record", "FusedRecordError"),
-    ("xvol_passes.lower", "LoweringCacheError"),
-)
 _PACKAGES = ("xvol_compiler", "xvol_passes")
 
 
 def is_package_error(err: BaseException) -> bool:
-    """Whether the command reports ``err`` as one line: a package error (``XvolError``, and the shims below
-    until every package error derives from it) or an ``OSError``; anything else is a bug."""
-    if isinstance(err, (XvolError, OSError, *errors_not_yet_derived())):
+    """Whether the command reports ``err`` as one line: a package error (``XvolError``), an ``OSError``, or
+    a builtin error a ``raise`` statement of the package raised itself; anything else is a bug."""
+    if isinstance(err, (XvolError, OSError)):
         return True
     return isinstance(err, (ValueError, TypeError, LookupError)) and raised_by_package(err)
-
-
-def errors_not_yet_derived() -> tuple[type[Exception], ...]:
-    """The package's error classes, among those loaded, that do not derive from ``XvolError`` yet."""
-    found: list[type[Exception]] = []
-    for module_name, class_name in _NOT_YET_DERIVED:
-        cls = getattr(sys.modules.get(module_name), class_name, None)
-        if isinstance(cls, type) and issubclass(cls, Exception) and not issubclass(cls, XvolError):
-            found.append(cls)
-    return tuple(found)
 
 
 def raised_by_package(err: BaseException) -> bool:
