@@ -26,8 +26,9 @@ from xvol_compiler.arguments import (
     check_tolerance,
 )
 from xvol_compiler.lowering import LOWERINGS
-from xvol_compiler.ops import EXTRA_BRANCHES, Directions
-from xvol_compiler.sites import KINDS, AnalysisMode
+from xvol_compiler.pssa import Directions
+from xvol_compiler.site_analysis import KINDS, AnalysisMode
+from xvol_compiler.xvolution import EXTRA_BRANCHES
 
 __all__ = [
     "ATTENTIONS",
