@@ -16,3 +16,19 @@ class XvolError(Exception):
 
 class VerificationError(XvolError, ValueError):
     """A fused model or graph differs from the unfused one beyond the tolerance (FX and ONNX alike)."""
+
+
+class InvalidArgumentError(XvolError, ValueError):
+    """An argument has a value the function cannot take (the message names the argument and what it accepts)."""
+
+
+class InvalidArgumentTypeError(XvolError, TypeError):
+    """An argument has a type the function cannot take (the message names the argument and what it accepts)."""
+
+
+class NotFoundError(XvolError, KeyError):
+    """A name (module, site, rule, model) the caller gave does not exist; the message lists what does."""
+
+    def __str__(self) -> str:
+        # KeyError quotes its message; the package's messages are sentences.
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
