@@ -19,7 +19,9 @@ convs), given trained-like activation ranges (nothing is trained or downloaded):
 
 Forms: original (resnet18 before xvolify, same recipe), unfused (xvolified), fused (``fuse``, channel
 lowering; ONNX: ``fuse_onnx(lowering="channel")``), fused-rescaled (the fused form with x and s*T(x)
-interleaved, ``xvol_compiler.int8`` / ``xvol_passes.onnx_rescale``; s per channel, and s per site).
+interleaved, ``xvol_compiler.int8`` / ``xvol_passes.onnx_rescale``; one s per site, by equal ranges
+("ranges") and by the noise model ("noise", chosen for the column's weight granularity); one s per channel
+was measured harmful before, results/20261204-191400-int8-tiny.md).
 Toolchains: PT2E (torchao ``prepare_pt2e``/``convert_pt2e`` with the XNNPACK quantizer, symmetric
 int8, per-tensor or per-channel weights) and onnxruntime ``quantize_static`` (QDQ, MinMax, int8
 activations and weights, per-tensor or per-channel weights). Whole model: SQNR of the logits on the
@@ -51,7 +53,7 @@ from torch import nn
 
 from xvol_compiler import XVolution, export_onnx, fuse, xvolify
 from xvol_compiler.files import atomic_write_json, atomic_write_text, check_outputs
-from xvol_compiler.int8 import deploy_sites, rescale_fused_model
+from xvol_compiler.int8 import WeightGranularity, deploy_sites, rescale_fused_model
 from xvol_compiler.io import torchvision_model
 from xvol_compiler.report import render_table
 from xvol_passes.fuse_onnx import fuse_onnx
@@ -74,14 +76,15 @@ def images(n: int, size: int, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def trained_like(model: nn.Module, batches: Sequence[torch.Tensor], seed: int) -> nn.Module:
-    """Draw BatchNorm affine values (gamma ~ 0.8 lognormal(0, 0.5), beta ~ N(0, 0.3)), then recalibrate
-    the running statistics on ``batches`` (train mode, cumulative average); eval mode on return."""
+def trained_like(model: nn.Module, batches: Sequence[torch.Tensor], seed: int, gamma: float = 0.8,
+                 spread: float = 0.5) -> nn.Module:
+    """Draw BatchNorm affine values (gamma ~ ``gamma`` lognormal(0, ``spread``), beta ~ N(0, 0.3)), then
+    recalibrate the running statistics on ``batches`` (train mode, cumulative average); eval mode on return."""
     g = torch.Generator().manual_seed(seed)
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for bn in bns:
         n = bn.num_features
-        bn.weight.copy_(0.8 * torch.exp(0.5 * torch.randn(n, generator=g)))
+        bn.weight.copy_(gamma * torch.exp(spread * torch.randn(n, generator=g)))
         bn.bias.copy_(0.3 * torch.randn(n, generator=g))
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over the calibration batches
@@ -179,53 +182,72 @@ def float_onnx(model: onnx.ModelProto) -> Forward:
 # ----------------------------------------------------------------------------- forms
 
 
-def torch_forms(unfused: nn.Module, calib: Sequence[torch.Tensor]) -> dict[str, nn.Module]:
+GRANULARITIES: tuple[WeightGranularity, ...] = ("per-tensor", "per-channel")
+RESCALED = {"fused-rescaled (ranges)": "ranges", "fused-rescaled (noise)": "noise"}
+_SITE = "0"  # the site's name inside nn.Sequential(site)
+TorchForms = dict[str, dict[WeightGranularity, nn.Module]]
+OnnxForms = dict[str, dict[WeightGranularity, onnx.ModelProto]]
+
+
+def torch_forms(unfused: nn.Module, calib: Sequence[torch.Tensor]) -> TorchForms:
+    """form -> the model for each weight granularity (the same model but for the noise-model rescale,
+    which is chosen for the granularity the quantizer will use)."""
     fused = fuse(copy.deepcopy(unfused), example_inputs=calib[0], lowering="channel")
-    per_channel, per_site = copy.deepcopy(fused), copy.deepcopy(fused)
-    rescale_fused_model(per_channel, calib, per_channel=True)
-    rescale_fused_model(per_site, calib, per_channel=False)
-    return {"unfused": unfused, "fused": fused, "fused-rescaled (s/channel)": per_channel,
-            "fused-rescaled (s/site)": per_site}
+    forms: TorchForms = {
+        "unfused": dict.fromkeys(GRANULARITIES, unfused), "fused": dict.fromkeys(GRANULARITIES, fused)}
+    for form, method in RESCALED.items():
+        forms[form] = {}
+        for weights in GRANULARITIES:
+            model = copy.deepcopy(fused)
+            rescale_fused_model(model, calib, method=method, weights=weights)  # type: ignore[arg-type]
+            forms[form][weights] = model
+    return forms
 
 
-def onnx_forms(unfused: nn.Module, calib: Sequence[torch.Tensor]) -> dict[str, onnx.ModelProto]:
+def onnx_forms(unfused: nn.Module, calib: Sequence[torch.Tensor]) -> OnnxForms:
     graph = export_onnx(unfused, None, (calib[0],), dynamo=False)
     fused, _ = fuse_onnx(graph, lowering="channel", example_inputs=[calib[0]])
-    per_channel, _ = rescale_onnx(fused, [b.numpy() for b in calib], per_channel=True)
-    per_site, _ = rescale_onnx(fused, [b.numpy() for b in calib], per_channel=False)
-    return {"unfused": graph, "fused": fused, "fused-rescaled (s/channel)": per_channel,
-            "fused-rescaled (s/site)": per_site}
+    forms: OnnxForms = {
+        "unfused": dict.fromkeys(GRANULARITIES, graph), "fused": dict.fromkeys(GRANULARITIES, fused)}
+    arrays = [b.numpy() for b in calib]
+    for form, method in RESCALED.items():
+        forms[form] = {w: rescale_onnx(fused, arrays, method=method, weights=w)[0]  # type: ignore[arg-type]
+                       for w in GRANULARITIES}
+    return forms
 
 
-def sqnr_cells(torch_models: dict[str, nn.Module], onnx_models: dict[str, onnx.ModelProto],
-               calib: Sequence[torch.Tensor], evals: Sequence[torch.Tensor], tmp: Path) -> dict[str, list[float]]:
-    """form -> [PT2E per-tensor, PT2E per-channel, ORT per-tensor, ORT per-channel] SQNR in dB."""
+def sqnr_cells(torch_models: TorchForms, onnx_models: OnnxForms, calib: Sequence[torch.Tensor],
+               evals: Sequence[torch.Tensor], tmp: Path) -> dict[str, list[float]]:
+    """form -> [PT2E per-tensor, PT2E per-channel, ORT per-tensor, ORT per-channel] SQNR in dB, each against
+    the float run of the same model."""
     out: dict[str, list[float]] = {}
-    for form, model in torch_models.items():
-        with torch.no_grad():
-            ref_t = [model(x) for x in evals]
-        ref_o = [float_onnx(onnx_models[form])(x) for x in evals]
+    for form, by_weights in torch_models.items():
         row = []
-        for per_channel in (False, True):
-            q = pt2e_quantize(copy.deepcopy(model), calib, per_channel)
+        for weights in GRANULARITIES:
+            model = by_weights[weights]
+            with torch.no_grad():
+                ref_t = [model(x) for x in evals]
+            q = pt2e_quantize(copy.deepcopy(model), calib, weights == "per-channel")
             row.append(sqnr([q(x) for x in evals], ref_t))
-        for per_channel in (False, True):
-            q = ort_quantize(onnx_models[form], calib, per_channel, tmp)
-            row.append(sqnr([q(x) for x in evals], ref_o))
+        for weights in GRANULARITIES:
+            graph = onnx_models[form][weights]
+            ref_o = [float_onnx(graph)(x) for x in evals]
+            qo = ort_quantize(graph, calib, weights == "per-channel", tmp)
+            row.append(sqnr([qo(x) for x in evals], ref_o))
         out[form] = row
     return out
 
 
-def site_forms(site: XVolution, calib: Sequence[torch.Tensor],
-               ) -> tuple[dict[str, nn.Module], dict[str, onnx.ModelProto]]:
+def site_forms(site: XVolution, calib: Sequence[torch.Tensor]) -> tuple[TorchForms, OnnxForms]:
     """One site alone in every form, PyTorch and ONNX ("split": x and T(x) quantized separately)."""
     site = copy.deepcopy(site).eval()
     wrapped = nn.Sequential(site)
     forms = torch_forms(wrapped, calib)
-    forms["split"] = nn.Sequential(site.fuse("split", single_conv=False))
+    forms["split"] = dict.fromkeys(GRANULARITIES, nn.Sequential(site.fuse("split", single_conv=False)))
     graphs = onnx_forms(wrapped, calib)
-    split, _ = fuse_onnx(graphs["unfused"], lowering="split", single_conv=False, example_inputs=[calib[0]])
-    graphs["split"] = split
+    split, _ = fuse_onnx(graphs["unfused"]["per-tensor"], lowering="split", single_conv=False,
+                         example_inputs=[calib[0]])
+    graphs["split"] = dict.fromkeys(GRANULARITIES, split)
     return forms, graphs
 
 
@@ -252,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval", type=int, default=None, help="evaluation images (default 32; 8 with --quick)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gamma", type=float, default=0.8,
+                        help="BatchNorm gamma median (default 0.8; larger: wider activations, T(x) outgrows x more)")
+    parser.add_argument("--gamma-spread", type=float, default=0.5, help="sigma of log gamma (default 0.5)")
     parser.add_argument("--output", type=Path, default=None, help="output stem (default results/<time>-int8)")
     parser.add_argument("--force", action="store_true", help="replace existing output files")
     args = parser.parse_args(argv)
@@ -268,9 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     data = images(n_calib + n_eval, size, args.seed)
     calib = list(data[:n_calib].split(args.batch))
     evals = list(data[n_calib:].split(args.batch))
-    original = trained_like(torchvision_model("resnet18", num_classes=1000), calib, args.seed)
+    bn_draw = {"gamma": args.gamma, "spread": args.gamma_spread}
+    original = trained_like(torchvision_model("resnet18", num_classes=1000), calib, args.seed, **bn_draw)
     unfused = xvolify(copy.deepcopy(original), example_inputs=calib[0])
-    unfused = trained_like(unfused, calib, args.seed + 1)  # attention gammas drawn non-zero, stats recalibrated
+    # attention gammas drawn non-zero, statistics recalibrated
+    unfused = trained_like(unfused, calib, args.seed + 1, **bn_draw)
     sites = {n: m for n, m in unfused.named_modules() if isinstance(m, XVolution)}
 
     headers = ["form", "PT2E per-tensor", "PT2E per-channel", "ORT per-tensor", "ORT per-channel"]
@@ -278,8 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmpdir)
         models = torch_forms(unfused, calib)
         graphs = onnx_forms(unfused, calib)
-        models = {"original": original, **models}
-        graphs = {"original": export_onnx(original, None, (calib[0],), dynamo=False), **graphs}
+        models = {"original": dict.fromkeys(GRANULARITIES, original), **models}
+        original_graph = export_onnx(original, None, (calib[0],), dynamo=False)
+        graphs = {"original": dict.fromkeys(GRANULARITIES, original_graph), **graphs}
         whole = sqnr_cells(models, graphs, calib, evals, tmp)
         ranges = {}
         scales = {}
@@ -292,8 +320,8 @@ def main(argv: list[str] | None = None) -> int:
 
             ranges[name] = (float(xs.abs().max()), float(pssa_transform(xs).abs().max()))
             forms, site_graphs = site_forms(site, s_calib)
-            scales[name] = [float(v) for v in next(iter(deploy_sites(forms["fused-rescaled (s/site)"]).values()))
-                            ._buffers["t_scale"][:1]]
+            scales[name] = {f"{method} {w}": float(deploy_sites(forms[form][w])[_SITE].t_scale[0])
+                            for form, method in RESCALED.items() for w in GRANULARITIES}
             per_site[name] = sqnr_cells(forms, site_graphs, s_calib, s_eval, tmp)
     load_end = os.getloadavg()
     elapsed = time.monotonic() - started
@@ -304,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     notes = [
         f"resnet18 (weights=None), {len(sites)} X-volution sites ({', '.join(sites)}), {size} px, "
         f"{n_calib} calibration / {n_eval} evaluation images (seeded random, batch {args.batch})",
-        "trained-like ranges: BN gamma ~ 0.8*lognormal(0,0.5), beta ~ N(0,0.3) (attention BNs too), running "
-        "stats recalibrated on the calibration images",
+        f"trained-like ranges: BN gamma ~ {args.gamma}*lognormal(0,{args.gamma_spread}), beta ~ N(0,0.3) (attention "
+        "BNs too), running stats recalibrated on the calibration images",
         f"os.getloadavg() start {tuple(round(v, 2) for v in load_start)}, end {tuple(round(v, 2) for v in load_end)}; "
         f"{elapsed:.0f} s; torch {torch.__version__}",
     ]
@@ -313,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
                         title="Whole-model SQNR vs float (dB), logits", notes=notes)]
     for name, cells in per_site.items():
         xr, tr = ranges[name]
-        site_notes = [f"max|x| {xr:.1f}, max|T(x)| {tr:.1f}; s per site {scales[name][0]:.3g}"]
+        chosen = ", ".join(f"{k} {v:.3g}" for k, v in scales[name].items())
+        site_notes = [f"max|x| {xr:.1f}, max|T(x)| {tr:.1f}; s: {chosen}"]
         out.append(render_table(headers, [[f, *map(fmt, v)] for f, v in cells.items()],
                                 title=f"Site {name}: SQNR of the site alone vs float (dB)", notes=site_notes))
     text = "\n\n".join(out) + "\n"

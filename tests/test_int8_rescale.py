@@ -24,15 +24,19 @@ from xvol_compiler import XVolution, XVolutionDeploy, fuse
 from xvol_compiler.fold import FoldError
 from xvol_compiler.int8 import (
     RescaleError,
+    SiteStats,
+    TReader,
     apply_t_scales,
     calibrate_t_scales,
     channel_absmax,
     deploy_sites,
+    quantization_noise,
     rescale_deploy,
     rescale_fused_model,
     rescale_t_columns,
     scale_ring,
     t_scale_from_ranges,
+    t_scale_min_noise,
 )
 from xvol_compiler.onnx_io import export_onnx
 from xvol_compiler.ops import interleave_groups, pssa_kernel, pssa_transform
@@ -180,7 +184,7 @@ def two_sites() -> nn.Module:
 
 
 @pytest.mark.parametrize("per_channel", [True, False])
-def test_calibrated_model_balances_ranges_and_stays_exact(two_sites: nn.Module, per_channel: bool) -> None:
+def test_calibrated_ranges_balance_and_stay_exact(two_sites: nn.Module, per_channel: bool) -> None:
     x = torch.randn(4, 3, 12, 12) * ACT
     fused = fuse(copy.deepcopy(two_sites), example_inputs=x)
     ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -189,7 +193,7 @@ def test_calibrated_model_balances_ranges_and_stays_exact(two_sites: nn.Module, 
             n, (channel_absmax(a[0]), channel_absmax(pssa_transform(a[0])))))
     with torch.no_grad():
         fused(x)
-    scales = rescale_fused_model(fused, [x], per_channel=per_channel)
+    scales = rescale_fused_model(fused, [x], method="ranges", per_channel=per_channel)
     assert set(scales) == {"a", "b"}
     for name, s in scales.items():
         xr, tr = ranges[name]
@@ -202,9 +206,71 @@ def test_calibrated_model_balances_ranges_and_stays_exact(two_sites: nn.Module, 
     with torch.no_grad():
         assert rel_err(fused(x), eager64(two_sites, x)) <= TOL
     # A second calibration finds the ranges balanced: s = 1.
-    again = calibrate_t_scales(fused, [x], per_channel=per_channel)
+    again = calibrate_t_scales(fused, [x], method="ranges", per_channel=per_channel)
     for s in again.values():
         assert torch.allclose(s, torch.ones_like(s), rtol=1e-5)
+
+
+def test_quantization_noise_by_hand() -> None:
+    """One output channel reading x (weight 0.5) and T (weight 2); max|x| 1, max|T| 4, E[x^2] 0.25, E[T^2] 4.
+    s = 0.5: activation step 2/127 on 0.5^2 + 2^2/0.5^2 = 16.25; weight step max(0.5, 2/0.5)/127 = 4/127 on
+    0.25 + 0.5^2 * 4 = 1.25: (4 * 16.25 + 16 * 1.25) / 127^2 = 85 / 16129. s = 2: (64 * 1.25 + 1 * 16.25) / 16129."""
+    stats = SiteStats(torch.tensor([1.0]), torch.tensor([4.0]), 0.25, 4.0)
+    reader = TReader(torch.tensor([[[[0.5]], [[2.0]]]]), torch.tensor([[[[False]], [[True]]]]))
+    got = quantization_noise(torch.tensor([0.5, 2.0]), stats, [reader], "per-channel")
+    assert torch.allclose(got, torch.tensor([85 / 16129, 96.25 / 16129], dtype=torch.float64), rtol=1e-12)
+    s = t_scale_min_noise(stats, [reader], "per-channel")
+    grid = torch.logspace(-4, 2, 2001, dtype=torch.float64)
+    assert float(quantization_noise(s[:1], stats, [reader], "per-channel")[0]) <= float(
+        quantization_noise(grid, stats, [reader], "per-channel").min()) * 1.01
+
+
+def _fake_int8(t: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.round(t / step), -127, 127) * step
+
+
+def site_conv_errors(model: nn.Module, x: torch.Tensor, weights: str) -> dict[str, float]:
+    """Each fused site's conv run in simulated int8 (the literal definition: symmetric, its input with one
+    scale from max |.|, its weight per tensor or per output channel), relative squared error at its output."""
+    errors = {}
+    for name, site in deploy_sites(model).items():
+        seen: dict[str, torch.Tensor] = {}
+        handle = site.conv.register_forward_hook(lambda _m, a, out: seen.update(z=a[0], y=out))
+        with torch.no_grad():
+            model(x)
+        handle.remove()
+        z, y, w = seen["z"].double(), seen["y"].double(), site.conv.weight.detach().double()
+        peak = w.abs().max() if weights == "per-tensor" else w.abs().amax(dim=(1, 2, 3), keepdim=True)
+        bias = None if site.conv.bias is None else site.conv.bias.detach().double()
+        got = site.conv._conv_forward(_fake_int8(z, z.abs().max() / 127), _fake_int8(w, peak / 127), bias)
+        errors[name] = float((got - y).square().mean() / y.square().mean())
+    return errors
+
+
+@pytest.mark.parametrize("weights", ["per-tensor", "per-channel"])
+def test_noise_scale_is_best_in_simulated_int8(two_sites: nn.Module, weights: str) -> None:
+    x = torch.randn(8, 3, 12, 12) * ACT
+    fused = fuse(copy.deepcopy(two_sites), example_inputs=x)
+    errors = {}
+    for method in ("none", "ranges", "noise"):
+        model = copy.deepcopy(fused)
+        if method != "none":
+            rescale_fused_model(model, [x], method=method, weights=weights)  # type: ignore[arg-type]
+        errors[method] = site_conv_errors(model, x, weights)
+    for site in ("a", "b"):
+        assert errors["noise"][site] <= 1.02 * min(errors["none"][site], errors["ranges"][site]), errors
+        assert errors["noise"][site] < 0.5 * errors["none"][site], errors  # T(x) outgrows x: the rescale matters
+
+
+def test_bad_method_and_weights_are_refused(two_sites: nn.Module) -> None:
+    x = torch.randn(2, 3, 12, 12)
+    fused = fuse(copy.deepcopy(two_sites), example_inputs=x)
+    with pytest.raises(RescaleError, match="method='ranges' with per_channel=True"):
+        calibrate_t_scales(fused, [x], per_channel=True)
+    with pytest.raises(RescaleError, match="weights='int4'"):
+        calibrate_t_scales(fused, [x], weights="int4")  # type: ignore[arg-type]
+    with pytest.raises(RescaleError, match="method='minmax'"):
+        calibrate_t_scales(fused, [x], method="minmax")  # type: ignore[arg-type]
 
 
 def test_plain_checkpoint_loaded_into_rescaled_model_drops_the_rescale(two_sites: nn.Module) -> None:
@@ -257,15 +323,18 @@ def test_onnx_calibration_matches_pytorch(two_sites: nn.Module, dynamo: bool) ->
     x = torch.randn(4, 3, 12, 12) * ACT
     unfused = export_onnx(two_sites, None, (x,), dynamo=dynamo)
     fused, _ = fuse_onnx(unfused)
-    torch_scales = calibrate_t_scales(fuse(copy.deepcopy(two_sites), example_inputs=x), [x])
-    for graph in (fused, unfused):
-        onnx_scales = calibrate_onnx_t_scales(graph, [x.numpy()])
+    torch_fused = fuse(copy.deepcopy(two_sites), example_inputs=x)
+    for graph, method in ((fused, "noise"), (fused, "ranges"), (unfused, "ranges")):
+        torch_scales = calibrate_t_scales(torch_fused, [x], method=method)
+        onnx_scales = calibrate_onnx_t_scales(graph, [x.numpy()], method=method)
         assert len(onnx_scales) == 2
         # sites in graph order: a then b
         for s_onnx, s_torch in zip(onnx_scales.values(), torch_scales.values(), strict=True):
             assert np.allclose(s_onnx, s_torch.numpy(), rtol=1e-4)
-        rescaled, _ = rescale_onnx(graph, [x.numpy()])
+        rescaled, _ = rescale_onnx(graph, [x.numpy()], method=method)
         assert rel_err(torch.from_numpy(ort_run(rescaled, x)), eager64(two_sites, x)) <= TOL
+    for s in calibrate_onnx_t_scales(unfused, [x.numpy()], method="noise").values():
+        assert np.array_equal(s, np.ones_like(s))
 
 
 def test_onnx_without_sites_is_refused() -> None:

@@ -6,21 +6,31 @@ interleave, ``x`` and ``T(x)`` share a step, and ``T(x)`` grows with the square 
 scale: ``x`` keeps few levels. The rescale interleaves ``x`` and ``s * T(x)`` instead and folds
 ``1/s`` into the weight columns that read ``T(x)``; per channel, ``s_c * T_c(x) = x_c * R'_c(x)``
 with the ring kernel of channel ``c`` multiplied by ``s_c``, so no op is added and the form stays
-one convolution. ``s`` comes from calibration data: ``s_c = max|x_c| / max|T_c(x)|`` (per channel)
-or ``max|x| / max|T(x)|`` (one per site), so both halves span the same range.
+one convolution. ``s`` comes from calibration data, by one of two methods:
 
-The math is in small pure functions on tensors (:func:`t_scale_from_ranges`, :func:`scale_ring`,
-:func:`t_column_divisor`, :func:`rescale_t_columns`); :func:`calibrate_t_scales` and
-:func:`apply_t_scales` apply it to the ``XVolutionDeploy`` modules of a fused model (module form).
-The rescaled form lives in a persistent ``t_scale`` buffer of each deploy module (the ring is
+- ``"noise"`` (the default): one ``s`` per site, the one that minimizes a model of the quantization noise at
+  the conv's output (:func:`quantization_noise`): the activation step ``max(max|x|, s max|T|) / 127`` acts
+  on every weight, ``x``'s columns as they are and ``T``'s divided by ``s``; the weight step (per tensor
+  or per output channel, as the quantizer will use) grows when ``1/s`` makes ``T``'s columns the largest
+  and acts on the activations' power. Equal ranges are not always best: under per-tensor weights,
+  dividing ``T``'s columns by a small ``s`` coarsens every weight of the conv.
+- ``"ranges"``: ``s_c = max|x_c| / max|T_c(x)|`` (``per_channel=True``) or ``max|x| / max|T(x)|`` (one per
+  site), so both halves span the same range. One ``s`` per channel leaves each channel's own ratio in the
+  weights, which then span a far wider range: measured harmful (``benchmarks/bench_int8.py``).
+
+The math is in small pure functions on tensors (:func:`t_scale_from_ranges`, :func:`quantization_noise`,
+:func:`t_scale_min_noise`, :func:`scale_ring`, :func:`t_column_divisor`, :func:`rescale_t_columns`);
+:func:`calibrate_t_scales` and :func:`apply_t_scales` apply it to the ``XVolutionDeploy`` modules of a
+fused model (module form). The rescaled form lives in a persistent ``t_scale`` buffer of each deploy module (the ring is
 rebuilt from it on ``load_state_dict``), so it survives a checkpoint. The ONNX counterpart is
 :mod:`xvol_passes.onnx_rescale`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import cast
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -30,19 +40,36 @@ from xvol_compiler.errors import XvolError
 from xvol_compiler.pssa import T_SCALE, pssa_transform, refill_ring, site_ring
 
 __all__ = [
+    "METHODS",
+    "WEIGHT_GRANULARITIES",
+    "Method",
     "RescaleError",
+    "SiteStats",
+    "TReader",
+    "WeightGranularity",
     "apply_t_scales",
     "calibrate_t_scales",
+    "calibrate_site_stats",
     "channel_absmax",
     "deploy_sites",
+    "quantization_noise",
     "rescale_deploy",
     "rescale_fused_model",
     "rescale_t_columns",
     "rescale_t_taps",
     "scale_ring",
     "t_column_divisor",
+    "t_readers",
     "t_scale_from_ranges",
+    "t_scale_min_noise",
+    "choose_t_scale",
 ]
+
+Method = Literal["noise", "ranges"]
+METHODS: tuple[Method, ...] = ("noise", "ranges")
+WeightGranularity = Literal["per-tensor", "per-channel"]
+WEIGHT_GRANULARITIES: tuple[WeightGranularity, ...] = ("per-tensor", "per-channel")
+INT8_LEVELS = 127  # symmetric int8: steps from 0 to the range's end
 
 
 class RescaleError(XvolError, ValueError):
@@ -75,6 +102,91 @@ def t_scale_from_ranges(x_absmax: Tensor, t_absmax: Tensor, *, per_channel: bool
         t_absmax = t_absmax.amax().expand_as(t_absmax)
     usable = (x_absmax > 0) & (t_absmax > 0)
     return torch.where(usable, x_absmax / torch.where(usable, t_absmax, 1.0), 1.0)
+
+
+@dataclass(frozen=True)
+class SiteStats:
+    """What calibration saw at one site: max |.| per channel of x and of T(x), and their mean squares."""
+
+    x_absmax: Tensor  # (C,)
+    t_absmax: Tensor  # (C,)
+    x_power: float  # mean of x^2 over every element
+    t_power: float  # mean of T(x)^2
+
+
+@dataclass(frozen=True)
+class TReader:
+    """A conv weight that reads the interleave of x and T(x), and where it reads T: ``reads_t`` has the
+    weight's shape and is True on the entries multiplied by a channel of T(x)."""
+
+    weight: Tensor
+    reads_t: Tensor
+
+
+def _step(absmax: Tensor) -> Tensor:
+    return absmax / INT8_LEVELS
+
+
+def quantization_noise(s: Tensor, stats: SiteStats, readers: Sequence[TReader],
+                       weights: WeightGranularity) -> Tensor:
+    """Modelled output noise power (up to a common factor) of the convs ``readers`` over ``[x, s T]`` with one
+    per-tensor activation scale and int8 weights, for each candidate ``s`` (1-D).
+
+    Uniform rounding noise has power step^2 / 12 (the 1/12 is common, dropped). The activation step
+    ``max(max|x|, s max|T|) / 127`` reaches the output through every weight: ``|W_x|^2 + |W_T|^2 / s^2``. The
+    weight step of each output channel (``per-channel``) or of the whole weight (``per-tensor``),
+    ``max(max|W_x|, max|W_T| / s) / 127``, reaches it through the inputs' power: entries reading x times
+    ``E[x^2]``, entries reading T times ``s^2 E[T^2]``."""
+    s = s.to(torch.float64).reshape(-1, 1)  # (S, 1)
+    x_max, t_max = float(stats.x_absmax.max()), float(stats.t_absmax.max())
+    act_step = _step(torch.clamp(s * t_max, min=x_max))  # (S, 1)
+    total = torch.zeros(s.shape[0], dtype=torch.float64)
+    for reader in readers:
+        w = reader.weight.detach().to(torch.float64).reshape(reader.weight.shape[0], -1)  # (O, columns * taps)
+        on_t = reader.reads_t.reshape(w.shape)
+        w_x, w_t = torch.where(on_t, 0.0, w), torch.where(on_t, w, 0.0)
+        total += (act_step.squeeze(1) ** 2) * (w_x.square().sum() + w_t.square().sum() / s.squeeze(1) ** 2)
+        x_peak, t_peak = w_x.abs().amax(dim=1), w_t.abs().amax(dim=1)  # (O,)
+        if weights == "per-tensor":
+            x_peak, t_peak = x_peak.amax().expand_as(x_peak), t_peak.amax().expand_as(t_peak)
+        w_step = _step(torch.maximum(x_peak, t_peak / s))  # (S, O)
+        reach = (~on_t).sum(dim=1) * stats.x_power + on_t.sum(dim=1) * stats.t_power * s ** 2  # (S, O)
+        total += (w_step ** 2 * reach).sum(dim=1)
+    return total
+
+
+def t_scale_min_noise(stats: SiteStats, readers: Sequence[TReader], weights: WeightGranularity,
+                      candidates: int = 241) -> Tensor:
+    """One s for the site (repeated per channel): the minimum of :func:`quantization_noise` over
+    ``candidates`` log-spaced values spanning 10^-3 to 10^3 times the range ratio ``max|x| / max|T|``, plus
+    that ratio and 1 themselves, so the result is never worse in the model than either. Deterministic."""
+    if weights not in WEIGHT_GRANULARITIES:
+        raise RescaleError(f"weights={weights!r}: use one of {', '.join(WEIGHT_GRANULARITIES)} (the quantizer's "
+                           "weight granularity)")
+    ratio = float(t_scale_from_ranges(stats.x_absmax, stats.t_absmax)[0])
+    grid = torch.cat([ratio * torch.logspace(-3, 3, candidates, dtype=torch.float64),
+                      torch.tensor([ratio, 1.0], dtype=torch.float64)])
+    noise = quantization_noise(grid, stats, readers, weights)
+    best = grid[int(torch.argmin(noise))]  # argmin takes the first of equal values: deterministic
+    return best.expand(stats.x_absmax.numel()).clone()
+
+
+def choose_t_scale(stats: SiteStats, readers: Sequence[TReader], *, method: Method = "noise",
+                   weights: WeightGranularity = "per-channel", per_channel: bool = False) -> Tensor:
+    """s for one site by ``method`` (see the module docstring); ``per_channel`` only with ``"ranges"``.
+    ``"noise"`` with no reader of x and T together (a split or unfused site: T(x) has a conv and a scale
+    of its own, and s changes nothing after quantization): s = 1."""
+    if method not in METHODS:
+        raise RescaleError(f"method={method!r}: use one of {', '.join(METHODS)}")
+    if per_channel and method != "ranges":
+        raise RescaleError("one s per channel is a 'ranges' choice: pass method='ranges' with per_channel=True, "
+                           "or per_channel=False")
+    if method == "ranges":
+        return t_scale_from_ranges(stats.x_absmax, stats.t_absmax, per_channel=per_channel)
+    shared = [r for r in readers if bool(r.reads_t.any()) and not bool(r.reads_t.all())]
+    if not shared:
+        return torch.ones(stats.x_absmax.numel(), dtype=torch.float64)
+    return t_scale_min_noise(stats, shared, weights)
 
 
 def _check_scale(s: Tensor, channels: int) -> Tensor:
@@ -181,27 +293,60 @@ def _batches(batches: Iterable[Tensor | tuple[Tensor, ...]]) -> Iterable[tuple[T
         yield b if isinstance(b, tuple) else (b,)
 
 
+def t_readers(module: XVolutionDeploy) -> list[TReader]:
+    """The conv weight of a deploy module that reads x and T(x) together, with where it reads T (none for
+    the split lowering: its T(x) has a conv of its own)."""
+    if module.lowering == "split":
+        return []
+    g = module.site_geometry
+    weight = cast(Tensor, module.conv.weight).detach()
+    twos = torch.full((g.in_channels,), 2.0, dtype=torch.float64)
+    ones = torch.ones_like(weight, dtype=torch.float64)
+    if module.lowering == "channel":
+        marked = rescale_t_columns(ones, twos, g.groups, g.in_channels)
+    else:
+        marked = rescale_t_taps(ones, twos, g.groups)
+    return [TReader(weight, marked != 1)]
+
+
+class _StatsRecorder:
+    """Running max |.| per channel and sum of squares of x and T(x) at one site."""
+
+    def __init__(self) -> None:
+        self.x_absmax: Tensor | None = None
+        self.t_absmax: Tensor | None = None
+        self.sums = [0.0, 0.0]
+        self.count = 0
+
+    def add(self, x: Tensor, t: Tensor) -> None:
+        xr, tr = channel_absmax(x), channel_absmax(t)
+        self.x_absmax = xr if self.x_absmax is None else torch.maximum(self.x_absmax, xr)
+        self.t_absmax = tr if self.t_absmax is None else torch.maximum(self.t_absmax, tr)
+        self.sums[0] += float(x.detach().to(torch.float64).square().sum())
+        self.sums[1] += float(t.detach().to(torch.float64).square().sum())
+        self.count += x.numel()
+
+    def stats(self) -> SiteStats:
+        if self.x_absmax is None or self.t_absmax is None:
+            raise RescaleError("no calibration batch reached the site")
+        return SiteStats(self.x_absmax, self.t_absmax, self.sums[0] / self.count, self.sums[1] / self.count)
+
+
 @torch.no_grad()
-def calibrate_t_scales(model: nn.Module, batches: Iterable[Tensor | tuple[Tensor, ...]], *,
-                       per_channel: bool = False) -> dict[str, Tensor]:
-    """s for every fused site of ``model``, from the ranges of x and T(x) its current form sees on
-    ``batches`` (inputs of ``model``, one tensor or a tuple per batch): see :func:`t_scale_from_ranges`.
-    Sites without a ring conv raise :class:`RescaleError`."""
+def calibrate_site_stats(model: nn.Module, batches: Iterable[Tensor | tuple[Tensor, ...]]) -> dict[str, SiteStats]:
+    """What every fused site of ``model`` sees of x and T(x) (its current form) on ``batches`` (inputs of
+    ``model``, one tensor or a tuple per batch). Sites without a ring conv raise :class:`RescaleError`."""
     sites = deploy_sites(model)
     if not sites:
         raise RescaleError("no XVolutionDeploy site in the model: rescale the module form of fuse "
                            "(fuse(model), graph=False), not a GraphModule or an unfused model")
-    ranges: dict[str, list[Tensor]] = {}
+    recorders: dict[str, _StatsRecorder] = {}
 
-    def hook(name: str):  # type: ignore[no-untyped-def]
+    def hook(name: str) -> Callable[[XVolutionDeploy, tuple[Tensor, ...]], None]:
         def record(module: XVolutionDeploy, args: tuple[Tensor, ...]) -> None:
             x = args[0]
             t = pssa_transform(x, module.shift, module.directions, module.directional, kernel=site_ring(module))
-            xr, tr = channel_absmax(x), channel_absmax(t)
-            if name in ranges:
-                ranges[name] = [torch.maximum(ranges[name][0], xr), torch.maximum(ranges[name][1], tr)]
-            else:
-                ranges[name] = [xr, tr]
+            recorders.setdefault(name, _StatsRecorder()).add(x, t)
         return record
 
     for name, module in sites.items():
@@ -213,11 +358,22 @@ def calibrate_t_scales(model: nn.Module, batches: Iterable[Tensor | tuple[Tensor
     finally:
         for h in handles:
             h.remove()
-    missing = sorted(set(sites) - set(ranges))
+    missing = sorted(set(sites) - set(recorders))
     if missing:
         raise RescaleError(f"calibration never ran site(s) {', '.join(missing)}: pass at least one batch that "
                            "reaches every site")
-    return {n: t_scale_from_ranges(xr, tr, per_channel=per_channel) for n, (xr, tr) in ranges.items()}
+    return {n: r.stats() for n, r in recorders.items()}
+
+
+def calibrate_t_scales(model: nn.Module, batches: Iterable[Tensor | tuple[Tensor, ...]], *,
+                       method: Method = "noise", weights: WeightGranularity = "per-channel",
+                       per_channel: bool = False) -> dict[str, Tensor]:
+    """s for every fused site of ``model`` from what it sees on ``batches`` (:func:`calibrate_site_stats`),
+    chosen by ``method`` (:func:`choose_t_scale`; ``weights``: the quantizer's weight granularity)."""
+    stats = calibrate_site_stats(model, batches)
+    sites = deploy_sites(model)
+    return {n: choose_t_scale(st, t_readers(sites[n]), method=method, weights=weights, per_channel=per_channel)
+            for n, st in stats.items()}
 
 
 def apply_t_scales(model: nn.Module, scales: Mapping[str, Tensor]) -> None:
@@ -231,8 +387,10 @@ def apply_t_scales(model: nn.Module, scales: Mapping[str, Tensor]) -> None:
 
 
 def rescale_fused_model(model: nn.Module, batches: Iterable[Tensor | tuple[Tensor, ...]], *,
+                        method: Method = "noise", weights: WeightGranularity = "per-channel",
                         per_channel: bool = False) -> dict[str, Tensor]:
-    """Calibrate on ``batches`` and rescale every fused site of ``model`` in place; returns the s applied."""
-    scales = calibrate_t_scales(model, batches, per_channel=per_channel)
+    """Calibrate on ``batches`` and rescale every fused site of ``model`` in place; returns the s applied.
+    ``weights``: the weight granularity the quantizer will use (``"per-channel"`` or ``"per-tensor"``)."""
+    scales = calibrate_t_scales(model, batches, method=method, weights=weights, per_channel=per_channel)
     apply_t_scales(model, scales)
     return scales

@@ -21,11 +21,20 @@ import onnx
 import onnx_graphsurgeon as gs
 import torch
 
-from xvol_compiler.int8 import RescaleError, rescale_t_taps, scale_ring, t_scale_from_ranges
+from xvol_compiler.int8 import (
+    Method,
+    RescaleError,
+    SiteStats,
+    TReader,
+    WeightGranularity,
+    choose_t_scale,
+    rescale_t_taps,
+    scale_ring,
+)
 from xvol_compiler.pssa import pssa_kernel_layout
 
-__all__ = ["OnnxRescaleSite", "apply_onnx_t_scales", "calibrate_onnx_t_scales", "onnx_rescale_sites",
-           "rescale_onnx"]
+__all__ = ["OnnxRescaleSite", "apply_onnx_t_scales", "calibrate_onnx_site_stats", "calibrate_onnx_t_scales",
+           "onnx_rescale_sites", "onnx_t_readers", "rescale_onnx"]
 
 _PASS_THROUGH = {"Concat", "Reshape", "Gather", "Pad", "Unsqueeze"}
 Source = tuple[str, int]  # ("x" or "t", channel)
@@ -200,7 +209,7 @@ def onnx_rescale_sites(graph: gs.Graph) -> list[OnnxRescaleSite]:
             convs.append((conv, read))
         if len(convs) != len(readers):
             continue
-        sites.append(OnnxRescaleSite(node.name, x, t, node, convs))  # type: ignore[arg-type]
+        sites.append(OnnxRescaleSite(node.name, x, t, node, convs))
     return sites
 
 
@@ -250,10 +259,27 @@ def apply_onnx_t_scales(model: onnx.ModelProto, scales: Mapping[str, np.ndarray 
     return out
 
 
-def calibrate_onnx_t_scales(model: onnx.ModelProto, batches: Iterable[np.ndarray | Mapping[str, np.ndarray]], *,
-                            per_channel: bool = False) -> dict[str, np.ndarray]:
-    """s for every rescalable site of ``model`` from the ranges of x and T(x) in onnxruntime on ``batches``
-    (arrays for the first input, or feed dicts)."""
+def onnx_t_readers(site: OnnxRescaleSite) -> list[TReader]:
+    """The conv weights of ``site`` that read T(x), with where they read it."""
+    readers = []
+    c = int(np.asarray(_const(site.ring_conv.inputs[1])).shape[0])
+    twos = np.full(c, 2.0)
+    for conv, sources in site.convs:
+        w = np.asarray(_const(conv.inputs[1]), dtype=np.float64)
+        ones = np.ones_like(w)
+        if isinstance(sources, int):
+            marked = rescale_t_taps(torch.from_numpy(ones), torch.from_numpy(twos), _attr(conv, "group", 1),
+                                    t_slot=sources).numpy()
+        else:
+            marked = _divided(ones, _attr(conv, "group", 1), sources, twos)
+        readers.append(TReader(torch.from_numpy(w), torch.from_numpy(marked != 1)))
+    return readers
+
+
+def calibrate_onnx_site_stats(model: onnx.ModelProto, batches: Iterable[np.ndarray | Mapping[str, np.ndarray]],
+                              ) -> dict[str, SiteStats]:
+    """What every rescalable site of ``model`` sees of x and T(x) in onnxruntime on ``batches`` (arrays for
+    the first input, or feed dicts), by site name (its ring conv's)."""
     from xvol_compiler.verify import onnx_session
 
     graph = gs.import_onnx(model)
@@ -271,20 +297,38 @@ def calibrate_onnx_t_scales(model: onnx.ModelProto, batches: Iterable[np.ndarray
     first = session.get_inputs()[0].name
     out_names = [o.name for o in session.get_outputs()]
     ranges: dict[str, np.ndarray] = {}
+    sums: dict[str, list[float]] = {}  # name -> [sum of squares, element count]
     for batch in batches:
         feeds = dict(batch) if isinstance(batch, Mapping) else {first: np.asarray(batch)}
         values = dict(zip(out_names, session.run(out_names, feeds), strict=True))
         for n in names:
             v = np.abs(values[n]).swapaxes(0, 1).reshape(values[n].shape[1], -1).max(axis=1).astype(np.float64)
             ranges[n] = v if n not in ranges else np.maximum(ranges[n], v)
+            total = sums.setdefault(n, [0.0, 0.0])
+            total[0] += float(np.square(values[n], dtype=np.float64).sum())
+            total[1] += values[n].size
     if not ranges:
         raise RescaleError("no calibration batch: pass at least one input batch")
-    return {s.name: t_scale_from_ranges(torch.from_numpy(ranges[s.x.name]), torch.from_numpy(ranges[s.t.name]),
-                                        per_channel=per_channel).numpy() for s in sites}
+    return {s.name: SiteStats(torch.from_numpy(ranges[s.x.name]), torch.from_numpy(ranges[s.t.name]),
+                              sums[s.x.name][0] / sums[s.x.name][1], sums[s.t.name][0] / sums[s.t.name][1])
+            for s in sites}
+
+
+def calibrate_onnx_t_scales(model: onnx.ModelProto, batches: Iterable[np.ndarray | Mapping[str, np.ndarray]], *,
+                            method: Method = "noise", weights: WeightGranularity = "per-channel",
+                            per_channel: bool = False) -> dict[str, np.ndarray]:
+    """s for every rescalable site of ``model`` from what onnxruntime shows of x and T(x) on ``batches``,
+    chosen by ``method`` as :func:`xvol_compiler.int8.choose_t_scale` (``weights``: the quantizer's weight
+    granularity)."""
+    stats = calibrate_onnx_site_stats(model, batches)
+    sites = {s.name: s for s in onnx_rescale_sites(gs.import_onnx(model))}
+    return {name: choose_t_scale(st, onnx_t_readers(sites[name]), method=method, weights=weights,
+                                 per_channel=per_channel).numpy() for name, st in stats.items()}
 
 
 def rescale_onnx(model: onnx.ModelProto, batches: Iterable[np.ndarray | Mapping[str, np.ndarray]], *,
+                 method: Method = "noise", weights: WeightGranularity = "per-channel",
                  per_channel: bool = False) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """Calibrate on ``batches`` and return the rescaled copy of ``model`` with the s applied per site."""
-    scales = calibrate_onnx_t_scales(model, batches, per_channel=per_channel)
+    scales = calibrate_onnx_t_scales(model, batches, method=method, weights=weights, per_channel=per_channel)
     return apply_onnx_t_scales(model, scales), scales
