@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     n_calib = args.calib or (16 if args.quick else 64)
     n_eval = args.eval or (8 if args.quick else 32)
     stem = args.output or RESULTS / f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}-int8"
-    md, js = check_outputs([stem.with_suffix(".md"), stem.with_suffix(".json")], force=args.force)
+    md, js = check_outputs([Path(f"{stem}.md"), Path(f"{stem}.json")], force=args.force)  # (a "." in the stem stays)
     load_start = os.getloadavg()
     started = time.monotonic()
     torch.manual_seed(args.seed)
