@@ -235,7 +235,7 @@ def site_conv_errors(model: nn.Module, x: torch.Tensor, weights: str) -> dict[st
     errors = {}
     for name, site in deploy_sites(model).items():
         seen: dict[str, torch.Tensor] = {}
-        handle = site.conv.register_forward_hook(lambda _m, a, out: seen.update(z=a[0], y=out))
+        handle = site.conv.register_forward_hook(lambda _m, a, out, seen=seen: seen.update(z=a[0], y=out))
         with torch.no_grad():
             model(x)
         handle.remove()
