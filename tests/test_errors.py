@@ -3,9 +3,12 @@ the package's errors; both verification errors (FX and ONNX) derive from ``Verif
 
 from __future__ import annotations
 
+import ast
+import builtins
 import importlib
 import inspect
 import pkgutil
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -81,3 +84,47 @@ def test_old_catches_keep_working() -> None:
         raise FoldError("bad fold")
     with pytest.raises(XvolError):
         raise OnnxVerificationError("outputs differ")
+
+
+# ---------------------------------------------------------------------------- no builtin raises
+
+LIBRARY_ROOTS = (Path(xvol_compiler.__file__).parent, Path(xvol_passes.__file__).parent)
+BUILTIN_ERRORS = {name for name, value in vars(builtins).items()
+                  if isinstance(value, type) and issubclass(value, Exception)}
+
+
+def _raised_builtins(path: Path) -> list[str]:
+    """``raise BuiltinError(...)`` statements of a module, as "file:line name", except the two the language
+    asks for: ``NotImplementedError`` (abstract methods) and ``AttributeError`` in a module ``__getattr__``."""
+    found = []
+
+    def visit(node: ast.AST, function: str) -> None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            function = node.name
+        if isinstance(node, ast.Raise) and node.exc is not None:
+            exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+            allowed = isinstance(exc, ast.Name) and (
+                exc.id == "NotImplementedError" or (exc.id == "AttributeError" and function == "__getattr__"))
+            if isinstance(exc, ast.Name) and exc.id in BUILTIN_ERRORS and not allowed:
+                found.append(f"{path.name}:{node.lineno} {exc.id}")
+        for child in ast.iter_child_nodes(node):
+            visit(child, function)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")), "")
+    return sorted(set(found))
+
+
+def test_the_library_raises_its_own_errors() -> None:
+    """Every error the package raises on purpose is one of its own (an XvolError), so the xvol command and
+    callers catch the package's errors by one type; a builtin error means a bug."""
+    paths = [p for root in LIBRARY_ROOTS for p in root.rglob("*.py")]
+    assert len(paths) > 50
+    offenders = [hit for p in paths for hit in _raised_builtins(p)]
+    assert not offenders, f"raise a package error (xvol_compiler.errors) instead: {offenders}"
+
+
+def test_the_raise_scan_finds_a_builtin_raise(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text("def f(x):\n    if x:\n        raise ValueError('bad')\n    raise NotImplementedError\n\n"
+                      "def __getattr__(name):\n    raise AttributeError(name)\n")
+    assert _raised_builtins(sample) == ["sample.py:3 ValueError"]
