@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -82,11 +82,13 @@ def _perturb_attention(model: nn.Module, seed: int = 0, *, only_untrained: bool 
                 bn = m.attn_bn
                 if only_untrained and bool(bn.weight.ne(0).any()):
                     continue
+                # (a site builds attn_bn with running statistics, torch's default)
+                mean, var = cast(torch.Tensor, bn.running_mean), cast(torch.Tensor, bn.running_var)
                 n = bn.num_features
                 bn.weight.copy_(0.05 * torch.randn(n, generator=gen))
                 bn.bias.copy_(0.01 * torch.randn(n, generator=gen))
-                bn.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
-                bn.running_var.copy_(1 + 0.2 * torch.rand(n, generator=gen))
+                mean.copy_(0.1 * torch.randn(n, generator=gen))
+                var.copy_(1 + 0.2 * torch.rand(n, generator=gen))
 
 
 def _peak(mem: PeakMemory) -> int | None:
