@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from xvol_compiler import fuse, xvolify
+from xvol_compiler.errors import InvalidArgumentError
 from xvol_compiler.io import build_model
 from xvol_compiler.measure import Latency, PeakMemory, count_macs, count_params, interleaved_latency, max_error
 from xvol_compiler.onnx_verify import onnx_session
@@ -202,7 +203,7 @@ def time_backend(
     (the original differs from it by the attention branch: that number is not an error).
     """
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+        raise InvalidArgumentError(f"unknown backend {backend!r}; choose from {BACKENDS}")
     (x,) = p.example(batch)
     sync: Callable[[], None] | None = torch.cuda.synchronize if p.device.type == "cuda" else None
     fns: dict[str, Callable[[], Any]] = {}
@@ -214,7 +215,7 @@ def time_backend(
             fns[v] = functools.partial(torch.compile(p.models[v]), x)
     else:
         if not p.onnx_paths:
-            raise ValueError("onnxruntime timing needs prepare_onnx() first")
+            raise InvalidArgumentError("onnxruntime timing needs prepare_onnx() first")
         xn = x.cpu().numpy()
         for v in VARIANTS:
             session = _ort_session(p.onnx_paths[v], p.device)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from xvol_compiler.arguments import check_extra_branches, check_initialized, check_optional_int
 from xvol_compiler.conv_modules import CONV_TYPES
 from xvol_compiler.deploy import XVolutionDeploy
+from xvol_compiler.errors import InvalidArgumentError
 from xvol_compiler.fold import BatchNormParams, ConvGeometry, FoldError
 from xvol_compiler.xvolution import EXTRA_BRANCHES, XVolution
 
@@ -67,7 +68,7 @@ class GlobalAttentionXVolution(XVolution):
         c = geometry.in_channels
         d = qk_channels if qk_channels is not None else max(1, c // 8)
         if d < 1:
-            raise ValueError(f"qk_channels must be >= 1, got {qk_channels}")
+            raise InvalidArgumentError(f"qk_channels must be >= 1, got {qk_channels}")
         self.qk_channels = d
         conv = CONV_TYPES[geometry.ndim]
         self.attn_q = conv(c, d, 1, bias=False, device=device, dtype=dtype)

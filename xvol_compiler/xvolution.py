@@ -28,6 +28,7 @@ from xvol_compiler.conv_modules import (
     padded_conv,
 )
 from xvol_compiler.deploy import XVolutionDeploy
+from xvol_compiler.errors import InvalidArgumentError, InvalidArgumentTypeError
 from xvol_compiler.fold import (
     BatchNormParams,
     Branch,
@@ -145,7 +146,7 @@ class XVolution(nn.Module):
         g = geometry
         ndim = g.ndim
         if ndim not in CONV_TYPES:
-            raise ValueError(f"X-volution supports Conv1d/2d/3d sites, got {ndim} spatial dims")
+            raise InvalidArgumentError(f"X-volution supports Conv1d/2d/3d sites, got {ndim} spatial dims")
         check_extra_branches(extra_branches, EXTRA_BRANCHES)
         self.in_channels, self.out_channels = g.in_channels, g.out_channels
         self.kernel_size, self.stride, self.dilation = g.kernel_size, g.stride, g.dilation
@@ -248,10 +249,12 @@ class XVolution(nn.Module):
         """A site of this class around ``conv``: same geometry and Parameter objects, training flag kept.
         ``options``: keywords of ``cls``'s constructor (a subclass has its own)."""
         if not isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or isinstance(conv, XVolution):
-            raise TypeError(f"{cls.__name__}.from_conv needs an nn.Conv1d/2d/3d, got {type(conv).__name__}")
+            raise InvalidArgumentTypeError(
+                f"{cls.__name__}.from_conv needs an nn.Conv1d/2d/3d, got {type(conv).__name__}"
+            )
         reason = conv_forward_reason(conv)
         if reason:
-            raise TypeError(f"{cls.__name__}.from_conv cannot wrap this conv: {reason}")
+            raise InvalidArgumentTypeError(f"{cls.__name__}.from_conv cannot wrap this conv: {reason}")
         p = conv.weight
         site = cls(conv_geometry(conv), bias=conv.bias is not None, device=p.device, dtype=p.dtype, **options)
         with torch.no_grad():
