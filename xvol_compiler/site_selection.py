@@ -105,7 +105,7 @@ class SiteSelection:
     def describe(self) -> str:
         if self.label:
             return self.label
-        parts = []
+        parts: list[str] = []
         if self.output_strides is not None:
             parts.append("output stride in {" + ",".join(format_stride(s) for s in sorted(
                 self.output_strides, key=lambda s: s if isinstance(s, tuple) else (s,))) + "}")
@@ -116,19 +116,16 @@ class SiteSelection:
             parts.append(f"kernel in {sorted(self.kernel_sizes, key=str)}")
         elif self.min_kernel > 1:
             parts.append(f"kernel >= {self.min_kernel}")
-        if self.conv_types is not None:
-            parts.append(f"type in {sorted(self.conv_types)}")
-        if self.names is not None:
-            parts.append(f"names {list(self.names)}")
-        if self.regex is not None:
-            pattern = self.regex if isinstance(self.regex, str) else self.regex.pattern
-            parts.append(f"regex {pattern!r}")
-        if self.predicate is not None:
-            parts.append(f"predicate {getattr(self.predicate, '__name__', 'callable')}")
-        if self.max_sites is not None:
-            parts.append(f"at most {self.max_sites} sites")
-        if self.max_added_mac_fraction is not None:
-            parts.append(f"at most +{100 * self.max_added_mac_fraction:.3g}% MACs")
+        # (criterion, how to say it): each one given (not None) is said, in this order.
+        criteria: list[tuple[object, Callable[[Any], str]]] = [
+            (self.conv_types, lambda types: f"type in {sorted(types)}"),
+            (self.names, lambda names: f"names {list(names)}"),
+            (self.regex, lambda regex: f"regex {(regex if isinstance(regex, str) else regex.pattern)!r}"),
+            (self.predicate, lambda predicate: f"predicate {getattr(predicate, '__name__', 'callable')}"),
+            (self.max_sites, lambda n: f"at most {n} sites"),
+            (self.max_added_mac_fraction, lambda fraction: f"at most +{100 * fraction:.3g}% MACs"),
+        ]
+        parts += [say(value) for value, say in criteria if value is not None]
         return ", ".join(parts) if parts else "all spatial convs"
 
     @property
