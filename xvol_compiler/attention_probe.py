@@ -47,6 +47,12 @@ def _site_batchnorms(site: XVolution, path: str) -> Iterator[tuple[str, nn.Modul
         yield f"{prefix}branch_identity", site.branch_identity
 
 
+def _gamma(bn: nn.Module) -> torch.Tensor | None:
+    """A BatchNorm's gamma (its ``weight``), None when it has none (``affine=False``)."""
+    gamma = getattr(bn, "weight", None)
+    return gamma if isinstance(gamma, torch.Tensor) else None
+
+
 def silent_batchnorms(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(path, BatchNorm) of every attention / extra-branch BatchNorm of an X-volution site in ``model`` with at
     least one gamma equal to 0 (a channel of that branch computes nothing), in ``named_modules`` order."""
@@ -55,8 +61,8 @@ def silent_batchnorms(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for path, module in model.named_modules():
         if isinstance(module, XVolution):
             for bn_path, bn in _site_batchnorms(module, path):
-                gamma = getattr(bn, "weight", None)
-                if isinstance(gamma, torch.Tensor) and bool((gamma == 0).any()):
+                gamma = _gamma(bn)
+                if gamma is not None and bool((gamma == 0).any()):
                     found.append((bn_path, bn))
     return found
 
@@ -91,7 +97,9 @@ def with_exercised_attention(model: nn.Module, *, seed: int = 0, scale: float = 
     changed = 0
     with torch.no_grad():
         for _path, bn in silent_batchnorms(probe):
-            gamma = bn.weight
+            gamma = _gamma(bn)
+            if gamma is None:  # (silent_batchnorms lists only BatchNorms with a gamma)
+                continue
             drawn = torch.rand(gamma.shape, generator=generator, dtype=torch.float64) * (high - low) + low
             gamma.copy_(torch.where(gamma == 0, drawn.to(device=gamma.device, dtype=gamma.dtype), gamma))
             changed += 1

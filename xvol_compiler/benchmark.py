@@ -20,12 +20,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from xvol_compiler import fuse, xvolify
+from xvol_compiler.errors import InvalidArgumentError
 from xvol_compiler.io import build_model
 from xvol_compiler.measure import Latency, PeakMemory, count_macs, count_params, interleaved_latency, max_error
 from xvol_compiler.onnx_verify import onnx_session
@@ -82,11 +83,13 @@ def _perturb_attention(model: nn.Module, seed: int = 0, *, only_untrained: bool 
                 bn = m.attn_bn
                 if only_untrained and bool(bn.weight.ne(0).any()):
                     continue
+                # (a site builds attn_bn with running statistics, torch's default)
+                mean, var = cast(torch.Tensor, bn.running_mean), cast(torch.Tensor, bn.running_var)
                 n = bn.num_features
                 bn.weight.copy_(0.05 * torch.randn(n, generator=gen))
                 bn.bias.copy_(0.01 * torch.randn(n, generator=gen))
-                bn.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
-                bn.running_var.copy_(1 + 0.2 * torch.rand(n, generator=gen))
+                mean.copy_(0.1 * torch.randn(n, generator=gen))
+                var.copy_(1 + 0.2 * torch.rand(n, generator=gen))
 
 
 def _peak(mem: PeakMemory) -> int | None:
@@ -200,7 +203,7 @@ def time_backend(
     (the original differs from it by the attention branch: that number is not an error).
     """
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+        raise InvalidArgumentError(f"unknown backend {backend!r}; choose from {BACKENDS}")
     (x,) = p.example(batch)
     sync: Callable[[], None] | None = torch.cuda.synchronize if p.device.type == "cuda" else None
     fns: dict[str, Callable[[], Any]] = {}
@@ -212,7 +215,7 @@ def time_backend(
             fns[v] = functools.partial(torch.compile(p.models[v]), x)
     else:
         if not p.onnx_paths:
-            raise ValueError("onnxruntime timing needs prepare_onnx() first")
+            raise InvalidArgumentError("onnxruntime timing needs prepare_onnx() first")
         xn = x.cpu().numpy()
         for v in VARIANTS:
             session = _ort_session(p.onnx_paths[v], p.device)

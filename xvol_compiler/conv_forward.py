@@ -10,6 +10,7 @@ import torch.fx
 from torch import nn
 
 from xvol_compiler.conv_modules import CONV_ATTRIBUTES, CONV_CALLS, PLAIN_CONV_FORWARDS, conv_geometry
+from xvol_compiler.errors import InvalidArgumentTypeError
 
 __all__ = ["traced_forward_reason"]
 
@@ -21,7 +22,7 @@ def _int_tuple(value: object, ndim: int) -> tuple[int, ...] | str:
         return (value,) * ndim
     if isinstance(value, (tuple, list)):
         return tuple(int(v) for v in value)
-    raise TypeError(f"not an int or a sequence of ints: {value!r}")
+    raise InvalidArgumentTypeError(f"not an int or a sequence of ints: {value!r}")
 
 
 def traced_forward_reason(conv: nn.Module, reserved_names: Collection[str] = ()) -> str:

@@ -55,12 +55,13 @@ def padded_conv(
     weight: Tensor,
     bias: Tensor | None,
     stride: tuple[int, ...],
-    padding: tuple[int, ...] | str,
+    padding: tuple[int, ...] | tuple[tuple[int, int], ...] | str,
     dilation: tuple[int, ...],
     groups: int,
     padding_mode: str,
 ) -> Tensor:
-    """``F.conv{1,2,3}d`` with a torch padding mode ('zeros', 'reflect', 'replicate', 'circular')."""
+    """``F.conv{1,2,3}d`` with a torch padding mode ('zeros', 'reflect', 'replicate', 'circular').
+    ``padding`` as :attr:`ConvGeometry.padding`; per-axis (begin, end) pairs only with a mode other than 'zeros'."""
     ndim = weight.dim() - 2
     if padding_mode == "zeros":
         return CONV_FUNCTIONS[ndim](x, weight, bias, stride, padding, dilation, groups)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
+from xvol_compiler import pssa
 from xvol_compiler.conv_modules import CONV_TYPES
 from xvol_compiler.fold import Branch, ConvGeometry
 from xvol_compiler.lowering import (
@@ -25,18 +26,7 @@ from xvol_compiler.lowering import (
     split_geometries,
     split_weights,
 )
-from xvol_compiler.pssa import (
-    Directions,
-    interleave_groups,
-    interleave_spatial,
-    match_t_scale,
-    neighbour_offsets,
-    pssa_ring_buffer,
-    pssa_transform,
-    refill_ring,
-    shift_tuple,
-    site_ring,
-)
+from xvol_compiler.pssa import interleave_groups, interleave_spatial, pssa_transform  # by name: fx.wrap below
 
 __all__ = ["XVolutionDeploy", "lowered_convs", "merged_branch", "pad_input", "run_lowering"]
 
@@ -135,7 +125,7 @@ class XVolutionDeploy(nn.Module):
         geometry: ConvGeometry,
         *,
         shift: int | Sequence[int] = 1,
-        directions: Directions = None,
+        directions: pssa.Directions = None,
         directional: bool = False,
         lowering: str = "channel",
         single_conv: bool = True,
@@ -143,24 +133,23 @@ class XVolutionDeploy(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        g = geometry
+        g = self.site_geometry = geometry
         ndim = g.ndim
-        self.shift = shift_tuple(shift, ndim)
-        self.directions = len(neighbour_offsets(ndim, directions))
+        self.shift = pssa.shift_tuple(shift, ndim)
+        self.directions = len(pssa.neighbour_offsets(ndim, directions))
         self.directional = directional
         self.lowering = lowering
         self.single_conv = single_conv
-        self.site_geometry = g
         self.factor = 1 + (self.directions if directional else 1)
-        pssa_ring_buffer(self, g.in_channels, ndim, self.shift, self.directions, directional, device, dtype)
+        pssa.pssa_ring_buffer(self, g.in_channels, ndim, self.shift, self.directions, directional, device, dtype)
         w = torch.zeros(g.out_channels, self.factor * g.in_channels // g.groups, *g.kernel_size,
                         device=device, dtype=dtype)
         self._build(w, torch.zeros(g.out_channels, device=device, dtype=dtype))
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        match_t_scale(self, state_dict, prefix)
+        pssa.match_t_scale(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        refill_ring(self)  # a meta-built model after to_empty(): the checkpoint does not hold the ring
+        pssa.refill_ring(self)  # a meta-built model after to_empty(): the checkpoint does not hold the ring
 
     def _build(self, weight: Tensor, bias: Tensor) -> None:
         branch = merged_branch(self.site_geometry, self.factor, weight, bias)
@@ -186,6 +175,6 @@ class XVolutionDeploy(nn.Module):
         return f"lowering={self.lowering!r}"
 
     def forward(self, x: Tensor) -> Tensor:
-        t = pssa_transform(x, self.shift, self.directions, self.directional, kernel=site_ring(self))
+        t = pssa_transform(x, self.shift, self.directions, self.directional, kernel=pssa.site_ring(self))
         convs = [self.conv] + ([self.conv_attn] if self.lowering == "split" else [])
         return run_lowering(self.lowering, convs, self.layout, [x, t])

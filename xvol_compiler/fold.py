@@ -13,8 +13,9 @@ Weights use torch's layout for an N-d convolution:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import torch
 from torch import Tensor
@@ -100,8 +101,24 @@ class ConvGeometry:
         return tuple((int(p[0]), int(p[1])) if isinstance(p, tuple) else (p, p) for p in self.padding)
 
 
+@overload
+def _f64(t: Tensor) -> Tensor: ...
+
+
+@overload
+def _f64(t: None) -> None: ...
+
+
 def _f64(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach().to(torch.float64)
+
+
+def _sum(tensors: Iterable[Tensor]) -> Tensor:
+    """``sum(tensors)`` (a new tensor, as ``0 + t`` is), refusing an empty iterable."""
+    total = sum(tensors)
+    if not isinstance(total, Tensor):
+        raise FoldError("nothing to sum")
+    return total
 
 
 def bn_scale_shift(bn: BatchNormParams) -> tuple[Tensor, Tensor]:
@@ -207,10 +224,10 @@ def sum_branches(branches: Sequence[tuple[Tensor, Tensor | None]]) -> WeightBias
     for w, _ in branches:
         if w.shape != shape:
             raise FoldError(f"kernel shapes differ: {tuple(w.shape)} vs {tuple(shape)}")
-    w = sum(_f64(w) for w, _ in branches)
-    b = sum(_bias_or_zeros(w_, b_) for w_, b_ in branches)
+    w_sum = _sum(_f64(w) for w, _ in branches)
+    b_sum = _sum(_bias_or_zeros(w_, b_) for w_, b_ in branches)
     dtype = branches[0][0].dtype
-    return w.to(dtype), b.to(dtype)
+    return w_sum.to(dtype), b_sum.to(dtype)
 
 
 @dataclass(frozen=True)
@@ -260,7 +277,7 @@ def merge_branches(branches: Sequence[Branch]) -> Branch:
             per_input.setdefault(key, []).append((embed_kernel(block, kernel, offset), None))
     summed = [sum_branches(blocks) for blocks in per_input.values()]
     weight = torch.cat([w for w, _ in summed], dim=1)
-    bias = sum(_bias_or_zeros(b.weight, b.bias) for b in branches)
+    bias = _sum(_bias_or_zeros(b.weight, b.bias) for b in branches)
     keys = tuple(per_input)
     geometry = ConvGeometry(
         in_channels=sum(channels[k] for k in keys),

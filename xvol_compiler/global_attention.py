@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from xvol_compiler.arguments import check_extra_branches, check_initialized, check_optional_int
 from xvol_compiler.conv_modules import CONV_TYPES
 from xvol_compiler.deploy import XVolutionDeploy
-from xvol_compiler.fold import ConvGeometry, FoldError
+from xvol_compiler.errors import InvalidArgumentError
+from xvol_compiler.fold import BatchNormParams, ConvGeometry, FoldError
 from xvol_compiler.xvolution import EXTRA_BRANCHES, XVolution
 
 __all__ = ["GLOBAL_ATTENTION_NOT_FUSABLE", "GlobalAttentionXVolution", "global_attention"]
@@ -67,16 +68,15 @@ class GlobalAttentionXVolution(XVolution):
         c = geometry.in_channels
         d = qk_channels if qk_channels is not None else max(1, c // 8)
         if d < 1:
-            raise ValueError(f"qk_channels must be >= 1, got {qk_channels}")
+            raise InvalidArgumentError(f"qk_channels must be >= 1, got {qk_channels}")
         self.qk_channels = d
         conv = CONV_TYPES[geometry.ndim]
-        factory = {"device": device, "dtype": dtype}
-        self.attn_q = conv(c, d, 1, bias=False, **factory)
-        self.attn_k = conv(c, d, 1, bias=False, **factory)
-        self.attn_v = conv(c, c, 1, bias=False, **factory)
+        self.attn_q = conv(c, d, 1, bias=False, device=device, dtype=dtype)
+        self.attn_k = conv(c, d, 1, bias=False, device=device, dtype=dtype)
+        self.attn_v = conv(c, c, 1, bias=False, device=device, dtype=dtype)
 
     @classmethod
-    def from_conv(  # type: ignore[override]
+    def from_conv(  # type: ignore[override]  # qk_channels instead of XVolution's PSSA options
         cls,
         conv: nn.Module,
         *,
@@ -88,7 +88,7 @@ class GlobalAttentionXVolution(XVolution):
             check_initialized(conv, f"conv ({type(conv).__name__})")
         check_optional_int("qk_channels", qk_channels, 1)
         check_extra_branches(extra_branches, EXTRA_BRANCHES)
-        return cls._wrap(conv, qk_channels=qk_channels, extra_branches=extra_branches)  # type: ignore[return-value]
+        return cls._wrap(conv, qk_channels=qk_channels, extra_branches=extra_branches)
 
     def attention(self, x: Tensor) -> Tensor:
         """SA(x): (N, C_in, *spatial) -> (N, C_in, *spatial)."""
@@ -100,5 +100,7 @@ class GlobalAttentionXVolution(XVolution):
     def deploy_weights(self) -> tuple[Tensor, Tensor]:
         raise FoldError(GLOBAL_ATTENTION_NOT_FUSABLE)
 
-    def fuse(self) -> XVolutionDeploy:
+    def fuse(self, lowering: str = "channel", *, single_conv: bool = True,
+             bn: BatchNormParams | None = None, weights: tuple[Tensor, Tensor] | None = None) -> XVolutionDeploy:
+        """Refused whatever the lowering: see :data:`GLOBAL_ATTENTION_NOT_FUSABLE`."""
         raise FoldError(GLOBAL_ATTENTION_NOT_FUSABLE)

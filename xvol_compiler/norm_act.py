@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from xvol_compiler.errors import InvalidArgumentTypeError
+
 __all__ = ["NormActRemainder", "has_own_forward", "norm_act_reason", "remainder_of"]
 
 _PLAIN_BN_FORWARDS = {nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward}
@@ -44,6 +46,11 @@ def remainder_of(norm_act: nn.Module) -> nn.Module:
     dropout does nothing in eval mode and the activation holds no state (no state_dict key moves),
     else :class:`NormActRemainder` with both."""
     drop, act = norm_act.drop, norm_act.act
+    if not (isinstance(drop, nn.Module) and isinstance(act, nn.Module)):
+        raise InvalidArgumentTypeError(
+            f"remainder_of needs a norm-act layer whose drop and act are modules, got {type(norm_act).__name__} "
+            "(check it with norm_act_reason first)"
+        )
     stateless = not any(True for _ in act.parameters()) and not any(True for _ in act.buffers())
     if isinstance(drop, _NO_OP_IN_EVAL) and stateless:
         return act
@@ -106,7 +113,7 @@ def _normalises_with_own_state(bn: nn.Module, call: fx.Node) -> bool:
         return isinstance(value, fx.Node) and value.op == "get_attr" and value.target == attr
 
     return (all(reads(args.get(a), a) for a in ("running_mean", "running_var", "weight", "bias"))
-            and args.get("training") is False and args.get("eps") == bn.eps)
+            and args.get("training") is False and bool(args.get("eps") == bn.eps))
 
 
 def _reaches(node: fx.Node, target: fx.Node) -> bool:

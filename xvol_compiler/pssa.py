@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from xvol_compiler.arguments import check_shift
 from xvol_compiler.conv_modules import CONV_FUNCTIONS
+from xvol_compiler.errors import InvalidArgumentError
 
 __all__ = [
     "PSSA_RING",
@@ -46,7 +47,7 @@ def neighbour_offsets(ndim: int, directions: Directions = None) -> tuple[tuple[i
     word ``"axial"`` or ``"full"``, or None for the full neighbourhood.
     """
     if ndim not in (1, 2, 3):
-        raise ValueError(f"PSSA supports 1, 2 or 3 spatial dimensions, got {ndim}")
+        raise InvalidArgumentError(f"PSSA supports 1, 2 or 3 spatial dimensions, got {ndim}")
     full, axial = 3**ndim - 1, 2 * ndim
     if directions is None or directions == "full" or directions == full:
         return tuple(o for o in itertools.product((-1, 0, 1), repeat=ndim) if any(o))
@@ -54,7 +55,7 @@ def neighbour_offsets(ndim: int, directions: Directions = None) -> tuple[tuple[i
         return tuple(
             tuple(sign if i == axis else 0 for i in range(ndim)) for axis in range(ndim) for sign in (-1, 1)
         )
-    raise ValueError(
+    raise InvalidArgumentError(
         f"directions={directions!r} is not a neighbourhood in {ndim}-D: use {axial} (axial) or {full} (full)"
     )
 
@@ -64,7 +65,7 @@ def shift_tuple(shift: int | Sequence[int], ndim: int) -> tuple[int, ...]:
     check_shift(shift)
     shifts = (shift,) * ndim if isinstance(shift, int) else tuple(shift)
     if len(shifts) != ndim or any(not isinstance(s, int) or s < 1 for s in shifts):
-        raise ValueError(f"shift must be an int >= 1 or {ndim} such ints, got {shift!r}")
+        raise InvalidArgumentError(f"shift must be an int >= 1 or {ndim} such ints, got {shift!r}")
     return shifts
 
 
@@ -133,7 +134,7 @@ def pssa_kernel(
     dtype = torch.get_default_dtype() if dtype is None else dtype
     device = torch.device("cpu") if device is None else torch.device(device)
     if channels < 1:
-        raise ValueError(f"channels must be >= 1, got {channels}")
+        raise InvalidArgumentError(f"channels must be >= 1, got {channels}")
     if torch.compiler.is_compiling():
         # torch.compile / torch.export trace this call: a literal tensor, which they keep as one constant.
         return torch.tensor(_kernel_values(ndim, offsets, directional, channels), dtype=dtype, device=device)
@@ -287,7 +288,7 @@ def _given_kernel(kernel: Tensor, ndim: int, channels: int, x: Tensor) -> Tensor
     """A caller's ring kernel for ``x``: its shape checked, cast to ``x``'s dtype and device when they differ."""
     expected = (channels, 1, *(3,) * ndim)
     if tuple(kernel.shape) != expected:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"pssa_transform: kernel of shape {tuple(kernel.shape)} for an input of {channels} channels in "
             f"{ndim}-D; the ring kernel has shape {expected} (pssa_kernel(ndim, directions, False, channels))"
         )

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from xvol_compiler.errors import InvalidArgumentError
 from xvol_compiler.fold import ConvGeometry
 
 __all__ = [
@@ -80,7 +81,7 @@ def render_table(
     widths = [len(h) for h in heads]
     for row in cells:
         if len(row) != len(heads):
-            raise ValueError(f"table row has {len(row)} cells but there are {len(heads)} headers: {row}")
+            raise InvalidArgumentError(f"table row has {len(row)} cells but there are {len(heads)} headers: {row}")
         widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
 
     def line(row: Sequence[str]) -> str:

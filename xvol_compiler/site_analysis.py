@@ -56,7 +56,7 @@ from torch.nn.modules.conv import _ConvNd
 from xvol_compiler.arguments import check_example_inputs, check_module
 from xvol_compiler.conv_modules import CONV_CALLS, CONV_TYPES, PLAIN_CONV_FORWARDS, conv_geometry
 from xvol_compiler.deploy import XVolutionDeploy
-from xvol_compiler.errors import XvolError
+from xvol_compiler.errors import InvalidArgumentError, XvolError
 from xvol_compiler.fold import ConvGeometry
 from xvol_compiler.report import format_stride
 from xvol_compiler.xvolution import XVolution, conv_forward_reason
@@ -138,7 +138,7 @@ def default_example_inputs(model: nn.Module, kind: str | None = None) -> Tensor 
     """
     kind = kind or detect_kind(model)
     if kind not in KINDS:
-        raise ValueError(f"unknown model kind {kind!r}; use one of {', '.join(KINDS)}")
+        raise InvalidArgumentError(f"unknown model kind {kind!r}; use one of {', '.join(KINDS)}")
     p = next(iter(model.parameters()), None)
     device = p.device if p is not None else torch.device("cpu")
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
@@ -185,7 +185,7 @@ def describe_inputs(args: tuple[Any, ...]) -> str:
 def nominal_stride(ratio: float) -> float:
     """The power of two nearest to ``ratio`` in log scale (16 for 12 ... 22, 8 for 6 ... 11)."""
     if ratio <= 0 or not math.isfinite(ratio):
-        raise ValueError(f"output stride ratio must be positive, got {ratio}")
+        raise InvalidArgumentError(f"output stride ratio must be positive, got {ratio}")
     return float(2.0 ** round(math.log2(ratio)))
 
 
@@ -344,10 +344,10 @@ def analyze_model(
     check_module("model", model)
     check_example_inputs(example_inputs)
     if analysis not in ("auto", "hooks", "fx"):
-        raise ValueError(f"analysis={analysis!r}: use 'auto', 'hooks' or 'fx'")
+        raise InvalidArgumentError(f"analysis={analysis!r}: use 'auto', 'hooks' or 'fx'")
     kind = kind or detect_kind(model)
     if kind not in KINDS:
-        raise ValueError(f"unknown model kind {kind!r}; use one of {', '.join(KINDS)}")
+        raise InvalidArgumentError(f"unknown model kind {kind!r}; use one of {', '.join(KINDS)}")
     if example_inputs is None:
         example_inputs = default_example_inputs(model, kind)
     args = as_args(example_inputs)

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from torch import nn
 
+from xvol_compiler.errors import InvalidArgumentError, InvalidArgumentTypeError
 from xvol_compiler.report import format_stride, with_article
 from xvol_compiler.site_analysis import SITE_TYPE_NAMES, ConvInfo, ModelAnalysis, SiteSelectionError, Stride
 
@@ -83,7 +84,7 @@ class SiteSelection:
             types = frozenset(t if isinstance(t, str) else t.__name__ for t in self.conv_types)
             bad = types - {"Conv1d", "Conv2d", "Conv3d"}
             if bad:
-                raise ValueError(f"conv_types {sorted(bad)} unknown: use 'Conv1d', 'Conv2d' or 'Conv3d'")
+                raise InvalidArgumentError(f"conv_types {sorted(bad)} unknown: use 'Conv1d', 'Conv2d' or 'Conv3d'")
             fix("conv_types", types)
         if self.names is not None:
             if isinstance(self.names, str):
@@ -93,18 +94,18 @@ class SiteSelection:
         if isinstance(self.regex, str):
             fix("regex", re.compile(self.regex))
         if self.max_sites is not None and self.max_sites < 1:
-            raise ValueError(f"max_sites must be >= 1, got {self.max_sites}")
+            raise InvalidArgumentError(f"max_sites must be >= 1, got {self.max_sites}")
         if self.max_added_mac_fraction is not None and not self.max_added_mac_fraction > 0:
-            raise ValueError(f"max_added_mac_fraction must be > 0, got {self.max_added_mac_fraction}")
+            raise InvalidArgumentError(f"max_added_mac_fraction must be > 0, got {self.max_added_mac_fraction}")
         if self.shared_calls not in ("any", "all"):
-            raise ValueError(f"shared_calls={self.shared_calls!r}: use 'any' or 'all'")
+            raise InvalidArgumentError(f"shared_calls={self.shared_calls!r}: use 'any' or 'all'")
         if self.min_kernel < 1:
-            raise ValueError(f"min_kernel must be >= 1, got {self.min_kernel}")
+            raise InvalidArgumentError(f"min_kernel must be >= 1, got {self.min_kernel}")
 
     def describe(self) -> str:
         if self.label:
             return self.label
-        parts = []
+        parts: list[str] = []
         if self.output_strides is not None:
             parts.append("output stride in {" + ",".join(format_stride(s) for s in sorted(
                 self.output_strides, key=lambda s: s if isinstance(s, tuple) else (s,))) + "}")
@@ -115,19 +116,16 @@ class SiteSelection:
             parts.append(f"kernel in {sorted(self.kernel_sizes, key=str)}")
         elif self.min_kernel > 1:
             parts.append(f"kernel >= {self.min_kernel}")
-        if self.conv_types is not None:
-            parts.append(f"type in {sorted(self.conv_types)}")
-        if self.names is not None:
-            parts.append(f"names {list(self.names)}")
-        if self.regex is not None:
-            pattern = self.regex if isinstance(self.regex, str) else self.regex.pattern
-            parts.append(f"regex {pattern!r}")
-        if self.predicate is not None:
-            parts.append(f"predicate {getattr(self.predicate, '__name__', 'callable')}")
-        if self.max_sites is not None:
-            parts.append(f"at most {self.max_sites} sites")
-        if self.max_added_mac_fraction is not None:
-            parts.append(f"at most +{100 * self.max_added_mac_fraction:.3g}% MACs")
+        # (criterion, how to say it): each one given (not None) is said, in this order.
+        criteria: list[tuple[object, Callable[[Any], str]]] = [
+            (self.conv_types, lambda types: f"type in {sorted(types)}"),
+            (self.names, lambda names: f"names {list(names)}"),
+            (self.regex, lambda regex: f"regex {(regex if isinstance(regex, str) else regex.pattern)!r}"),
+            (self.predicate, lambda predicate: f"predicate {getattr(predicate, '__name__', 'callable')}"),
+            (self.max_sites, lambda n: f"at most {n} sites"),
+            (self.max_added_mac_fraction, lambda fraction: f"at most +{100 * fraction:.3g}% MACs"),
+        ]
+        parts += [say(value) for value, say in criteria if value is not None]
         return ", ".join(parts) if parts else "all spatial convs"
 
     @property
@@ -164,9 +162,11 @@ def as_selection(sites: Any) -> SiteSelection:
     if isinstance(sites, Iterable):
         names = list(sites)
         if not names or not all(isinstance(n, str) for n in names):
-            raise TypeError(f"a list of sites must be non-empty qualified module names (str), got {names!r}")
+            raise InvalidArgumentTypeError(
+                f"a list of sites must be non-empty qualified module names (str), got {names!r}"
+            )
         return SiteSelection(names=tuple(names))
-    raise TypeError(
+    raise InvalidArgumentTypeError(
         f"sites={sites!r} ({type(sites).__name__}) is not a selection: use 'os16', 'all', 're:<pattern>', "
         "a list of names, a compiled regex, a predicate (name, module, info) -> bool, or a SiteSelection"
     )

@@ -9,54 +9,8 @@ selection policies and :func:`select_sites`); this module re-exports both, so
 
 from __future__ import annotations
 
-from xvol_compiler.site_analysis import (
-    CONV_MODULES,
-    KINDS,
-    SITE_TYPE_NAMES,
-    AnalysisMode,
-    ConvCall,
-    ConvInfo,
-    ModelAnalysis,
-    ModelKind,
-    SiteSelectionError,
-    Stride,
-    analyze_model,
-    as_args,
-    default_example_inputs,
-    describe_inputs,
-    detect_kind,
-    nominal_stride,
-)
-from xvol_compiler.site_selection import (
-    CostFn,
-    Predicate,
-    SiteDecision,
-    SiteSelection,
-    as_selection,
-    select_sites,
-)
+from xvol_compiler import site_analysis, site_selection
+from xvol_compiler.site_analysis import *  # noqa: F403  (a facade: each module's __all__ is the list)
+from xvol_compiler.site_selection import *  # noqa: F403
 
-__all__ = [
-    "CONV_MODULES",
-    "KINDS",
-    "SITE_TYPE_NAMES",
-    "AnalysisMode",
-    "ConvCall",
-    "ConvInfo",
-    "CostFn",
-    "ModelAnalysis",
-    "ModelKind",
-    "Predicate",
-    "SiteDecision",
-    "SiteSelection",
-    "SiteSelectionError",
-    "Stride",
-    "analyze_model",
-    "as_args",
-    "as_selection",
-    "default_example_inputs",
-    "describe_inputs",
-    "detect_kind",
-    "nominal_stride",
-    "select_sites",
-]
+__all__ = [*site_analysis.__all__, *site_selection.__all__]

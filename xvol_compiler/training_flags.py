@@ -73,7 +73,8 @@ def reads_training_flag(module: nn.Module) -> bool:
         return True
     if type(module).__module__.startswith("torch.nn."):
         return False  # torch's other modules ignore the flag
-    return _forward_reads_training(type(module))
+    cls: type = type(module)  # (as plain ``type``: mypy does not see a module class as Hashable for the cache)
+    return _forward_reads_training(cls)
 
 
 def training_sensitive_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

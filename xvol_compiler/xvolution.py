@@ -5,12 +5,14 @@ and its optional RepVGG/DBB-style branches, folded by :meth:`XVolution.fuse` int
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Self, cast
 
 import torch
 import torch.fx
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
 
 from xvol_compiler.arguments import check_bool, check_directions, check_extra_branches, check_initialized, check_shift
 from xvol_compiler.conv_forward import traced_forward_reason
@@ -26,6 +28,7 @@ from xvol_compiler.conv_modules import (
     padded_conv,
 )
 from xvol_compiler.deploy import XVolutionDeploy
+from xvol_compiler.errors import InvalidArgumentError, InvalidArgumentTypeError
 from xvol_compiler.fold import (
     BatchNormParams,
     Branch,
@@ -85,7 +88,13 @@ def _exact_identity_var(eps: float, dtype: torch.dtype) -> float:
     return float(var)
 
 
-def _zero_gamma_bn(channels: int, ndim: int) -> nn.Module:
+def _conv_type(ndim: int) -> Callable[..., _ConvNd]:
+    """The ``nn.Conv{ndim}d`` class, called with per-axis size tuples of length ``ndim`` (torch's stubs give
+    each class its own fixed-length tuple type, which a length known only at run time cannot name)."""
+    return CONV_TYPES[ndim]
+
+
+def _zero_gamma_bn(channels: int, ndim: int) -> _BatchNorm:
     bn = BN_TYPES[ndim](channels)
     nn.init.zeros_(bn.weight)
     return bn
@@ -137,7 +146,7 @@ class XVolution(nn.Module):
         g = geometry
         ndim = g.ndim
         if ndim not in CONV_TYPES:
-            raise ValueError(f"X-volution supports Conv1d/2d/3d sites, got {ndim} spatial dims")
+            raise InvalidArgumentError(f"X-volution supports Conv1d/2d/3d sites, got {ndim} spatial dims")
         check_extra_branches(extra_branches, EXTRA_BRANCHES)
         self.in_channels, self.out_channels = g.in_channels, g.out_channels
         self.kernel_size, self.stride, self.dilation = g.kernel_size, g.stride, g.dilation
@@ -147,29 +156,34 @@ class XVolution(nn.Module):
         self.directional = directional
         if self._pssa_attention:
             pssa_ring_buffer(self, g.in_channels, ndim, self.shift, self.directions, directional, device, dtype)
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(g.out_channels, g.in_channels // g.groups, *g.kernel_size, **factory))
-        self.bias = nn.Parameter(torch.zeros(g.out_channels, **factory)) if bias else None
-        attn_in = g.in_channels * (self.directions if directional else 1)
-        self.attn_conv = CONV_TYPES[ndim](
-            attn_in, g.out_channels, g.kernel_size, g.stride, g.padding, g.dilation, g.groups,
-            bias=False, padding_mode=g.padding_mode, **factory,
+        # (Tensor: from_conv puts the conv's own weight and bias here, which torch types as Tensor.)
+        self.weight: Tensor = nn.Parameter(
+            torch.empty(g.out_channels, g.in_channels // g.groups, *g.kernel_size, device=device, dtype=dtype)
         )
-        self.attn_bn = _zero_gamma_bn(g.out_channels, ndim).to(**factory)
+        self.bias: Tensor | None = (
+            nn.Parameter(torch.zeros(g.out_channels, device=device, dtype=dtype)) if bias else None
+        )
+        attn_in = g.in_channels * (self.directions if directional else 1)
+        self.attn_conv = _conv_type(ndim)(
+            attn_in, g.out_channels, g.kernel_size, g.stride, g.padding, g.dilation, g.groups,
+            bias=False, padding_mode=g.padding_mode, device=device, dtype=dtype,
+        )
+        self.attn_bn = _zero_gamma_bn(g.out_channels, ndim).to(device=device, dtype=dtype)
         self.extra_branches = tuple(extra_branches)
         self.conv_class: type[nn.Module] | None = None  # a conv subclass whose forward is the conv branch
         if "1x1" in extra_branches:
-            self.branch_1x1 = self._make_1x1_branch(g).to(**factory)
+            self.branch_1x1 = self._make_1x1_branch(g).to(device=device, dtype=dtype)
         if "identity" in extra_branches:
             if g.in_channels != g.out_channels or any(s != 1 for s in g.stride):
                 raise FoldError("an identity branch needs C_in == C_out and stride 1")
             self._check_embeddable(ConvGeometry(
                 g.in_channels, g.out_channels, (1,) * ndim, g.stride, (0,) * ndim, (1,) * ndim, g.groups
             ), "an identity")
-            self.branch_identity = _zero_gamma_bn(g.out_channels, ndim).to(**factory)
+            self.branch_identity = _zero_gamma_bn(g.out_channels, ndim).to(device=device, dtype=dtype)
         if "bn" in extra_branches:
-            bn = BN_TYPES[ndim](g.out_channels).to(**factory)
-            bn.running_var.fill_(_exact_identity_var(bn.eps, bn.running_var.dtype))
+            bn = BN_TYPES[ndim](g.out_channels).to(device=device, dtype=dtype)
+            running_var = cast(Tensor, bn.running_var)  # a BatchNorm built with running statistics (the default)
+            running_var.fill_(_exact_identity_var(bn.eps, running_var.dtype))
             self.conv_bn = bn
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
@@ -184,7 +198,7 @@ class XVolution(nn.Module):
         except FoldError as err:
             raise FoldError(f"cannot add {branch} branch to this site: {err}") from err
 
-    def _make_1x1_branch(self, g: ConvGeometry) -> nn.Module:
+    def _make_1x1_branch(self, g: ConvGeometry) -> nn.Sequential:
         ndim = g.ndim
         pads = []
         for axis, (k, d, (pl, pr)) in enumerate(zip(g.kernel_size, g.dilation, g.pads(), strict=True)):
@@ -195,7 +209,7 @@ class XVolution(nn.Module):
         if any(p < 0 for p in pads):
             raise FoldError(f"cannot add a 1x1 branch: padding {g.padding} is smaller than the kernel's half-width")
         self._check_embeddable(small, "a 1x1")
-        conv = CONV_TYPES[ndim](g.in_channels, g.out_channels, 1, g.stride, tuple(pads), 1, g.groups, bias=False)
+        conv = _conv_type(ndim)(g.in_channels, g.out_channels, 1, g.stride, tuple(pads), 1, g.groups, bias=False)
         return nn.Sequential(conv, _zero_gamma_bn(g.out_channels, ndim))
 
     @property
@@ -231,13 +245,16 @@ class XVolution(nn.Module):
                          extra_branches=extra_branches)
 
     @classmethod
-    def _wrap(cls, conv: nn.Module, **options: object) -> XVolution:
-        """A site of this class around ``conv``: same geometry and Parameter objects, training flag kept."""
+    def _wrap(cls, conv: nn.Module, **options: Any) -> Self:
+        """A site of this class around ``conv``: same geometry and Parameter objects, training flag kept.
+        ``options``: keywords of ``cls``'s constructor (a subclass has its own)."""
         if not isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or isinstance(conv, XVolution):
-            raise TypeError(f"{cls.__name__}.from_conv needs an nn.Conv1d/2d/3d, got {type(conv).__name__}")
+            raise InvalidArgumentTypeError(
+                f"{cls.__name__}.from_conv needs an nn.Conv1d/2d/3d, got {type(conv).__name__}"
+            )
         reason = conv_forward_reason(conv)
         if reason:
-            raise TypeError(f"{cls.__name__}.from_conv cannot wrap this conv: {reason}")
+            raise InvalidArgumentTypeError(f"{cls.__name__}.from_conv cannot wrap this conv: {reason}")
         p = conv.weight
         site = cls(conv_geometry(conv), bias=conv.bias is not None, device=p.device, dtype=p.dtype, **options)
         with torch.no_grad():
@@ -330,7 +347,8 @@ class XVolution(nn.Module):
         x, t = "x", "T(x)"
         branches = [Branch((x,), (g.in_channels,), g, w, b)]
         if "1x1" in self.extra_branches:
-            conv1, bn1 = self.branch_1x1[0], self.branch_1x1[1]
+            # (conv, BatchNorm), as _make_1x1_branch builds it
+            conv1, bn1 = cast(_ConvNd, self.branch_1x1[0]), self.branch_1x1[1]
             branches.append(Branch((x,), (g.in_channels,), conv_geometry(conv1),
                                    *fold_conv_bn(conv1.weight, conv1.bias, bn_params(bn1))))
         if "identity" in self.extra_branches:
@@ -345,6 +363,8 @@ class XVolution(nn.Module):
         merged = merge_branches(branches)
         if merged.inputs != (x, t):
             raise FoldError(f"unexpected deploy inputs {merged.inputs}")
+        if merged.bias is None:  # merge_branches sums the branches' biases (zeros for none)
+            raise FoldError("the merged branches have no bias")
         if not (torch.isfinite(merged.weight).all() and torch.isfinite(merged.bias).all()):
             raise FoldError("folded weights are not finite (BN statistics overflowed)")
         return merged.weight, merged.bias

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
+from xvol_compiler.errors import InvalidArgumentError
 from xvol_compiler.fold import Branch, fold_conv_bn, merge_branches
 from xvol_compiler.rules.checks import (
     ATTENTION_REASON,
@@ -74,7 +75,7 @@ class Rule(ABC):
 def _branch(view: nx.DiGraph, key: Key) -> Branch:
     branch = node_info(view, key).branch
     if branch is None:  # (check() refused it: a rewrite is never planned without)
-        raise ValueError(f"rewrite planned for {key!r} without constant weights")
+        raise InvalidArgumentError(f"rewrite planned for {key!r} without constant weights")
     return branch
 
 
@@ -93,7 +94,7 @@ class ConvBnRule(Rule):
         branch = _branch(view, match["conv"])
         bn = node_info(view, match["bn"]).bn
         if bn is None:
-            raise ValueError("rewrite planned without BatchNorm parameters")
+            raise InvalidArgumentError("rewrite planned without BatchNorm parameters")
         w, b = fold_conv_bn(branch.weight, branch.bias, bn)
         folded = Branch(branch.inputs, branch.channels, branch.geometry, w, b)
         return build_rewrite(view, self.name, self.kind, match["conv"], match["bn"], (match["conv"], match["bn"]),

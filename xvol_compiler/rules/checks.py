@@ -82,7 +82,8 @@ def identity_branch(branch: Branch, x: Key, bn: BatchNormParams | None) -> Branc
 
 
 def _params(view: nx.DiGraph, keys: Sequence[Key]) -> tuple[int, int | None]:
-    params, macs = 0, 0
+    params = 0
+    macs: int | None = 0
     for key in keys:
         info = node_info(view, key)
         if info.branch is not None:
@@ -142,9 +143,10 @@ def xvolution_base(view: nx.DiGraph, inputs: Sequence[Key]) -> tuple[Key | None,
     """
     for base in inputs:
         derivations = [_derivation_kinds(view, other, base) for other in inputs if other != base]
-        if any(d is None for d in derivations):
+        known = [d for d in derivations if d is not None]
+        if len(known) != len(derivations):
             continue
-        kinds: set[str] = set().union(*derivations)  # type: ignore[arg-type]
+        kinds: set[str] = set().union(*known)
         if kinds & _ATTENTION:
             return base, True
         if kinds & _LINEAR:

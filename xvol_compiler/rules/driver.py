@@ -23,11 +23,15 @@ from xvol_compiler.rules.patterns import Match, Pattern
 from xvol_compiler.rules.prepass import PRE_PASSES, PrePass
 from xvol_compiler.rules.types import Key, Outcome, Rewrite, node_info
 
-__all__ = ["RewriteLog", "RuleSet", "UnknownRuleError", "run_rules", "try_rule"]
+__all__ = ["RewriteLimitError", "RewriteLog", "RuleSet", "UnknownRuleError", "run_rules", "try_rule"]
 
 
 class UnknownRuleError(XvolError, ValueError):
     """A rule name given to ``skip`` names no rule; the message lists the known ones."""
+
+
+class RewriteLimitError(XvolError, RuntimeError):
+    """The rules still matched after ``max_rounds`` rounds of rewriting (no fixpoint reached)."""
 
 
 @dataclass(frozen=True)
@@ -157,4 +161,7 @@ def run_rules(
             return log
         for rewrite in batch:
             log.record(rewrite, adapter.apply(rewrite))
-    raise RuntimeError(f"rewriting did not reach a fixpoint in {max_rounds} rounds")
+    raise RewriteLimitError(
+        f"rewriting did not reach a fixpoint in {max_rounds} rounds: a rule keeps matching its own output "
+        "(skip it by name), or the graph needs a larger max_rounds"
+    )

@@ -14,7 +14,7 @@ import dataclasses
 import math
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import networkx as nx
 
@@ -87,9 +87,9 @@ def add_node(view: nx.DiGraph, key: Key, info: NodeInfo) -> None:
     view.add_node(key, **{INFO: info})
 
 
-def set_info(view: nx.DiGraph, key: Key, **changes: object) -> None:
-    """Replace fields of a node's NodeInfo (``kind=``, ``branch=`` ...)."""
-    view.nodes[key][INFO] = dataclasses.replace(node_info(view, key), **changes)  # type: ignore[arg-type]
+def set_info(view: nx.DiGraph, key: Key, **changes: Any) -> None:
+    """Replace fields of a node's NodeInfo (``kind=``, ``branch=`` ...; each field has its own type)."""
+    view.nodes[key][INFO] = dataclasses.replace(node_info(view, key), **changes)
 
 
 def conv_macs(geometry: ConvGeometry, spatial: int | None) -> int | None:
