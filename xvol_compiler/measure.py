@@ -268,7 +268,7 @@ def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
         "platform": platform.platform(),
     }
     try:
-        import onnxruntime  # type: ignore[import-untyped]
+        import onnxruntime
 
         info["onnxruntime"] = onnxruntime.__version__
     except ImportError:

@@ -224,7 +224,7 @@ def onnx_session(
     profiler on when ``profile_prefix`` is given. A ``ModelProto`` too large
     for one protobuf is handed over through a temporary file with external data.
     """
-    import onnxruntime as ort  # type: ignore[import-untyped]
+    import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads is not None:
