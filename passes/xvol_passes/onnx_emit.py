@@ -76,9 +76,10 @@ class OnnxGraphEmitter(OnnxGraphReader):
             parts += [self._slice(x, 0, right, axis, base, nodes)] if right else []
             shape = self.shape(x)
             x = self._node("Concat", parts, base, nodes, axis=axis)
-            if shape is not None and len(shape) > axis and isinstance(shape[axis], int):
+            size = shape[axis] if shape is not None and len(shape) > axis else None
+            if shape is not None and isinstance(size, int):
                 # Known shapes let the view read the chain back as one circular pad.
-                self.shapes[x.name] = (*shape[:axis], shape[axis] + left + right, *shape[axis + 1:])
+                self.shapes[x.name] = (*shape[:axis], size + left + right, *shape[axis + 1:])
         return x
 
     def _slice(self, x: gs.Tensor, start: int, end: int, axis: int, base: str, nodes: list[gs.Node]) -> gs.Tensor:
