@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -129,7 +130,8 @@ def _static_shape(shape: Sequence[object] | None, ndim: int) -> tuple[int, ...] 
     if shape is None or len(shape) != ndim + 2:
         return None
     dims = [1 if axis == 0 and not isinstance(d, int) else d for axis, d in enumerate(shape)]
-    return tuple(dims) if all(isinstance(d, int) and d > 0 for d in dims) else None  # type: ignore[misc]
+    sizes = tuple(d for d in dims if isinstance(d, int) and d > 0)
+    return sizes if len(sizes) == len(dims) else None
 
 
 def _time_rounds(runs: dict[str, Callable[[], object]]) -> dict[str, float]:
@@ -171,7 +173,7 @@ def _measure_onnxruntime(branch: Branch, candidates: Sequence[str], shape: tuple
     for lowering in candidates:
         session, names = one_site_session(branch, lowering, shape)
         feeds = dict(zip(names, inputs, strict=True))
-        runs[lowering] = lambda session=session, feeds=feeds: session.run(None, feeds)
+        runs[lowering] = functools.partial(session.run, None, feeds)
     return _time_rounds(runs)
 
 
