@@ -139,16 +139,15 @@ def fuse_with_report(
             )
     backend = opts.backend_or("eager")
     lowering, single_conv = opts.lowering, opts.single_conv
-    options = {"backend": backend, "lowering": lowering, "single_conv": single_conv, "skip": skip}
     replacements: list[Replacement] = []
     target: nn.Module
     if graph_form:
         target, report = _fuse_graph_form(model, example, inplace=inplace, backend=backend, lowering=lowering,
-                                          single_conv=single_conv)
+                                          single_conv=single_conv, skip=skip)
     else:
         copied = model if inplace else copy.deepcopy(model)
         target, report, replacements = fuse_modules(copied, example, backend=backend, lowering=lowering,
-                                                    single_conv=single_conv)
+                                                    single_conv=single_conv, skip=skip)
     target.eval()
     if not report.outcomes:
         report.notes.append("no fusable patterns found (no BatchNorm after a conv, no X-volution site)")
@@ -157,7 +156,7 @@ def fuse_with_report(
         if has_silent_attention(model):
             _verify_exercised(model, example, report, replacements if not graph_form else None,
                               rtol=rtol, atol=atol, inplace=inplace, backend=backend, lowering=lowering,
-                              single_conv=single_conv)
+                              single_conv=single_conv, skip=skip)
     if not graph_form:
         # Every path a replacement changed: what a fused checkpoint records (passes/xvol_passes/fused_record.py).
         setattr(target, "xvol_fused_modules", fused_paths(model, replacements))  # noqa: B010 (see below)
