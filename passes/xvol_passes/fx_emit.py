@@ -16,12 +16,17 @@ import torch.nn.functional as F
 from torch import fx
 
 from xvol_compiler.deploy import lowered_convs
+from xvol_compiler.errors import XvolError
 from xvol_compiler.fold import Branch, FoldError
 from xvol_compiler.pssa import interleave_groups, interleave_spatial
 from xvol_compiler.rules import Key, Lowering, Rewrite
 from xvol_passes.fx_read import FxGraphReader, as_node
 
-__all__ = ["FxGraphEmitter"]
+__all__ = ["FxGraphEmitter", "FxRewriteError"]
+
+
+class FxRewriteError(XvolError, RuntimeError):
+    """A planned rewrite does not fit the torch.fx graph as it is (the graph and its view disagree)."""
 
 
 class FxGraphEmitter(FxGraphReader):
@@ -137,7 +142,7 @@ class FxGraphEmitter(FxGraphReader):
             candidate = f"{base}_fused{i}"
             if candidate not in used and not self._exists(candidate):
                 return candidate
-        raise RuntimeError(f"no free module name near {base!r}")
+        raise FxRewriteError(f"no free module name near {base!r}")
 
     def _exists(self, target: str) -> bool:
         try:
@@ -153,7 +158,7 @@ class FxGraphEmitter(FxGraphReader):
         order = {n: i for i, n in enumerate(graph.nodes)}
         for node in sorted(pending, key=lambda n: -order[n]):
             if node.users:
-                raise RuntimeError(f"cannot erase {node}: still used by {list(node.users)}")
+                raise FxRewriteError(f"cannot erase {node}: still used by {list(node.users)}")
             inputs = list(node.all_input_nodes)
             if node.op == "call_module":
                 self.replaced_targets.add(str(node.target))

@@ -56,7 +56,7 @@ from typing import Any
 import torch
 
 from xvol_compiler.deploy import lowered_convs, run_lowering
-from xvol_compiler.errors import XvolError
+from xvol_compiler.errors import InvalidArgumentError, XvolError
 from xvol_compiler.files import PathLike, atomic_write_json, written_now
 from xvol_compiler.fold import Branch, FoldError
 from xvol_compiler.lowering import LOWERINGS, LoweringChoice, check_lowering
@@ -93,16 +93,17 @@ LoweringOption = str | Mapping[str, str]
 
 
 def validate_options(backend: str, lowering: LoweringOption, single_conv: bool) -> None:
-    """ValueError naming the bad option and the choices."""
+    """InvalidArgumentError (a ValueError) naming the bad option and the choices."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
+        raise InvalidArgumentError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
     values = list(lowering.values()) if isinstance(lowering, Mapping) else [lowering]
     allowed = LOWERINGS if isinstance(lowering, Mapping) else LOWERING_OPTIONS
     for value in values:
         if value not in allowed:
-            raise ValueError(f"lowering={value!r} is not one of {', '.join(allowed)}")
+            raise InvalidArgumentError(f"lowering={value!r} is not one of {', '.join(allowed)}")
         if value == "split" and single_conv:
-            raise ValueError("lowering='split' is two convolutions per site: pass single_conv=False to allow it")
+            raise InvalidArgumentError(
+                "lowering='split' is two convolutions per site: pass single_conv=False to allow it")
 
 
 def site_option(lowering: LoweringOption, name: str) -> str:

@@ -30,7 +30,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import torch
 
-from xvol_compiler.errors import InvalidArgumentTypeError
+from xvol_compiler.errors import InvalidArgumentError, InvalidArgumentTypeError
 from xvol_compiler.fold import BatchNormParams, Branch, ConvGeometry
 from xvol_compiler.onnx_io import model_skeleton
 from xvol_compiler.report import with_article
@@ -88,7 +88,7 @@ def _ints(value: object, n: int, default: int) -> tuple[int, ...]:
         return (default,) * n
     out = _int_tuple(value)
     if len(out) != n:
-        raise ValueError(f"expected {n} values, got {out}")
+        raise InvalidArgumentError(f"expected {n} values, got {out}")
     return out
 
 

@@ -25,6 +25,7 @@ from torch import fx, nn
 
 from xvol_compiler.arguments import check_example_inputs, check_module
 from xvol_compiler.deploy import XVolutionDeploy
+from xvol_compiler.errors import XvolError
 from xvol_compiler.fold import FoldError
 from xvol_compiler.global_attention import GlobalAttentionXVolution
 from xvol_compiler.options import Attention, XvolifyOptions, merge
@@ -34,7 +35,11 @@ from xvol_compiler.site_analysis import AnalysisMode, ConvInfo, SiteSelectionErr
 from xvol_compiler.site_selection import SiteDecision, as_selection, select_sites
 from xvol_compiler.xvolution import XVolution
 
-__all__ = ["XvolifyOptions", "added_cost", "xvolify", "xvolify_with_report"]
+__all__ = ["ModelCopyError", "XvolifyOptions", "added_cost", "xvolify", "xvolify_with_report"]
+
+
+class ModelCopyError(XvolError, RuntimeError):
+    """The model cannot be copied (``copy.deepcopy``); ``inplace=True`` changes it in place instead."""
 
 
 def added_cost(
@@ -144,7 +149,7 @@ def xvolify_with_report(
     try:
         target = model if opts.inplace else copy.deepcopy(model)
     except Exception as err:
-        raise RuntimeError(
+        raise ModelCopyError(
             f"cannot copy {type(model).__name__} ({type(err).__name__}: {err}); pass inplace=True to modify it"
         ) from err
 
