@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from torch import fx, nn
 
@@ -28,12 +28,15 @@ from xvol_compiler.deploy import XVolutionDeploy
 from xvol_compiler.errors import XvolError
 from xvol_compiler.fold import FoldError
 from xvol_compiler.global_attention import GlobalAttentionXVolution
-from xvol_compiler.options import Attention, XvolifyOptions, merge
+from xvol_compiler.options import Attention, XvolifyKeywords, XvolifyOptions, merge
 from xvol_compiler.pssa import Directions, interleave_groups, neighbour_offsets
 from xvol_compiler.report import SiteReport, XvolifyReport
 from xvol_compiler.site_analysis import AnalysisMode, ConvInfo, SiteSelectionError, analyze_model
 from xvol_compiler.site_selection import SiteDecision, as_selection, select_sites
 from xvol_compiler.xvolution import XVolution
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11; the package supports 3.10
 
 __all__ = ["ModelCopyError", "XvolifyOptions", "added_cost", "xvolify", "xvolify_with_report"]
 
@@ -116,6 +119,42 @@ def _refuse_fused(model: nn.Module) -> None:
 
 
 def xvolify_with_report(
+    model: nn.Module, sites: Any = "os16", **keywords: Unpack[XvolifyKeywords]
+) -> tuple[nn.Module, XvolifyReport]:
+    """Like :func:`xvolify`, returning ``(model, model.xvol_report)``.
+
+    It takes ``xvolify``'s arguments: the model, ``sites``, then the keywords ``example_inputs``, ``shift``,
+    ``directions``, ``directional``, ``extra_branches``, ``attention``, ``qk_channels``, ``inplace``, ``kind``,
+    ``analysis`` and ``options`` (typed by :class:`~xvol_compiler.options.XvolifyKeywords`), with the same
+    defaults and meaning.
+    """
+    result = xvolify(model, sites, **keywords)
+    return result, cast(XvolifyReport, result.xvol_report)  # xvolify sets the report on its result
+
+
+def _site_report(d: SiteDecision, attention: str) -> SiteReport:
+    info = d.info
+    return SiteReport(
+        name=info.name,
+        conv_type=info.conv_type,
+        class_name=info.class_name,
+        geometry=info.geometry,
+        bias=info.bias,
+        output_strides=info.output_strides,
+        temporal_strides=info.temporal_strides,
+        calls=len(info.calls),
+        macs=info.macs,
+        added_macs=d.added_macs if d.selected else 0,
+        added_params=d.added_params if d.selected else 0,
+        transform_elements=info.input_elements if d.selected and attention == "pssa" else 0,
+        selected=d.selected,
+        reason=d.reason,
+        analysis=info.analysis,
+        aliases=info.aliases,
+    )
+
+
+def xvolify(
     model: nn.Module,
     sites: Any = "os16",
     *,
@@ -130,8 +169,32 @@ def xvolify_with_report(
     kind: str | None = None,
     analysis: AnalysisMode = "auto",
     options: XvolifyOptions | None = None,
-) -> tuple[nn.Module, XvolifyReport]:
-    """Like :func:`xvolify`, returning ``(model, report)``."""
+) -> nn.Module:
+    """Insert X-volution at the selected conv sites of ``model``; returns the model (a copy unless ``inplace``).
+
+    ``sites``: ``"os16"`` (default: every conv with kernel > 1 at output
+    stride 16), ``"os<N>"``, ``"all"``, ``"re:<pattern>"``, a compiled regex,
+    qualified names, a predicate ``(name, module, info) -> bool`` or a
+    :class:`~xvol_compiler.sites.SiteSelection` (strides, kernels, budget...).
+    ``example_inputs``: what the model is run on once (eval, no_grad) to find
+    the convs that run and their output strides: a Tensor, a list of image
+    tensors (detection), or a tuple of positional arguments; default by
+    ``kind`` (detected from the model; see ``default_example_inputs``).
+    ``shift``/``directions``/``directional``/``extra_branches``: the
+    XVolution options. ``attention="global"`` uses true global self-attention
+    (``GlobalAttentionXVolution``; trains, never fuses).
+
+    The sites hold the convs' own Parameter objects (flags and ties kept); the
+    new parameters are frozen where the conv's weight is frozen, else
+    trainable. Build the optimizer after xvolify.
+
+    ``options``: an :class:`~xvol_compiler.options.XvolifyOptions` holding these options (shift to analysis)
+    at once; a keyword given a value other than its default replaces the option's value.
+
+    The result has ``result.xvol_report`` (an :class:`XvolifyReport`; ``print``
+    it). Raises :class:`SiteSelectionError` when a name is unknown or nothing
+    is selected; the caller's model is then untouched.
+    """
     opts = merge(options, XvolifyOptions, shift=shift, directions=directions, directional=directional,
                  extra_branches=extra_branches, attention=attention, qk_channels=qk_channels, inplace=inplace,
                  kind=kind, analysis=analysis)
@@ -203,75 +266,4 @@ def xvolify_with_report(
         ),
     )
     setattr(target, "xvol_report", report)  # noqa: B010 (nn.Module types its attributes as tensors or modules)
-    return target, report
-
-
-def _site_report(d: SiteDecision, attention: str) -> SiteReport:
-    info = d.info
-    return SiteReport(
-        name=info.name,
-        conv_type=info.conv_type,
-        class_name=info.class_name,
-        geometry=info.geometry,
-        bias=info.bias,
-        output_strides=info.output_strides,
-        temporal_strides=info.temporal_strides,
-        calls=len(info.calls),
-        macs=info.macs,
-        added_macs=d.added_macs if d.selected else 0,
-        added_params=d.added_params if d.selected else 0,
-        transform_elements=info.input_elements if d.selected and attention == "pssa" else 0,
-        selected=d.selected,
-        reason=d.reason,
-        analysis=info.analysis,
-        aliases=info.aliases,
-    )
-
-
-def xvolify(
-    model: nn.Module,
-    sites: Any = "os16",
-    *,
-    example_inputs: Any = None,
-    shift: int | Sequence[int] = 1,
-    directions: Directions = None,
-    directional: bool = False,
-    extra_branches: Sequence[str] = (),
-    attention: Attention = "pssa",
-    qk_channels: int | None = None,
-    inplace: bool = False,
-    kind: str | None = None,
-    analysis: AnalysisMode = "auto",
-    options: XvolifyOptions | None = None,
-) -> nn.Module:
-    """Insert X-volution at the selected conv sites of ``model``; returns the model (a copy unless ``inplace``).
-
-    ``sites``: ``"os16"`` (default: every conv with kernel > 1 at output
-    stride 16), ``"os<N>"``, ``"all"``, ``"re:<pattern>"``, a compiled regex,
-    qualified names, a predicate ``(name, module, info) -> bool`` or a
-    :class:`~xvol_compiler.sites.SiteSelection` (strides, kernels, budget...).
-    ``example_inputs``: what the model is run on once (eval, no_grad) to find
-    the convs that run and their output strides: a Tensor, a list of image
-    tensors (detection), or a tuple of positional arguments; default by
-    ``kind`` (detected from the model; see ``default_example_inputs``).
-    ``shift``/``directions``/``directional``/``extra_branches``: the
-    XVolution options. ``attention="global"`` uses true global self-attention
-    (``GlobalAttentionXVolution``; trains, never fuses).
-
-    The sites hold the convs' own Parameter objects (flags and ties kept); the
-    new parameters are frozen where the conv's weight is frozen, else
-    trainable. Build the optimizer after xvolify.
-
-    ``options``: an :class:`~xvol_compiler.options.XvolifyOptions` holding these options (shift to analysis)
-    at once; a keyword given a value other than its default replaces the option's value.
-
-    The result has ``result.xvol_report`` (an :class:`XvolifyReport`; ``print``
-    it). Raises :class:`SiteSelectionError` when a name is unknown or nothing
-    is selected; the caller's model is then untouched.
-    """
-    result, _ = xvolify_with_report(
-        model, sites, example_inputs=example_inputs, shift=shift, directions=directions, directional=directional,
-        extra_branches=extra_branches, attention=attention, qk_channels=qk_channels, inplace=inplace, kind=kind,
-        analysis=analysis, options=options,
-    )
-    return result
+    return target
