@@ -131,7 +131,7 @@ def _fuse_exported(program: torch.export.ExportedProgram, *, example_inputs: Any
     example = _as_tuple(example_inputs)
     fused, report = fuse_with_report(program.module(), example_inputs=example, graph=True, **options)
     fused_program = torch.export.export(fused, example, dynamic_shapes=dynamic_shapes_of(program))
-    fused_program.xvol_fusion_report = report  # type: ignore[attr-defined]
+    setattr(fused_program, "xvol_fusion_report", report)  # noqa: B010 (ExportedProgram declares no such attribute)
     return fused_program, report
 
 

@@ -381,7 +381,7 @@ def lower_sites(
         choice = choose_lowering(
             branch, backend=backend, lowering=site_option(lowering, prefix + name), single_conv=single_conv,
             input_shape=adapter.input_shape(branch), asymmetric_pads=adapter.asymmetric_pads,
-            refusal=lambda name, branch=branch: adapter.lowering_refusal(branch, name),  # type: ignore[misc]
+            refusal=functools.partial(adapter.lowering_refusal, branch),
             cache_path=cache_path,
         )
         for site in carried:  # (sites merged into one conv share it)
