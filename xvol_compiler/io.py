@@ -71,7 +71,7 @@ class InputError(XvolError, ValueError):
 
 def classification_model_names() -> list[str]:
     """Every torchvision classification model name (``torchvision.models.list_models``)."""
-    import torchvision  # type: ignore[import-untyped]
+    import torchvision
 
     return sorted(torchvision.models.list_models(module=torchvision.models))
 

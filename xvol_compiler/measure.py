@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from xvol_compiler.errors import InvalidArgumentError
 from xvol_compiler.machine_load import load_average
 from xvol_compiler.verify import error_stats, tensors_of
 
@@ -153,7 +154,7 @@ def interleaved_latency(
     is called before the clock is read on both sides of a sample.
     """
     if repeats < 1 or inner < 1:
-        raise ValueError("repeats and inner must be >= 1")
+        raise InvalidArgumentError("repeats and inner must be >= 1")
     sync = synchronize or (lambda: None)
     names = list(variants)
     result = Latency({n: [] for n in names})
@@ -268,7 +269,7 @@ def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
         "platform": platform.platform(),
     }
     try:
-        import onnxruntime  # type: ignore[import-untyped]
+        import onnxruntime
 
         info["onnxruntime"] = onnxruntime.__version__
     except ImportError:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from xvol_compiler.errors import VerificationError
+from xvol_compiler.errors import InvalidArgumentError, VerificationError
 from xvol_compiler.onnx_io import OnnxError
 from xvol_compiler.verify import OutputMismatchError, error_stats
 
@@ -84,7 +84,7 @@ def random_inputs(
             given = {i.name: _as_numpy(v) for i, v in zip(inputs, items, strict=False)}
         unknown = set(given) - {i.name for i in inputs}
         if unknown:
-            raise ValueError(f"example inputs {sorted(unknown)} are not inputs of the graph")
+            raise InvalidArgumentError(f"example inputs {sorted(unknown)} are not inputs of the graph")
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     for vi in inputs:
@@ -224,7 +224,7 @@ def onnx_session(
     profiler on when ``profile_prefix`` is given. A ``ModelProto`` too large
     for one protobuf is handed over through a temporary file with external data.
     """
-    import onnxruntime as ort  # type: ignore[import-untyped]
+    import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads is not None:

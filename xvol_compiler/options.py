@@ -6,14 +6,17 @@ to several calls. The keywords of those functions keep working: without ``option
 it, a keyword given a value other than its default replaces that field (:func:`merge`). Every check is in
 ``__post_init__``, so a bad value raises :class:`~xvol_compiler.arguments.ArgumentError` naming the option
 whichever way it was given, before any work.
+
+:class:`FuseKeywords` and :class:`XvolifyKeywords` type those keywords for the ``*_with_report`` variants,
+which take the same keywords as ``fuse`` / ``xvolify`` (``**keywords: Unpack[FuseKeywords]``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypedDict, TypeVar
 
 from xvol_compiler.arguments import (
     ArgumentError,
@@ -35,8 +38,10 @@ __all__ = [
     "Attention",
     "BACKENDS",
     "LOWERING_OPTIONS",
+    "FuseKeywords",
     "FuseOptions",
     "LoweringOption",
+    "XvolifyKeywords",
     "XvolifyOptions",
     "merge",
 ]
@@ -137,6 +142,38 @@ class XvolifyOptions:
             raise ArgumentError("directional=True applies to PSSA only; drop it with attention='global'")
         if self.attention == "pssa" and self.qk_channels is not None:
             raise ArgumentError("qk_channels applies to attention='global' only")
+
+
+class FuseKeywords(TypedDict, total=False):
+    """The keyword arguments of ``fuse`` (and so of ``fuse_with_report``), each optional; see ``fuse``."""
+
+    example_inputs: Any
+    verify: bool
+    atol: float | None
+    rtol: float | None
+    inplace: bool
+    backend: str | None
+    lowering: LoweringOption
+    single_conv: bool
+    graph: bool | None
+    skip: Collection[str]
+    options: FuseOptions | None
+
+
+class XvolifyKeywords(TypedDict, total=False):
+    """The keyword arguments of ``xvolify`` (and so of ``xvolify_with_report``), each optional; see ``xvolify``."""
+
+    example_inputs: Any
+    shift: int | Sequence[int]
+    directions: Directions
+    directional: bool
+    extra_branches: Sequence[str]
+    attention: Attention
+    qk_channels: int | None
+    inplace: bool
+    kind: str | None
+    analysis: AnalysisMode
+    options: XvolifyOptions | None
 
 
 Options = TypeVar("Options", FuseOptions, XvolifyOptions)

@@ -14,10 +14,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import networkx as nx  # type: ignore[import-untyped]
+import networkx as nx
 from torch import fx, nn
 
-from xvol_compiler.files import atomic_path, check_output
+from xvol_compiler.errors import InvalidArgumentError
+from xvol_compiler.files import OutputError, atomic_path, check_output
 
 __all__ = [
     "draw_graphs",
@@ -123,7 +124,7 @@ def fx_graph(model: nn.Module, *, leaf_modules: Sequence[type[nn.Module]] = ()) 
 
     Modules of the types in ``leaf_modules`` stay one node each; other custom
     modules (``XVolution``, ``XVolutionDeploy``) are traced through, so their
-    inner operations show. Raises ``ValueError`` when the model does not trace.
+    inner operations show. Raises ``InvalidArgumentError`` (a ``ValueError``) when the model does not trace.
     """
     leaves = tuple(leaf_modules)
 
@@ -134,7 +135,8 @@ def fx_graph(model: nn.Module, *, leaf_modules: Sequence[type[nn.Module]] = ()) 
     try:
         graph = Tracer().trace(model)
     except Exception as err:  # tracing failures come in many types
-        raise ValueError(f"{type(model).__name__} does not trace with torch.fx ({type(err).__name__}: {err})") from err
+        raise InvalidArgumentError(
+            f"{type(model).__name__} does not trace with torch.fx ({type(err).__name__}: {err})") from err
     g = nx.DiGraph()
     for node in graph.nodes:
         if node.op == "get_attr":
@@ -298,7 +300,7 @@ def draw_graphs(
     """Draw the graphs side by side into a PNG, SVG or PDF (by suffix), written atomically; return the path."""
     path = Path(path)
     if path.suffix.lower() not in _SUFFIX_FORMATS:
-        raise ValueError(f"picture file {path} must end in {', '.join(_SUFFIX_FORMATS)}")
+        raise OutputError(f"picture file {path} must end in {', '.join(_SUFFIX_FORMATS)}")
     check_output(path, force=force)  # before drawing, which takes a while for large graphs
     import matplotlib
 
@@ -357,13 +359,13 @@ def _with_feeding_transforms(g: nx.DiGraph, nodes: Sequence[str]) -> list[str]:
 def site_panels(
     before: Callable[[], nx.DiGraph], after: Callable[[], nx.DiGraph], site: str, hops: int = 2,
 ) -> list[tuple[str, nx.DiGraph]]:
-    """Before / after neighbourhoods of ``site``; ``ValueError`` names close sites when it is not found."""
+    """Before / after neighbourhoods of ``site``; ``InvalidArgumentError`` (a ``ValueError``) when it is not found."""
     panels = []
     for name, make in (("before fusion", before), ("after fusion", after)):
         g = make()
         nodes = site_nodes(g, site)
         if not nodes:
-            raise ValueError(f"no operation of site {site!r} in the {name.split()[0]} graph")
+            raise InvalidArgumentError(f"no operation of site {site!r} in the {name.split()[0]} graph")
         nodes = _with_feeding_transforms(g, nodes)
         panels.append((f"{site}\n{name}: {len(nodes)} op(s)", neighbourhood(g, nodes, hops)))
     return panels
@@ -372,7 +374,7 @@ def site_panels(
 def whole_panel(g: nx.DiGraph, title: str, max_nodes: int = 400) -> tuple[str, nx.DiGraph]:
     """A whole graph as one panel; refuses graphs too large to read."""
     if len(g) > max_nodes:
-        raise ValueError(f"the graph has {len(g)} operations (> {max_nodes}): draw one site instead (--site)")
+        raise InvalidArgumentError(f"the graph has {len(g)} operations (> {max_nodes}): draw one site instead (--site)")
     for n in g.nodes:
         g.nodes[n].setdefault("site", False)
     return title, g

@@ -17,9 +17,9 @@ site, the PSSA transform as its two operations ``x * aten.conv2d(x, ring, groups
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import Any, cast
 
-import sympy
+import sympy  # type: ignore[import-untyped]  # sympy (torch's symbolic shapes) publishes no type information
 import torch
 from torch import fx, nn
 
@@ -34,7 +34,7 @@ def _constant(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
     """The tensor a ``get_attr`` node reads, else None."""
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return None
-    value = gm
+    value: object = gm
     for part in str(node.target).split("."):
         value = getattr(value, part, None)
     return value if isinstance(value, torch.Tensor) else None
@@ -62,9 +62,11 @@ def _as_module(gm: fx.GraphModule, node: fx.Node, args: tuple[Any, ...], index: 
         return False
     channels = tensors[2].numel()
     bn = _BATCH_NORMS[ndim](channels, eps=float(eps), momentum=float(momentum), affine=weight is not None)
+    # track_running_stats=True (the default) registers both statistics buffers: tensors, never None.
+    running_mean, running_var = cast(torch.Tensor, bn.running_mean), cast(torch.Tensor, bn.running_var)
     with torch.no_grad():
-        bn.running_mean.copy_(tensors[2])
-        bn.running_var.copy_(tensors[3])
+        running_mean.copy_(tensors[2])
+        running_var.copy_(tensors[3])
         if weight is not None:
             bn.weight.copy_(tensors[0] if tensors[0] is not None else torch.ones(channels))
             bn.bias.copy_(tensors[1] if tensors[1] is not None else torch.zeros(channels))
@@ -95,12 +97,13 @@ def _as_pssa(gm: fx.GraphModule, node: fx.Node) -> bool:
         if not (isinstance(conv, fx.Node) and conv.op == "call_function" and conv.target in _CONVS
                 and conv.args and conv.args[0] is x and len(conv.users) == 1):
             continue
-        ndim = _CONVS[conv.target]  # type: ignore[index]
+        ndim = _CONVS[conv.target]
         params = list(conv.args) + [None] * (7 - len(conv.args))
         ring, bias, stride, padding, dilation, groups = params[1:7]
         kernel = _constant(gm, ring)
         one = [1] * ndim
-        if kernel is None or bias is not None or (stride or one) != one or not groups:
+        if (kernel is None or bias is not None or (stride or one) != one or not isinstance(groups, int) or not groups
+                or not isinstance(padding, (list, tuple))):
             continue
         layout = pssa_kernel_layout(kernel, int(groups))
         plain_ring = layout is not None and not layout.directional and abs(layout.scale * layout.directions - 1) < 1e-6

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Collection
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import fx, nn
@@ -25,7 +25,7 @@ from xvol_compiler.arguments import ArgumentError, check_example_inputs, check_m
 from xvol_compiler.attention_probe import GAMMA_RANGE, has_silent_attention, with_exercised_attention
 from xvol_compiler.errors import VerificationError, XvolError
 from xvol_compiler.fusion_report import FusionReport
-from xvol_compiler.options import FuseOptions, merge
+from xvol_compiler.options import FuseKeywords, FuseOptions, merge
 from xvol_compiler.rules import RuleSet, run_rules
 from xvol_compiler.training_flags import training_sensitive_modules
 from xvol_compiler.verify import OutputMismatchError, reference_run, verify_model
@@ -34,6 +34,9 @@ from xvol_passes.fuse_modules import Replacement, apply_replacements, fuse_modul
 from xvol_passes.fx_graph import FxAdapter, hoist_ring_kernels
 from xvol_passes.fx_norm_act import trace_with_norm_acts_split
 from xvol_passes.lower import LoweringOption, lower_sites, validate_options
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11; the package supports 3.10
 
 __all__ = [
     "FuseOptions",
@@ -102,69 +105,16 @@ def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
     return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
 
-def fuse_with_report(
-    model: nn.Module,
-    *,
-    example_inputs: Any = None,
-    verify: bool = True,
-    atol: float | None = None,
-    rtol: float | None = None,
-    inplace: bool = False,
-    backend: str | None = None,
-    lowering: LoweringOption = "auto",
-    single_conv: bool = True,
-    graph: bool | None = None,
-    skip: Collection[str] = (),
-    options: FuseOptions | None = None,
-) -> tuple[nn.Module, FusionReport]:
-    """``fuse`` that also returns the report."""
-    opts = merge(options, FuseOptions, verify=verify, atol=atol, rtol=rtol, inplace=inplace, backend=backend,
-                 lowering=lowering, single_conv=single_conv, graph=graph, skip=skip)
-    verify, atol, rtol, inplace, graph = opts.verify, opts.atol, opts.rtol, opts.inplace, opts.graph
-    skip = RuleSet.of(skip=opts.skip).skip  # an unknown rule name raises, listing the rules
-    if isinstance(model, torch.export.ExportedProgram):
-        return _fuse_exported(model, example_inputs=example_inputs, graph=graph, options=opts)
-    check_module("model", model)
-    check_example_inputs(example_inputs)
-    _check_eval(model)
-    graph_form = isinstance(model, fx.GraphModule) if graph is None else graph
-    example = _as_tuple(example_inputs) if example_inputs is not None else default_example_inputs(model)
-    reference = None
-    if verify:
-        reference = reference_run(model, example)
-        if not reference.checkable():
-            raise FusionError(
-                "the unfused model's output has no finite value on the example input (BatchNorm statistics "
-                "overflow?), so fusion cannot be verified: fix the model, pass other example_inputs, or verify=False"
-            )
-    backend = opts.backend_or("eager")
-    lowering, single_conv = opts.lowering, opts.single_conv
-    options = {"backend": backend, "lowering": lowering, "single_conv": single_conv, "skip": skip}
-    replacements: list[Replacement] = []
-    target: nn.Module
-    if graph_form:
-        target, report = _fuse_graph_form(model, example, inplace=inplace, backend=backend, lowering=lowering,
-                                          single_conv=single_conv)
-    else:
-        copied = model if inplace else copy.deepcopy(model)
-        target, report, replacements = fuse_modules(copied, example, backend=backend, lowering=lowering,
-                                                    single_conv=single_conv)
-    target.eval()
-    if not report.outcomes:
-        report.notes.append("no fusable patterns found (no BatchNorm after a conv, no X-volution site)")
-    if reference is not None:
-        _verify(reference, target, example, report, rtol=rtol, atol=atol, inplace=inplace)
-        if has_silent_attention(model):
-            _verify_exercised(model, example, report, replacements if not graph_form else None,
-                              rtol=rtol, atol=atol, inplace=inplace, backend=backend, lowering=lowering,
-                              single_conv=single_conv)
-    if not graph_form:
-        # Every path a replacement changed: what a fused checkpoint records (passes/xvol_passes/fused_record.py).
-        setattr(target, "xvol_fused_modules", fused_paths(model, replacements))  # noqa: B010 (see below)
-    # setattr: nn.Module types its attributes as tensors or modules.
-    setattr(target, "xvol_fusion_report", report)  # noqa: B010
-    log.info("%s", report.summary())
-    return target, report
+def fuse_with_report(model: nn.Module, **keywords: Unpack[FuseKeywords]) -> tuple[nn.Module, FusionReport]:
+    """``fuse`` that also returns the report: ``(fused, fused.xvol_fusion_report)``.
+
+    It takes ``fuse``'s arguments: the model, then the keywords ``example_inputs``, ``verify``, ``atol``,
+    ``rtol``, ``inplace``, ``backend``, ``lowering``, ``single_conv``, ``graph``, ``skip`` and ``options``
+    (typed by :class:`~xvol_compiler.options.FuseKeywords`), with the same defaults and meaning.
+    """
+    fused = fuse(model, **keywords)
+    # fuse sets the report on every result it returns (a module or an ExportedProgram).
+    return fused, cast(FusionReport, fused.xvol_fusion_report)
 
 
 def _fuse_exported(program: torch.export.ExportedProgram, *, example_inputs: Any, graph: bool | None,
@@ -181,7 +131,7 @@ def _fuse_exported(program: torch.export.ExportedProgram, *, example_inputs: Any
     example = _as_tuple(example_inputs)
     fused, report = fuse_with_report(program.module(), example_inputs=example, graph=True, **options)
     fused_program = torch.export.export(fused, example, dynamic_shapes=dynamic_shapes_of(program))
-    fused_program.xvol_fusion_report = report  # type: ignore[attr-defined]
+    setattr(fused_program, "xvol_fusion_report", report)  # noqa: B010 (ExportedProgram declares no such attribute)
     return fused_program, report
 
 
@@ -377,7 +327,50 @@ def fuse(
     ``options``: an :class:`~xvol_compiler.options.FuseOptions` holding these options (verify to skip) at
     once, shared with ``fuse_onnx``; a keyword given a value other than its default replaces the option's value.
     """
-    fused, _ = fuse_with_report(model, example_inputs=example_inputs, verify=verify, atol=atol, rtol=rtol,
-                                inplace=inplace, backend=backend, lowering=lowering, single_conv=single_conv,
-                                graph=graph, skip=skip, options=options)
-    return fused
+    opts = merge(options, FuseOptions, verify=verify, atol=atol, rtol=rtol, inplace=inplace, backend=backend,
+                 lowering=lowering, single_conv=single_conv, graph=graph, skip=skip)
+    verify, atol, rtol, inplace, graph = opts.verify, opts.atol, opts.rtol, opts.inplace, opts.graph
+    skip = RuleSet.of(skip=opts.skip).skip  # an unknown rule name raises, listing the rules
+    if isinstance(model, torch.export.ExportedProgram):
+        fused_program, _ = _fuse_exported(model, example_inputs=example_inputs, graph=graph, options=opts)
+        return fused_program
+    check_module("model", model)
+    check_example_inputs(example_inputs)
+    _check_eval(model)
+    graph_form = isinstance(model, fx.GraphModule) if graph is None else graph
+    example = _as_tuple(example_inputs) if example_inputs is not None else default_example_inputs(model)
+    reference = None
+    if verify:
+        reference = reference_run(model, example)
+        if not reference.checkable():
+            raise FusionError(
+                "the unfused model's output has no finite value on the example input (BatchNorm statistics "
+                "overflow?), so fusion cannot be verified: fix the model, pass other example_inputs, or verify=False"
+            )
+    backend = opts.backend_or("eager")
+    lowering, single_conv = opts.lowering, opts.single_conv
+    replacements: list[Replacement] = []
+    target: nn.Module
+    if graph_form:
+        target, report = _fuse_graph_form(model, example, inplace=inplace, backend=backend, lowering=lowering,
+                                          single_conv=single_conv, skip=skip)
+    else:
+        copied = model if inplace else copy.deepcopy(model)
+        target, report, replacements = fuse_modules(copied, example, backend=backend, lowering=lowering,
+                                                    single_conv=single_conv, skip=skip)
+    target.eval()
+    if not report.outcomes:
+        report.notes.append("no fusable patterns found (no BatchNorm after a conv, no X-volution site)")
+    if reference is not None:
+        _verify(reference, target, example, report, rtol=rtol, atol=atol, inplace=inplace)
+        if has_silent_attention(model):
+            _verify_exercised(model, example, report, replacements if not graph_form else None,
+                              rtol=rtol, atol=atol, inplace=inplace, backend=backend, lowering=lowering,
+                              single_conv=single_conv, skip=skip)
+    if not graph_form:
+        # Every path a replacement changed: what a fused checkpoint records (passes/xvol_passes/fused_record.py).
+        setattr(target, "xvol_fused_modules", fused_paths(model, replacements))  # noqa: B010 (see below)
+    # setattr: nn.Module types its attributes as tensors or modules.
+    setattr(target, "xvol_fusion_report", report)  # noqa: B010
+    log.info("%s", report.summary())
+    return target

@@ -46,6 +46,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from xvol_compiler.conv_modules import CONV_TYPES, bn_params, conv_geometry, conv_module_weights
 from xvol_compiler.deploy import XVolutionDeploy, lowered_convs, merged_branch
+from xvol_compiler.errors import InvalidArgumentError, InvalidArgumentTypeError
 from xvol_compiler.fold import Branch, FoldError, fold_conv_bn
 from xvol_compiler.fusion_report import FusionReport
 from xvol_compiler.lowering import LoweringChoice
@@ -64,6 +65,7 @@ from xvol_compiler.rules import (
 )
 from xvol_compiler.xvolution import XVolution, conv_forward_reason
 from xvol_passes.fx_graph import FxAdapter
+from xvol_passes.fx_read import as_node
 from xvol_passes.lower import LoweringOption, choose_lowering, site_option
 
 __all__ = ["GRAPH_FORM_ONLY", "Replacement", "apply_replacements", "fuse_modules", "fused_paths", "plan_replacements"]
@@ -267,7 +269,7 @@ def plan_replacements(
         prefix = f"{prefix_path}." if prefix_path else ""
         view = FxAdapter(gm).view()
         for m in CONV_BN.matches(view) if fold_bns else ():
-            producer, bn = m["conv"], m["bn"]
+            producer, bn = as_node(m["conv"]), as_node(m["bn"])
             name = prefix + node_info(view, producer).name
             why = _pair_refusal(view, producer, bn, shared_modules, shared_params, prefix)
             planned = why or try_rule(CONV_BN_RULE, view, dict(m))
@@ -281,8 +283,7 @@ def plan_replacements(
             plan.built[bn_path] = _bn_remainder(modules[bn_path])
             plan.outcomes.append(Outcome("conv+bn", path, "fused", "", rewrite.params_before, rewrite.params_after,
                                          rewrite.macs_before, rewrite.macs_after))
-        for m in _site_bn_matches(view) if fold_bns else ():
-            producer, bn = m
+        for producer, bn in _site_bn_matches(view) if fold_bns else ():
             path, bn_path = prefix + str(producer.target), prefix + str(bn.target)
             if not isinstance(modules.get(path), XVolution):
                 continue  # an already fused site: nothing to do
@@ -354,9 +355,17 @@ def _keep_layout(module: nn.Module, like: torch.Tensor) -> nn.Module:
     return module
 
 
+def _weight_of(module: nn.Module) -> torch.Tensor:
+    """The ``weight`` of a conv or a site (a parameter of both)."""
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise InvalidArgumentTypeError(f"{type(module).__name__}.weight is a {type(weight).__name__}, not a tensor")
+    return weight
+
+
 def _conv_like(conv: nn.Module, branch: Branch) -> nn.Module:
     """A plain conv of ``branch``'s geometry and weights, in ``conv``'s place: its weight layout kept."""
-    return _keep_layout(lowered_convs(branch, "channel")[0][0], conv.weight)
+    return _keep_layout(lowered_convs(branch, "channel")[0][0], _weight_of(conv))
 
 
 def _folded_conv(conv: nn.Module, bn: nn.Module) -> nn.Module:
@@ -394,8 +403,14 @@ def built_modules(model: nn.Module, replacements: Sequence[Replacement], *, sing
         module = model.get_submodule(r.path)
         bn = model.get_submodule(r.bn_path) if r.bn_path else None
         if r.rule == "x-volution":
+            if not isinstance(module, XVolution):
+                raise InvalidArgumentTypeError(
+                    f"{r.path} holds a {type(module).__name__}, not an XVolution site: an x-volution replacement "
+                    "applies to the model it was planned on")
             built[r.path] = _keep_layout(module.fuse(r.lowering or "channel", single_conv=single_conv,
                                                      bn=None if bn is None else bn_params(bn)), module.weight)
+        elif bn is None:
+            raise InvalidArgumentError(f"the conv+bn replacement of {r.path} names no BatchNorm (bn_path)")
         else:
             built[r.path] = _folded_conv(module, bn)
         if bn is not None:

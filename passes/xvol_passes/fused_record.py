@@ -9,11 +9,12 @@ built *original* model, so the checkpoint's state dict loads without running ``x
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from typing import Any
 
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 from xvol_compiler.conv_modules import CONV_TYPES, conv_geometry
 from xvol_compiler.deploy import XVolutionDeploy
@@ -80,7 +81,9 @@ def _empty(entry: Mapping[str, Any], current: nn.Module) -> nn.Module:
                                single_conv=bool(entry["single_conv"]))
     if kind == "conv":
         g = _geometry(entry["geometry"])
-        return CONV_TYPES[len(g.kernel_size)](
+        # Typed as a callable: the per-dimension classes declare per-dimension tuple types, a geometry holds tuples.
+        conv_type: Callable[..., _ConvNd] = CONV_TYPES[len(g.kernel_size)]
+        return conv_type(
             g.in_channels, g.out_channels, g.kernel_size, g.stride, g.padding, g.dilation, g.groups,
             bias=bool(entry["bias"]), padding_mode=g.padding_mode)
     if kind == "norm-act":

@@ -16,12 +16,17 @@ import torch.nn.functional as F
 from torch import fx
 
 from xvol_compiler.deploy import lowered_convs
+from xvol_compiler.errors import XvolError
 from xvol_compiler.fold import Branch, FoldError
 from xvol_compiler.pssa import interleave_groups, interleave_spatial
 from xvol_compiler.rules import Key, Lowering, Rewrite
-from xvol_passes.fx_read import FxGraphReader
+from xvol_passes.fx_read import FxGraphReader, as_node
 
-__all__ = ["FxGraphEmitter"]
+__all__ = ["FxGraphEmitter", "FxRewriteError"]
+
+
+class FxRewriteError(XvolError, RuntimeError):
+    """A planned rewrite does not fit the torch.fx graph as it is (the graph and its view disagree)."""
 
 
 class FxGraphEmitter(FxGraphReader):
@@ -36,23 +41,24 @@ class FxGraphEmitter(FxGraphReader):
         if anchor.op == "call_module":
             return str(anchor.target)
         w = anchor.args[1] if len(anchor.args) > 1 else anchor.kwargs["weight"]
-        return self._param_owner(w, anchor) or ""
+        return (self._param_owner(w, anchor) if isinstance(w, fx.Node) else None) or ""
 
     def apply(self, rewrite: Rewrite) -> fx.Node:
         """Replace ``rewrite.replaced`` by the conv(s) of ``rewrite.branch``; the (first) new conv node."""
         lowering = rewrite.lowering if len(rewrite.branch.inputs) > 1 else "channel"
-        return self._emit(rewrite.anchor, rewrite.output, rewrite.replaced, rewrite.branch,  # type: ignore[arg-type]
+        return self._emit(as_node(rewrite.anchor), as_node(rewrite.output), rewrite.replaced, rewrite.branch,
                           lowering)
 
     def relower(self, key: Key, branch: Branch, lowering: Lowering) -> fx.Node:
         """Emit the created conv ``key`` (of ``branch``) again in ``lowering``; the new conv node."""
-        return self._emit(key, key, (key,), branch, lowering)  # type: ignore[arg-type]
+        node = as_node(key)
+        return self._emit(node, node, (node,), branch, lowering)
 
     def _emit(self, anchor: fx.Node, output: fx.Node, replaced: Sequence[object], branch: Branch,
               lowering: Lowering) -> fx.Node:
         graph = self.gm.graph
         g = branch.geometry
-        sources = tuple(branch.inputs)
+        sources = tuple(as_node(key) for key in branch.inputs)
         # (The caller has checked the lowering is allowed; refusing here would leave the graph half-rewritten.)
         convs, layout = lowered_convs(branch, lowering, single_conv=False)
         memory_format = self._memory_format(anchor)
@@ -101,20 +107,25 @@ class FxGraphEmitter(FxGraphReader):
             self.gm.add_submodule(str(node.target), module)
             self.origin[node] = path
         if len(sources) > 1 and lowering == "channel":
-            self.created[conv_nodes[0]] = (sources, branch.channels)  # type: ignore[assignment]
+            self.created[conv_nodes[0]] = (sources, branch.channels)
         if len(sources) > 1:
             self.lowered[conv_nodes[0]] = lowering
         return conv_nodes[0]
 
     def _memory_format(self, anchor: fx.Node) -> torch.memory_format | None:
         """``channels_last`` (``channels_last_3d``) when the anchor conv's weight is stored so, else None."""
+        w: object
         try:
             if anchor.op == "call_module":
                 w = self.gm.get_submodule(str(anchor.target)).weight
             else:
                 w_node = anchor.args[1] if len(anchor.args) > 1 else anchor.kwargs["weight"]
-                w = self._fetch(str(w_node.target))  # type: ignore[union-attr]
+                if not isinstance(w_node, fx.Node):
+                    return None
+                w = self._fetch(str(w_node.target))
         except (AttributeError, KeyError):
+            return None
+        if not isinstance(w, torch.Tensor):
             return None
         layouts = {4: torch.channels_last, 5: torch.channels_last_3d}
         layout = layouts.get(w.dim())
@@ -131,7 +142,7 @@ class FxGraphEmitter(FxGraphReader):
             candidate = f"{base}_fused{i}"
             if candidate not in used and not self._exists(candidate):
                 return candidate
-        raise RuntimeError(f"no free module name near {base!r}")
+        raise FxRewriteError(f"no free module name near {base!r}")
 
     def _exists(self, target: str) -> bool:
         try:
@@ -147,7 +158,7 @@ class FxGraphEmitter(FxGraphReader):
         order = {n: i for i, n in enumerate(graph.nodes)}
         for node in sorted(pending, key=lambda n: -order[n]):
             if node.users:
-                raise RuntimeError(f"cannot erase {node}: still used by {list(node.users)}")
+                raise FxRewriteError(f"cannot erase {node}: still used by {list(node.users)}")
             inputs = list(node.all_input_nodes)
             if node.op == "call_module":
                 self.replaced_targets.add(str(node.target))

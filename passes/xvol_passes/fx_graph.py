@@ -14,6 +14,7 @@ from xvol_compiler.fold import Branch
 from xvol_compiler.pssa import PSSA_RING, pssa_transform
 from xvol_compiler.rules import Key, Lowering, Shape, node_info
 from xvol_passes.fx_emit import FxGraphEmitter
+from xvol_passes.fx_read import as_node
 
 __all__ = ["FxAdapter", "hoist_ring_kernels"]
 
@@ -85,7 +86,7 @@ class FxAdapter(FxGraphEmitter):
         return found
 
     def site_name(self, key: Key) -> str:
-        node: fx.Node = key  # type: ignore[assignment]
+        node = as_node(key)
         return self.origin.get(node) or self._name(node)
 
     def input_shape(self, branch: Branch) -> Shape | None:

@@ -10,7 +10,10 @@ any other.
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from xvol_compiler.norm_act import has_own_forward, norm_act_reason
 
@@ -19,8 +22,8 @@ __all__ = ["trace_with_norm_acts_split"]
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def _is_norm_act(m: nn.Module) -> bool:
-    return isinstance(m, nn.modules.batchnorm._BatchNorm) and has_own_forward(m) and not norm_act_reason(m)
+def _is_norm_act(m: nn.Module) -> TypeGuard[_BatchNorm]:
+    return isinstance(m, _BatchNorm) and has_own_forward(m) and not norm_act_reason(m)
 
 
 class _NormActTracer(fx.Tracer):
@@ -28,7 +31,7 @@ class _NormActTracer(fx.Tracer):
         return _is_norm_act(m) or super().is_leaf_module(m, module_qualified_name)
 
 
-def _plain_batchnorm(norm_act: nn.Module) -> nn.Module:
+def _plain_batchnorm(norm_act: _BatchNorm) -> nn.Module:
     """A torch BatchNorm of the same kind sharing ``norm_act``'s parameters and running statistics."""
     kind = next((t for t in _BN_TYPES if isinstance(norm_act, t)), nn.BatchNorm2d)
     plain = kind(norm_act.num_features, eps=norm_act.eps, momentum=norm_act.momentum, affine=norm_act.affine,
@@ -46,11 +49,15 @@ def trace_with_norm_acts_split(model: nn.Module) -> fx.GraphModule:
     graph = tracer.trace(model)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not _is_norm_act(gm.get_submodule(str(node.target))):
+        if node.op != "call_module":
             continue
         path = str(node.target)
         layer = gm.get_submodule(path)
-        parts = {"norm": _plain_batchnorm(layer), "drop": layer.drop, "act": layer.act}
+        if not _is_norm_act(layer):
+            continue
+        # norm_act_reason accepted the layer: its children are exactly the modules drop and act.
+        children = dict(layer.named_children())
+        parts = {"norm": _plain_batchnorm(layer), "drop": children["drop"], "act": children["act"]}
         value = node.args[0]
         with gm.graph.inserting_before(node):
             for suffix, module in parts.items():

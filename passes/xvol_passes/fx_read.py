@@ -14,24 +14,26 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, SupportsInt
 
 import networkx as nx
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.node import Argument
 
 from xvol_compiler.conv_modules import CONV_CALLS as _CONV_FUNCTIONS
 from xvol_compiler.conv_modules import bn_params, conv_geometry, conv_module_weights, padded_conv
 from xvol_compiler.deploy import XVolutionDeploy
+from xvol_compiler.errors import InvalidArgumentTypeError
 from xvol_compiler.fold import Branch, ConvGeometry, FoldError
 from xvol_compiler.norm_act import has_own_forward, norm_act_reason
 from xvol_compiler.pssa import interleave_groups, pssa_transform
-from xvol_compiler.rules import Kind, NodeInfo, add_node
+from xvol_compiler.rules import Key, Kind, NodeInfo, add_node
 from xvol_compiler.xvolution import XVolution, conv_forward_reason
 
-__all__ = ["FxGraphReader"]
+__all__ = ["FxGraphReader", "as_node"]
 
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
@@ -62,10 +64,19 @@ _RANDOM = {torch.rand_like, torch.randn_like, torch.randint_like, torch.bernoull
 _RANDOM_METHODS = {"bernoulli", "multinomial"}
 
 
+def as_node(key: Key) -> fx.Node:
+    """A view key of this adapter (or a branch input it wrote): an ``fx.Node`` of the graph."""
+    if not isinstance(key, fx.Node):
+        raise InvalidArgumentTypeError(f"{key!r} ({type(key).__name__}) is not a node of a torch.fx graph")
+    return key
+
+
 def _tuple(value: object, ndim: int) -> tuple[int, ...]:
     if isinstance(value, int):
         return (value,) * ndim
-    return tuple(int(v) for v in value)  # type: ignore[union-attr]
+    if not isinstance(value, Iterable):
+        raise InvalidArgumentTypeError(f"expected an int or a sequence of ints, got {value!r}")
+    return tuple(int(v) for v in value)
 
 
 # Copies of a constant that torch.export writes around a tensor literal (lift_fresh_copy, detach_).
@@ -73,7 +84,7 @@ _CONSTANT_COPIES = {_ATEN.lift_fresh_copy.default, _ATEN.detach.default, _ATEN.d
                     _ATEN.clone.default}
 
 
-def _constant_attr(value: object) -> object:
+def _constant_attr(value: Argument) -> Argument:
     """The ``get_attr`` node behind copies of a constant, else ``value`` itself."""
     while (isinstance(value, fx.Node) and value.op == "call_function" and value.target in _CONSTANT_COPIES
            and len(value.all_input_nodes) == 1 and len(value.users) == 1):
@@ -221,10 +232,12 @@ class FxGraphReader:
             and inp.target is interleave_groups
             and len(inp.users) == 1
         ):
-            sources = tuple(inp.args[0])
-            channels = tuple(_channels(s) for s in sources)
-            if all(c is not None for c in channels) and sum(channels) == in_channels:  # type: ignore[arg-type]
-                return sources, channels  # type: ignore[return-value]
+            interleaved = inp.args[0]
+            if isinstance(interleaved, (list, tuple)):
+                sources = tuple(s for s in interleaved if isinstance(s, fx.Node))
+                channels = tuple(c for c in map(_channels, sources) if c is not None)
+                if len(channels) == len(sources) == len(interleaved) and sum(channels) == in_channels:
+                    return sources, channels
         return (inp,), (in_channels,)
 
     def _conv_module(
@@ -244,18 +257,17 @@ class FxGraphReader:
         self, node: fx.Node, calls: Counter, attrs: dict[str, Any],
         names: Sequence[str] = ("input", "weight", "bias", "stride", "padding", "dilation", "groups", "padding_mode"),
     ) -> tuple[Kind, Sequence[fx.Node]]:
-        defaults: dict[str, object] = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1,
-                                       "padding_mode": "zeros"}
+        defaults: dict[str, Argument] = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1,
+                                         "padding_mode": "zeros"}
         args = dict(zip(names, node.args, strict=False))
         args.update(node.kwargs)
         for key, value in defaults.items():
             args.setdefault(key, value)
-        weight, bias = _constant_attr(args["weight"]), _constant_attr(args["bias"])
-        const = [weight] + ([bias] if bias is not None else [])
-        roots = [self._constant_roots(v) if isinstance(v, fx.Node) else None for v in const]
-        if any(r is None for r in roots):
+        params = self._constant_params(_constant_attr(args["weight"]), _constant_attr(args["bias"]))
+        if params is None:
             attrs["branch"] = None
             return "conv", list(node.all_input_nodes)
+        weight, bias, roots = params
         computed: list[fx.Node] = []  # e.g. groups=x.shape[1]: known only when the graph runs
         fx.node.map_arg(tuple(args.get(k) for k in ("stride", "padding", "dilation", "groups", "padding_mode")),
                         computed.append)
@@ -263,27 +275,45 @@ class FxGraphReader:
             attrs["branch"] = None
             attrs["refusal"] = f"{self._name(node)}: conv arguments computed in the graph ({computed[0].name})"
             return "conv", list(node.all_input_nodes)
-        for v in dict.fromkeys(r for rs in roots for r in rs):  # type: ignore[union-attr]
+        for v in roots:
             if calls[v.target] > 1:
                 attrs["refusal"] = f"parameter {v.target} is read by {calls[v.target]} nodes"
         w = self._constant(weight)
         b = None if bias is None else self._constant(bias)
         ndim = w.dim() - 2
         padding = args["padding"] if isinstance(args["padding"], str) else _tuple(args["padding"], ndim)
+        groups = args["groups"]
+        if not isinstance(groups, SupportsInt):
+            raise InvalidArgumentTypeError(f"{self._name(node)}: conv groups={groups!r} is not an int")
         geometry = ConvGeometry(
-            in_channels=w.shape[1] * int(args["groups"]), out_channels=w.shape[0], kernel_size=tuple(w.shape[2:]),
+            in_channels=w.shape[1] * int(groups), out_channels=w.shape[0], kernel_size=tuple(w.shape[2:]),
             stride=_tuple(args["stride"], ndim), padding=padding, dilation=_tuple(args["dilation"], ndim),
-            groups=int(args["groups"]), padding_mode=str(args["padding_mode"]),
+            groups=int(groups), padding_mode=str(args["padding_mode"]),
         )
         sources, channels = self._sources(node, geometry.in_channels)
         attrs["branch"] = Branch(sources, channels, geometry, w.detach(), None if b is None else b.detach())
         return "conv", sources
 
-    def _fetch(self, target: str) -> torch.Tensor:
+    def _constant_params(self, weight: Argument, bias: Argument
+                         ) -> tuple[fx.Node, fx.Node | None, list[fx.Node]] | None:
+        """(weight, bias, the ``get_attr`` nodes they are computed from, without repeats) when the weight
+        and the bias (or None) are graph values computed from parameters alone, else None."""
+        if not isinstance(weight, fx.Node) or not (bias is None or isinstance(bias, fx.Node)):
+            return None
+        roots: list[fx.Node] = []
+        for value in (weight,) if bias is None else (weight, bias):
+            found = self._constant_roots(value)
+            if found is None:
+                return None
+            roots += found
+        return weight, bias, list(dict.fromkeys(roots))
+
+    def _fetch(self, target: str) -> object:
+        """The attribute of ``gm`` at the dotted path ``target`` (what a ``get_attr`` node reads)."""
         obj: object = self.gm
         for part in target.split("."):
             obj = getattr(obj, part)
-        return obj  # type: ignore[return-value]
+        return obj
 
     @staticmethod
     def _constant_roots(node: fx.Node) -> list[fx.Node] | None:
@@ -317,7 +347,10 @@ class FxGraphReader:
         The computed value is cast once to the dtype of its first floating-point parameter.
         """
         if node.op == "get_attr":
-            return self._fetch(str(node.target))
+            fetched = self._fetch(str(node.target))
+            if not isinstance(fetched, torch.Tensor):
+                raise FoldError(f"{node.name} is not a tensor")
+            return fetched
         order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
         needed: set[fx.Node] = set()
         stack = [node]
@@ -326,7 +359,7 @@ class FxGraphReader:
             if n not in needed:
                 needed.add(n)
                 stack.extend(n.all_input_nodes)
-        env: dict[fx.Node, object] = {}
+        env: dict[fx.Node, Any] = {}  # whatever each operation returns (tensors, shapes, scalars)
         dtype: torch.dtype | None = None
         with torch.no_grad():
             for n in sorted(needed, key=order.__getitem__):
@@ -339,10 +372,11 @@ class FxGraphReader:
                     continue
                 args = fx.node.map_arg(n.args, env.__getitem__)
                 kwargs = fx.node.map_arg(n.kwargs, env.__getitem__)
-                if n.op == "call_function":
-                    env[n] = n.target(*args, **kwargs)  # type: ignore[operator]
-                else:
-                    env[n] = getattr(args[0], str(n.target))(*args[1:], **kwargs)
+                target = n.target
+                if n.op == "call_function" and callable(target):
+                    env[n] = target(*args, **kwargs)
+                else:  # a call_method (the only other operation _constant_roots admits)
+                    env[n] = getattr(args[0], str(target))(*args[1:], **kwargs)
         value = env[node]
         if not isinstance(value, torch.Tensor):
             raise FoldError(f"{node.name} is not a tensor")

@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -55,7 +56,7 @@ from typing import Any
 import torch
 
 from xvol_compiler.deploy import lowered_convs, run_lowering
-from xvol_compiler.errors import XvolError
+from xvol_compiler.errors import InvalidArgumentError, XvolError
 from xvol_compiler.files import PathLike, atomic_write_json, written_now
 from xvol_compiler.fold import Branch, FoldError
 from xvol_compiler.lowering import LOWERINGS, LoweringChoice, check_lowering
@@ -92,16 +93,17 @@ LoweringOption = str | Mapping[str, str]
 
 
 def validate_options(backend: str, lowering: LoweringOption, single_conv: bool) -> None:
-    """ValueError naming the bad option and the choices."""
+    """InvalidArgumentError (a ValueError) naming the bad option and the choices."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
+        raise InvalidArgumentError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
     values = list(lowering.values()) if isinstance(lowering, Mapping) else [lowering]
     allowed = LOWERINGS if isinstance(lowering, Mapping) else LOWERING_OPTIONS
     for value in values:
         if value not in allowed:
-            raise ValueError(f"lowering={value!r} is not one of {', '.join(allowed)}")
+            raise InvalidArgumentError(f"lowering={value!r} is not one of {', '.join(allowed)}")
         if value == "split" and single_conv:
-            raise ValueError("lowering='split' is two convolutions per site: pass single_conv=False to allow it")
+            raise InvalidArgumentError(
+                "lowering='split' is two convolutions per site: pass single_conv=False to allow it")
 
 
 def site_option(lowering: LoweringOption, name: str) -> str:
@@ -129,7 +131,8 @@ def _static_shape(shape: Sequence[object] | None, ndim: int) -> tuple[int, ...] 
     if shape is None or len(shape) != ndim + 2:
         return None
     dims = [1 if axis == 0 and not isinstance(d, int) else d for axis, d in enumerate(shape)]
-    return tuple(dims) if all(isinstance(d, int) and d > 0 for d in dims) else None  # type: ignore[misc]
+    sizes = tuple(d for d in dims if isinstance(d, int) and d > 0)
+    return sizes if len(sizes) == len(dims) else None
 
 
 def _time_rounds(runs: dict[str, Callable[[], object]]) -> dict[str, float]:
@@ -171,7 +174,7 @@ def _measure_onnxruntime(branch: Branch, candidates: Sequence[str], shape: tuple
     for lowering in candidates:
         session, names = one_site_session(branch, lowering, shape)
         feeds = dict(zip(names, inputs, strict=True))
-        runs[lowering] = lambda session=session, feeds=feeds: session.run(None, feeds)
+        runs[lowering] = functools.partial(session.run, None, feeds)
     return _time_rounds(runs)
 
 
@@ -378,7 +381,7 @@ def lower_sites(
         choice = choose_lowering(
             branch, backend=backend, lowering=site_option(lowering, prefix + name), single_conv=single_conv,
             input_shape=adapter.input_shape(branch), asymmetric_pads=adapter.asymmetric_pads,
-            refusal=lambda name, branch=branch: adapter.lowering_refusal(branch, name),  # type: ignore[misc]
+            refusal=functools.partial(adapter.lowering_refusal, branch),
             cache_path=cache_path,
         )
         for site in carried:  # (sites merged into one conv share it)

@@ -5,9 +5,10 @@ activation value flows into them: constants, and shapes of activations), with th
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
+import numpy.typing as npt
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
@@ -28,6 +29,7 @@ _FOLDABLE = {
 }
 _SHAPE_ONLY = {("Shape", 0), ("Size", 0), ("CastLike", 1)}  # (op, input): only the tensor's type/shape is read
 _FOLD_ELEMENT_LIMIT = 1 << 26  # do not evaluate constant subgraphs larger than this (elements)
+_MAX_DEPTH = 32  # producers followed back from a tensor before it counts as neither constant nor static
 
 
 def tensor_values(t: gs.Constant) -> np.ndarray:
@@ -53,13 +55,20 @@ class OnnxConstants:
         self._is_static_cache: dict[str, bool] = {}
 
     def is_const(self, t: gs.Tensor, depth: int = 0) -> bool:
+        return self._cached_check(t, depth, self._is_const_cache, self._compute_is_const)
+
+    @staticmethod
+    def _cached_check(t: gs.Tensor, depth: int, cache: dict[str, bool],
+                      compute: Callable[[gs.Tensor, int], bool]) -> bool:
+        """``is_const`` / ``is_static``: True for a ``gs.Constant``; False for a tensor without exactly one
+        producer, or more than ``_MAX_DEPTH`` producers deep; else ``compute(t, depth)``, cached by name."""
         if isinstance(t, gs.Constant):
             return True
-        if not t.name or len(t.inputs) != 1 or depth > 32:
+        if not t.name or len(t.inputs) != 1 or depth > _MAX_DEPTH:
             return False
-        cached = self._is_const_cache.get(t.name)
+        cached = cache.get(t.name)
         if cached is None:
-            cached = self._is_const_cache[t.name] = self._compute_is_const(t, depth)
+            cached = cache[t.name] = compute(t, depth)
         return cached
 
     def _compute_is_const(self, t: gs.Tensor, depth: int) -> bool:
@@ -84,34 +93,27 @@ class OnnxConstants:
         constants and the shapes (``Shape``/``Size``) or types of activations, such as the target
         shape of a dynamic-batch ``Reshape``. Static tensors are not in the view: they are
         metadata, not data, for the rules' question "is this derived from that tensor alone"."""
-        if isinstance(t, gs.Constant):
-            return True
-        if not t.name or len(t.inputs) != 1 or depth > 32:
+        return self._cached_check(t, depth, self._is_static_cache, self._compute_is_static)
+
+    def _compute_is_static(self, t: gs.Tensor, depth: int) -> bool:
+        node = t.inputs[0]
+        if node.domain not in DEFAULT_DOMAINS:
             return False
-        cached = self._is_static_cache.get(t.name)
-        if cached is None:
-            node = t.inputs[0]
-            if node.domain not in DEFAULT_DOMAINS:
-                cached = False
-            elif node.op in ("Constant", "Shape", "Size"):
-                cached = True
-            elif node.op in _FOLDABLE:
-                cached = all(
-                    not inp.name or (node.op, i) in _SHAPE_ONLY or self.is_static(inp, depth + 1)
-                    for i, inp in enumerate(node.inputs)
-                )
-            else:
-                cached = False
-            self._is_static_cache[t.name] = cached
-        return cached
+        if node.op in ("Constant", "Shape", "Size"):
+            return True
+        if node.op not in _FOLDABLE:
+            return False
+        return all(
+            not inp.name or (node.op, i) in _SHAPE_ONLY or self.is_static(inp, depth + 1)
+            for i, inp in enumerate(node.inputs)
+        )
 
     def _known_type(self, t: gs.Tensor, *, need_shape: bool) -> bool:
         if t.dtype is None and not isinstance(t, gs.Constant):
             return False
         if not need_shape:
             return True
-        shape = self.shape(t)
-        return shape is not None and all(isinstance(d, int) for d in shape)
+        return _int_shape(self.shape(t)) is not None
 
     def shape(self, t: gs.Tensor) -> tuple[int | str | None, ...] | None:
         if t.shape is not None:
@@ -148,10 +150,12 @@ class OnnxConstants:
                 continue
             value = self.const(inp)
             if value is None and (node.op, i) in _SHAPE_ONLY:
-                dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.dtype) if not isinstance(inp.dtype, np.dtype) \
-                    else inp.dtype
-                shape = self.shape(inp) if node.op != "CastLike" else (0,)
-                value = np.broadcast_to(np.zeros((), dtype=dtype), tuple(int(d) for d in shape or ()))
+                input_dtype: npt.DTypeLike = inp.dtype if isinstance(inp.dtype, np.dtype) \
+                    else onnx.helper.tensor_dtype_to_np_dtype(inp.dtype)
+                shape = _int_shape(self.shape(inp) or ()) if node.op != "CastLike" else (0,)
+                if shape is None:  # (is_const checked the shape is known; an unknown one is not a constant)
+                    return None
+                value = np.broadcast_to(np.zeros((), dtype=input_dtype), shape)
             if value is None:
                 return None
             if value.size > _FOLD_ELEMENT_LIMIT and node.op not in ("Shape", "Size"):
@@ -166,3 +170,11 @@ class OnnxConstants:
             if out is not t:
                 self._const_cache[out.name] = np.asarray(value)
         return np.asarray(results[node.outputs.index(t)])
+
+
+def _int_shape(shape: tuple[int | str | None, ...] | None) -> tuple[int, ...] | None:
+    """``shape`` when every dimension is a known int, else None."""
+    if shape is None:
+        return None
+    dims = tuple(d for d in shape if isinstance(d, int))
+    return dims if len(dims) == len(shape) else None

@@ -20,6 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import torch
 
+from xvol_compiler.errors import XvolError
 from xvol_compiler.fold import Branch, ConvGeometry, FoldError
 from xvol_compiler.lowering import (
     SpatialLayout,
@@ -33,12 +34,16 @@ from xvol_compiler.rules import Key, Lowering, Rewrite
 from xvol_passes.onnx_pad import PAD_MODES
 from xvol_passes.onnx_view import Interleaved, OnnxGraphReader
 
-__all__ = ["ADAPTER_METADATA_KEY", "Interleave", "OnnxGraphEmitter"]
+__all__ = ["ADAPTER_METADATA_KEY", "Interleave", "OnnxGraphEmitter", "OnnxRewriteError"]
 
 Interleave = Literal["reshape", "gather"]
 ADAPTER_METADATA_KEY = "xvol_compiler.rewrite"
 _ONNX_PAD_MODES = {v: k for k, v in PAD_MODES.items() if k != "constant"}
 _INT64_MAX = int(np.iinfo(np.int64).max)
+
+
+class OnnxRewriteError(XvolError, RuntimeError):
+    """A planned rewrite does not fit the ONNX graph as it is (the graph and its view disagree)."""
 
 
 class OnnxGraphEmitter(OnnxGraphReader):
@@ -76,9 +81,10 @@ class OnnxGraphEmitter(OnnxGraphReader):
             parts += [self._slice(x, 0, right, axis, base, nodes)] if right else []
             shape = self.shape(x)
             x = self._node("Concat", parts, base, nodes, axis=axis)
-            if shape is not None and len(shape) > axis and isinstance(shape[axis], int):
+            size = shape[axis] if shape is not None and len(shape) > axis else None
+            if shape is not None and isinstance(size, int):
                 # Known shapes let the view read the chain back as one circular pad.
-                self.shapes[x.name] = (*shape[:axis], shape[axis] + left + right, *shape[axis + 1:])
+                self.shapes[x.name] = (*shape[:axis], size + left + right, *shape[axis + 1:])
         return x
 
     def _slice(self, x: gs.Tensor, start: int, end: int, axis: int, base: str, nodes: list[gs.Node]) -> gs.Tensor:
@@ -219,7 +225,7 @@ class OnnxGraphEmitter(OnnxGraphReader):
         anchor_t = self._tensors[anchor_key]
         out_t = self._tensors[output_key]
         if len(anchor_t.inputs) != 1 or len(out_t.inputs) != 1:
-            raise RuntimeError(f"rewrite of {output_key}: its anchor or output has no producer")
+            raise OnnxRewriteError(f"rewrite of {output_key}: its anchor or output has no producer")
         anchor, old = anchor_t.inputs[0], out_t.inputs[0]
         g = branch.geometry
         keys = [str(k) for k in branch.inputs]

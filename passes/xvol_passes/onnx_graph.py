@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import onnx
 
+from xvol_compiler.errors import InvalidArgumentError
 from xvol_compiler.fold import Branch
 from xvol_compiler.rules import Key, Shape, node_info
 from xvol_passes.onnx_constants import OnnxConstants, Shapes
@@ -28,7 +29,7 @@ class OnnxGraphAdapter(OnnxGraphEmitter):
     def __init__(self, model: onnx.ModelProto, shapes: Shapes | None = None, *,
                  interleave: Interleave = "reshape") -> None:
         if interleave not in ("reshape", "gather"):
-            raise ValueError(f"interleave must be 'reshape' or 'gather', got {interleave!r}")
+            raise InvalidArgumentError(f"interleave must be 'reshape' or 'gather', got {interleave!r}")
         OnnxConstants.__init__(self, model, shapes if shapes is not None else infer_shapes(model))
         self.interleave_mode = interleave
         self._metadata = {}

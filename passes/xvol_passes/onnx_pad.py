@@ -38,15 +38,15 @@ def absorbable_pad(consts: OnnxConstants, x: gs.Tensor, ndim: int) -> AbsorbedPa
     mode = mode.decode() if isinstance(mode, bytes) else str(mode)
     if mode not in PAD_MODES:
         return None
-    pads = consts.const(pad.inputs[1]) if pad.inputs[1].name else None
-    if pads is None:
+    pads_value = consts.const(pad.inputs[1]) if pad.inputs[1].name else None
+    if pads_value is None:
         return None
     if mode == "constant" and len(pad.inputs) > 2 and pad.inputs[2].name:
         value = consts.const(pad.inputs[2])
         if value is None or bool(np.any(value != 0)):
             return None
     rank = ndim + 2
-    pads = [int(p) for p in np.asarray(pads).reshape(-1)]
+    pads = [int(p) for p in np.asarray(pads_value).reshape(-1)]
     axes = list(range(rank))
     if len(pad.inputs) > 3 and pad.inputs[3].name:
         axes_value = consts.const(pad.inputs[3])
@@ -96,10 +96,10 @@ def _wrap_parts(consts: OnnxConstants, parts: list[gs.Tensor], axis: int) -> tup
             continue
         shape = consts.shape(source)
         size = shape[axis] if shape is not None and len(shape) > axis else None
-        if not isinstance(size, int):
+        if shape is None or not isinstance(size, int):
             continue
-        left = _slice_of(consts, before[0], source, axis, shape) if before else (size, size)
-        right = _slice_of(consts, after[0], source, axis, shape) if after else (0, 0)
+        left = _slice_of(consts, before[0], source, axis, len(shape), size) if before else (size, size)
+        right = _slice_of(consts, after[0], source, axis, len(shape), size) if after else (0, 0)
         if left is None or right is None or left[1] != size or right[0] != 0:
             continue
         left_pad, right_pad = size - left[0], right[1]
@@ -109,10 +109,10 @@ def _wrap_parts(consts: OnnxConstants, parts: list[gs.Tensor], axis: int) -> tup
 
 
 def _slice_of(
-    consts: OnnxConstants, t: gs.Tensor, source: gs.Tensor, axis: int, shape: tuple[int | str | None, ...]
+    consts: OnnxConstants, t: gs.Tensor, source: gs.Tensor, axis: int, rank: int, size: int
 ) -> tuple[int, int] | None:
-    """(start, end), clamped to [0, size], when ``t`` is a unit-step ``Slice`` of ``source`` (of ``shape``)
-    on ``axis`` only."""
+    """(start, end), clamped to [0, size], when ``t`` is a unit-step ``Slice`` of ``source`` (of rank ``rank``,
+    ``size`` long on ``axis``) on ``axis`` only."""
     if len(t.inputs) != 1:
         return None
     node = t.inputs[0]
@@ -126,9 +126,8 @@ def _slice_of(
     steps = np.ones_like(starts) if len(values) < 4 or values[3] is None else np.asarray(values[3]).reshape(-1)
     if len(starts) != 1 or len(ends) != 1 or len(axes) != 1 or len(steps) != 1 or int(steps[0]) != 1:
         return None
-    if int(axes[0]) % len(shape) != axis:
+    if int(axes[0]) % rank != axis:
         return None
-    size = int(shape[axis])  # the caller checked it is known
 
     def clamp(v: int) -> int:
         return min(max(v + size if v < 0 else v, 0), size)

@@ -20,9 +20,9 @@ from __future__ import annotations
 import ast
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, SupportsInt
 
 import networkx as nx
 import numpy as np
@@ -30,6 +30,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import torch
 
+from xvol_compiler.errors import InvalidArgumentError, InvalidArgumentTypeError
 from xvol_compiler.fold import BatchNormParams, Branch, ConvGeometry
 from xvol_compiler.onnx_io import model_skeleton
 from xvol_compiler.report import with_article
@@ -75,12 +76,19 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | str | None, ..
     return shapes
 
 
+def _int_tuple(value: object) -> tuple[int, ...]:
+    """An attribute holding a list of ints, as a tuple."""
+    if not isinstance(value, Iterable):
+        raise InvalidArgumentTypeError(f"expected a list of ints, got {value!r}")
+    return tuple(int(v) for v in value)
+
+
 def _ints(value: object, n: int, default: int) -> tuple[int, ...]:
     if value is None:
         return (default,) * n
-    out = tuple(int(v) for v in value)  # type: ignore[union-attr]
+    out = _int_tuple(value)
     if len(out) != n:
-        raise ValueError(f"expected {n} values, got {out}")
+        raise InvalidArgumentError(f"expected {n} values, got {out}")
     return out
 
 
@@ -102,7 +110,7 @@ def conv_geometry_from_onnx(
     ndim = len(weight_shape) - 2
     if ndim < 1:
         return None, f"Conv weight of rank {len(weight_shape)}"
-    kernel = tuple(int(k) for k in attrs.get("kernel_shape") or weight_shape[2:])  # type: ignore[union-attr]
+    kernel = _int_tuple(attrs.get("kernel_shape") or weight_shape[2:])
     if kernel != tuple(weight_shape[2:]):
         return None, f"kernel_shape {kernel} does not match the weight {tuple(weight_shape)}"
     try:
@@ -111,7 +119,10 @@ def conv_geometry_from_onnx(
         flat = _ints(attrs.get("pads"), 2 * ndim, 0)
     except (TypeError, ValueError) as err:
         return None, f"malformed strides, dilations or pads attribute: {err}"
-    group = int(attrs.get("group", 1))  # type: ignore[arg-type]
+    group_value = attrs.get("group", 1)
+    if not isinstance(group_value, SupportsInt):
+        raise InvalidArgumentTypeError(f"Conv attribute group={group_value!r} is not an int")
+    group = int(group_value)
     auto_pad = attrs.get("auto_pad", "NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
     if auto_pad in ("", "NOTSET"):
@@ -247,20 +258,21 @@ class OnnxGraphReader(OnnxConstants):
         if any(o.outputs for o in node.outputs[1:]):
             return None, f"{self._name(node)}: BatchNormalization running-statistics outputs are used"
         values = [self.const(t) if t.name else None for t in node.inputs[1:5]]
-        if len(values) != 4 or any(v is None for v in values):
+        known = [v for v in values if v is not None]
+        if len(known) != 4:
             return None, None
-        tensors = [self._torch(v) for v in values]  # type: ignore[arg-type]
-        if any(t is None for t in tensors):
+        scale, bias, mean, var = (self._torch(v) for v in known)
+        if scale is None or bias is None or mean is None or var is None:
             return None, f"{self._name(node)}: BatchNormalization parameters are not float"
-        scale, bias, mean, var = tensors
         eps = float(node.attrs.get("epsilon", 1e-5))
         return BatchNormParams(running_mean=mean, running_var=var, weight=scale, bias=bias, eps=eps), None
 
     def _spatial(self, t: gs.Tensor) -> int | None:
         shape = self.shape(t)
-        if shape is None or len(shape) < 3 or not all(isinstance(d, int) for d in shape[2:]):
+        if shape is None or len(shape) < 3:
             return None
-        return math.prod(int(d) for d in shape[2:])
+        spatial = [d for d in shape[2:] if isinstance(d, int)]
+        return math.prod(spatial) if len(spatial) == len(shape) - 2 else None
 
     def _users(self, t: gs.Tensor, outputs: set[int]) -> int:
         consumers = {id(n) for n in t.outputs}
@@ -268,12 +280,13 @@ class OnnxGraphReader(OnnxConstants):
 
     def _add_refusal(self, node: gs.Node) -> str | None:
         shapes = [self.shape(t) for t in node.inputs]
-        if any(s is None for s in shapes):
+        known = [s for s in shapes if s is not None]
+        if len(known) != len(shapes):
             return None
-        a, b = shapes
-        if len(a) != len(b) or any(isinstance(x, int) and isinstance(y, int) and x != y  # type: ignore[arg-type]
-                                   for x, y in zip(a, b, strict=True)):  # type: ignore[arg-type]
-            return f"{self._name(node)}: Add broadcasts {list(a)} with {list(b)}"  # type: ignore[arg-type]
+        a, b = known
+        if len(a) != len(b) or any(isinstance(x, int) and isinstance(y, int) and x != y
+                                   for x, y in zip(a, b, strict=True)):
+            return f"{self._name(node)}: Add broadcasts {list(a)} with {list(b)}"
         return None
 
     def view(self) -> nx.DiGraph:

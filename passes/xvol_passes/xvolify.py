@@ -19,22 +19,30 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from torch import fx, nn
 
 from xvol_compiler.arguments import check_example_inputs, check_module
 from xvol_compiler.deploy import XVolutionDeploy
+from xvol_compiler.errors import XvolError
 from xvol_compiler.fold import FoldError
 from xvol_compiler.global_attention import GlobalAttentionXVolution
-from xvol_compiler.options import Attention, XvolifyOptions, merge
+from xvol_compiler.options import Attention, XvolifyKeywords, XvolifyOptions, merge
 from xvol_compiler.pssa import Directions, interleave_groups, neighbour_offsets
 from xvol_compiler.report import SiteReport, XvolifyReport
 from xvol_compiler.site_analysis import AnalysisMode, ConvInfo, SiteSelectionError, analyze_model
 from xvol_compiler.site_selection import SiteDecision, as_selection, select_sites
 from xvol_compiler.xvolution import XVolution
 
-__all__ = ["XvolifyOptions", "added_cost", "xvolify", "xvolify_with_report"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11; the package supports 3.10
+
+__all__ = ["ModelCopyError", "XvolifyOptions", "added_cost", "xvolify", "xvolify_with_report"]
+
+
+class ModelCopyError(XvolError, RuntimeError):
+    """The model cannot be copied (``copy.deepcopy``); ``inplace=True`` changes it in place instead."""
 
 
 def added_cost(
@@ -111,94 +119,17 @@ def _refuse_fused(model: nn.Module) -> None:
 
 
 def xvolify_with_report(
-    model: nn.Module,
-    sites: Any = "os16",
-    *,
-    example_inputs: Any = None,
-    shift: int | Sequence[int] = 1,
-    directions: Directions = None,
-    directional: bool = False,
-    extra_branches: Sequence[str] = (),
-    attention: Attention = "pssa",
-    qk_channels: int | None = None,
-    inplace: bool = False,
-    kind: str | None = None,
-    analysis: AnalysisMode = "auto",
-    options: XvolifyOptions | None = None,
+    model: nn.Module, sites: Any = "os16", **keywords: Unpack[XvolifyKeywords]
 ) -> tuple[nn.Module, XvolifyReport]:
-    """Like :func:`xvolify`, returning ``(model, report)``."""
-    opts = merge(options, XvolifyOptions, shift=shift, directions=directions, directional=directional,
-                 extra_branches=extra_branches, attention=attention, qk_channels=qk_channels, inplace=inplace,
-                 kind=kind, analysis=analysis)
-    _validate(model, example_inputs)
-    shift, directions, directional = opts.shift, opts.directions, opts.directional
-    extra_branches, attention, qk_channels = opts.extra_branches, opts.attention, opts.qk_channels
-    selection = as_selection(sites)
-    found = analyze_model(model, example_inputs, kind=opts.kind, analysis=opts.analysis)
+    """Like :func:`xvolify`, returning ``(model, model.xvol_report)``.
 
-    def cost(info: ConvInfo) -> tuple[int, int]:
-        return added_cost(info, directions=directions, directional=directional, extra_branches=extra_branches,
-                          attention=attention, qk_channels=qk_channels)
-
-    decisions = select_sites(model, found, selection, cost=cost)
-    try:
-        target = model if opts.inplace else copy.deepcopy(model)
-    except Exception as err:
-        raise RuntimeError(
-            f"cannot copy {type(model).__name__} ({type(err).__name__}: {err}); pass inplace=True to modify it"
-        ) from err
-
-    final: list[SiteDecision] = []
-    for d in decisions:
-        if not d.selected:
-            final.append(d)
-            continue
-        conv = target.get_submodule(d.info.name)
-        try:
-            if attention == "global":
-                site: nn.Module = GlobalAttentionXVolution.from_conv(
-                    conv, qk_channels=qk_channels, extra_branches=extra_branches)
-            else:
-                site = XVolution.from_conv(conv, shift=shift, directions=directions, directional=directional,
-                                           extra_branches=extra_branches)
-        except FoldError as err:  # an extra branch this site's geometry cannot hold
-            final.append(SiteDecision(d.info, False, f"extra branch: {err}"))
-            continue
-        for name in (d.info.name, *d.info.aliases):
-            parent_name, _, leaf = name.rpartition(".")
-            setattr(target.get_submodule(parent_name), leaf, site)
-        final.append(d)
-    if not any(d.selected for d in final):  # nothing was swapped
-        raise SiteSelectionError(
-            f"no site of {found.model} can take extra_branches={tuple(extra_branches)}: "
-            + "; ".join(f"{d.info.name}: {d.reason}" for d in final if d.reason.startswith("extra branch"))[:2000]
-            + ". Drop the branch or choose other sites."
-        )
-
-    attention_text = "global self-attention (not fusable)" if attention == "global" else (
-        f"pssa shift={shift} directions={directions or 'full'}" + (" directional" if directional else ""))
-    if extra_branches:
-        attention_text += f", extra branches {tuple(extra_branches)}"
-    report = XvolifyReport(
-        model=found.model,
-        kind=found.kind,
-        selection=selection.describe(),
-        attention=attention_text,
-        analysis=found.path,
-        input_shapes=found.inputs,
-        sites=[_site_report(d, attention) for d in final],
-        model_macs=found.total_macs,
-        model_params=found.total_params,
-        analysis_note=found.note,
-        functional_convs=found.functional_convs,
-        shared_policy=(
-            "a module called several times is selected if "
-            + ("any" if selection.shared_calls == "any" else "every")
-            + " call qualifies (SiteSelection.shared_calls)"
-        ),
-    )
-    setattr(target, "xvol_report", report)  # noqa: B010 (nn.Module types its attributes as tensors or modules)
-    return target, report
+    It takes ``xvolify``'s arguments: the model, ``sites``, then the keywords ``example_inputs``, ``shift``,
+    ``directions``, ``directional``, ``extra_branches``, ``attention``, ``qk_channels``, ``inplace``, ``kind``,
+    ``analysis`` and ``options`` (typed by :class:`~xvol_compiler.options.XvolifyKeywords`), with the same
+    defaults and meaning.
+    """
+    result = xvolify(model, sites, **keywords)
+    return result, cast(XvolifyReport, result.xvol_report)  # xvolify sets the report on its result
 
 
 def _site_report(d: SiteDecision, attention: str) -> SiteReport:
@@ -264,9 +195,75 @@ def xvolify(
     it). Raises :class:`SiteSelectionError` when a name is unknown or nothing
     is selected; the caller's model is then untouched.
     """
-    result, _ = xvolify_with_report(
-        model, sites, example_inputs=example_inputs, shift=shift, directions=directions, directional=directional,
-        extra_branches=extra_branches, attention=attention, qk_channels=qk_channels, inplace=inplace, kind=kind,
-        analysis=analysis, options=options,
+    opts = merge(options, XvolifyOptions, shift=shift, directions=directions, directional=directional,
+                 extra_branches=extra_branches, attention=attention, qk_channels=qk_channels, inplace=inplace,
+                 kind=kind, analysis=analysis)
+    _validate(model, example_inputs)
+    shift, directions, directional = opts.shift, opts.directions, opts.directional
+    extra_branches, attention, qk_channels = opts.extra_branches, opts.attention, opts.qk_channels
+    selection = as_selection(sites)
+    found = analyze_model(model, example_inputs, kind=opts.kind, analysis=opts.analysis)
+
+    def cost(info: ConvInfo) -> tuple[int, int]:
+        return added_cost(info, directions=directions, directional=directional, extra_branches=extra_branches,
+                          attention=attention, qk_channels=qk_channels)
+
+    decisions = select_sites(model, found, selection, cost=cost)
+    try:
+        target = model if opts.inplace else copy.deepcopy(model)
+    except Exception as err:
+        raise ModelCopyError(
+            f"cannot copy {type(model).__name__} ({type(err).__name__}: {err}); pass inplace=True to modify it"
+        ) from err
+
+    final: list[SiteDecision] = []
+    for d in decisions:
+        if not d.selected:
+            final.append(d)
+            continue
+        conv = target.get_submodule(d.info.name)
+        try:
+            if attention == "global":
+                site: nn.Module = GlobalAttentionXVolution.from_conv(
+                    conv, qk_channels=qk_channels, extra_branches=extra_branches)
+            else:
+                site = XVolution.from_conv(conv, shift=shift, directions=directions, directional=directional,
+                                           extra_branches=extra_branches)
+        except FoldError as err:  # an extra branch this site's geometry cannot hold
+            final.append(SiteDecision(d.info, False, f"extra branch: {err}"))
+            continue
+        for name in (d.info.name, *d.info.aliases):
+            parent_name, _, leaf = name.rpartition(".")
+            setattr(target.get_submodule(parent_name), leaf, site)
+        final.append(d)
+    if not any(d.selected for d in final):  # nothing was swapped
+        raise SiteSelectionError(
+            f"no site of {found.model} can take extra_branches={tuple(extra_branches)}: "
+            + "; ".join(f"{d.info.name}: {d.reason}" for d in final if d.reason.startswith("extra branch"))[:2000]
+            + ". Drop the branch or choose other sites."
+        )
+
+    attention_text = "global self-attention (not fusable)" if attention == "global" else (
+        f"pssa shift={shift} directions={directions or 'full'}" + (" directional" if directional else ""))
+    if extra_branches:
+        attention_text += f", extra branches {tuple(extra_branches)}"
+    report = XvolifyReport(
+        model=found.model,
+        kind=found.kind,
+        selection=selection.describe(),
+        attention=attention_text,
+        analysis=found.path,
+        input_shapes=found.inputs,
+        sites=[_site_report(d, attention) for d in final],
+        model_macs=found.total_macs,
+        model_params=found.total_params,
+        analysis_note=found.note,
+        functional_convs=found.functional_convs,
+        shared_policy=(
+            "a module called several times is selected if "
+            + ("any" if selection.shared_calls == "any" else "every")
+            + " call qualifies (SiteSelection.shared_calls)"
+        ),
     )
-    return result
+    setattr(target, "xvol_report", report)  # noqa: B010 (nn.Module types its attributes as tensors or modules)
+    return target
