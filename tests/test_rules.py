@@ -215,3 +215,29 @@ def test_a_skipped_rule_does_not_run_and_an_unknown_name_is_an_error() -> None:
     with pytest.raises(UnknownRuleError, match="conv\\+bn"):
         RuleSet.of(skip=("conv-bn",))
     assert [r.name for r in RULES] == ["conv+bn", "x-volution", "branch-sum", "bn-branch", "identity-branch"]
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_fuse_skip_leaves_the_rule_out_in_both_forms(graph: bool) -> None:
+    """fuse(skip=("conv+bn",)) keeps every BatchNorm; without skip none is left (module and graph form)."""
+    import torch
+    from torch import nn
+
+    from xvol_compiler import fuse
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 8, 8)
+
+    def batch_norms(m: nn.Module) -> int:
+        return sum(isinstance(c, nn.BatchNorm2d) for c in m.modules())
+
+    kept = fuse(model, example_inputs=x, skip=("conv+bn",), graph=graph)
+    folded = fuse(model, example_inputs=x, graph=graph)
+    assert batch_norms(kept) == 1 and batch_norms(folded) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(kept(x), model(x))
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)

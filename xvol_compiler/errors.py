@@ -32,3 +32,7 @@ class NotFoundError(XvolError, KeyError):
     def __str__(self) -> str:
         # KeyError quotes its message; the package's messages are sentences.
         return str(self.args[0]) if len(self.args) == 1 else super().__str__()
+
+
+class MissingFileError(XvolError, FileNotFoundError):
+    """A file the caller named does not exist (the message gives the path)."""

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from xvol_compiler.errors import XvolError
+from xvol_compiler.errors import MissingFileError, XvolError
 from xvol_compiler.files import atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
 from xvol_compiler.files import check_output as check_writable
 
@@ -359,7 +359,7 @@ def load_model(
             num_classes = built_head  # what timm built: recorded, so a rebuild gets the same head
         return model, ModelSpec(model=text, num_classes=num_classes, input_size=size)
     if not path.exists():
-        raise FileNotFoundError(f"no such file: {path}")
+        raise MissingFileError(f"no such file: {path}")
     if path.suffix == ".onnx":
         raise InputError(f"{path} is an ONNX file; this command needs a model name or a checkpoint")
     from xvol_compiler.checkpoint import CheckpointError, load_checkpoint, read_checkpoint

@@ -50,6 +50,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from xvol_compiler.errors import NotFoundError
 from xvol_compiler.fold import Branch
 
 __all__ = ["RULES", "SITE_CLASSES", "SHAPE_CLASSES", "RuleEntry", "rule_entry", "shape_class", "site_class"]
@@ -122,4 +123,4 @@ def rule_entry(branch: Branch, *, backend: str, single_conv: bool,
     for entry in RULES:
         if entry.matches(*key):
             return entry
-    raise LookupError(f"no lowering rule for backend={key[0]!r}, {key[1]} site, single_conv={key[2]}")
+    raise NotFoundError(f"no lowering rule for backend={key[0]!r}, {key[1]} site, single_conv={key[2]}")

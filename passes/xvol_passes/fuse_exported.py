@@ -19,7 +19,7 @@ from __future__ import annotations
 import operator
 from typing import Any, cast
 
-import sympy  # type: ignore[import-untyped]  # sympy (torch's symbolic shapes) publishes no type information
+import sympy
 import torch
 from torch import fx, nn
 
