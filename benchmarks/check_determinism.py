@@ -21,7 +21,6 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-
 DEFAULT_MODELS = ("mobilenet_v3_large", "efficientnet_b0")
 
 
