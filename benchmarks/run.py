@@ -54,7 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="rounds discarded first (default 3)")
     p.add_argument("--input-size", type=int, default=None, help="image size (default 224)")
     p.add_argument("--sites", default="os16", help="site policy (default os16)")
-    p.add_argument("--lowering", default="auto", choices=("auto", "measure", "channel", "spatial", "split"),
+    p.add_argument("--lowering", default="auto", choices=("auto", "measure", "channel", "spatial", "spatial-h",
+                                                               "split"),
                    help="deploy lowering of the fused sites (default auto: the deterministic rule per backend and "
                         "site class; measure: timed on this machine, cached)")
     p.add_argument("--backend-aware", action="store_true",

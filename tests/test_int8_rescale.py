@@ -34,12 +34,14 @@ from xvol_compiler.int8 import (
     rescale_deploy,
     rescale_fused_model,
     rescale_t_columns,
+    rescale_t_taps,
     scale_ring,
     t_scale_from_ranges,
     t_scale_min_noise,
 )
+from xvol_compiler.lowering import spatial_axis
 from xvol_compiler.onnx_io import export_onnx
-from xvol_compiler.ops import interleave_groups, pssa_kernel, pssa_transform
+from xvol_compiler.ops import interleave_groups, interleave_spatial, pssa_kernel, pssa_transform
 from xvol_passes.fuse_onnx import fuse_onnx
 from xvol_passes.onnx_graph import Interleave
 from xvol_passes.onnx_rescale import apply_onnx_t_scales, calibrate_onnx_t_scales, onnx_rescale_sites, rescale_onnx
@@ -115,6 +117,33 @@ def test_rescaled_columns_read_s_times_t(groups: int, per_group: int, out_per_gr
     assert rel_err(got, ref) <= 1e-12
 
 
+@settings(max_examples=examples(20))
+@given(ndim=st.sampled_from([2, 3]), lowering=st.sampled_from(["spatial", "spatial-h"]),
+       groups=st.sampled_from([1, 2]), per_group=st.integers(1, 2), out_per_group=st.integers(1, 2),
+       seed=st.integers(0, 2**16))
+def test_rescaled_taps_read_s_times_t(ndim: int, lowering: str, groups: int, per_group: int, out_per_group: int,
+                                      seed: int) -> None:
+    """conv(interleave_spatial([x, s*T], axis), rescale_t_taps(w)) == conv(interleave_spatial([x, T], axis), w)
+    along W ("spatial") and H ("spatial-h")."""
+    axis = cast(int, spatial_axis(lowering))
+    c, out = groups * per_group, groups * out_per_group
+    g = torch.Generator().manual_seed(seed)
+    size = (3, 4, 5)[3 - ndim:]
+    x, t = (torch.randn(2, c, *size, generator=g, dtype=torch.float64) for _ in range(2))
+    s = random_scale(c, seed)
+    kernel = [2] * ndim
+    kernel[axis] *= 2  # two taps of the interleaved axis per site tap: x's, then T's
+    w = torch.randn(out, per_group, *kernel, generator=g, dtype=torch.float64)
+    conv = {2: F.conv2d, 3: F.conv3d}[ndim]
+    stride = [1] * ndim
+    stride[axis] = 2
+    scaled_t = t * s.view(1, -1, *(1,) * ndim)
+    ref = conv(interleave_spatial([x, t], axis), w, None, stride, 0, 1, groups)
+    got = conv(interleave_spatial([x, scaled_t], axis), rescale_t_taps(w, s, groups, axis=axis), None, stride, 0,
+               1, groups)
+    assert rel_err(got, ref) <= 1e-12
+
+
 # ----------------------------------------------------------------------------- deploy modules (PyTorch)
 
 
@@ -128,7 +157,7 @@ def deploy_of(model: nn.Sequential, lowering: str) -> XVolutionDeploy:
 
 @settings(max_examples=examples(60))
 @given(site=conv_sites(ndims=(1, 2, 3), max_kernel=5), shift=st.integers(1, 2), axial=st.booleans(),
-       lowering=st.sampled_from(["channel", "split", "spatial"]), seed=st.integers(0, 2**16))
+       lowering=st.sampled_from(["channel", "split", "spatial", "spatial-h"]), seed=st.integers(0, 2**16))
 def test_rescaled_deploy_module_is_exact(site: SiteSpec, shift: int, axial: bool, lowering: str,
                                          seed: int) -> None:
     model = site_model(site, shift, axial)
@@ -296,11 +325,13 @@ def test_unknown_site_name_is_refused(two_sites: nn.Module) -> None:
 
 @settings(max_examples=examples(25))
 @given(site=conv_sites(ndims=(1, 2), max_kernel=4), shift=st.integers(1, 2), axial=st.booleans(),
-       interleave=st.sampled_from(["reshape", "gather"]), lowering=st.sampled_from(["auto", "channel", "split"]),
+       interleave=st.sampled_from(["reshape", "gather"]),
+       lowering=st.sampled_from(["auto", "channel", "split", "spatial-h"]),
        seed=st.integers(0, 2**16))
 def test_rescaled_onnx_graph_is_exact(site: SiteSpec, shift: int, axial: bool, interleave: str, lowering: str,
                                       seed: int) -> None:
-    """Every lowering fuse_onnx writes ("auto": spatial for depthwise sites, else channel; split)."""
+    """Every lowering fuse_onnx writes ("auto": spatial for depthwise sites, else channel; split; spatial-h,
+    which a 1-D site refuses: then channel)."""
     # (TorchScript writes padding="same" with a dilation as auto_pad, which onnxruntime cannot run)
     assume(site.padding != "same" or all(d == 1 for d in site.dilation))
     model = site_model(site, shift, axial)
@@ -314,6 +345,29 @@ def test_rescaled_onnx_graph_is_exact(site: SiteSpec, shift: int, axial: bool, i
     got = ort_run(rescaled, x)
     assert rel_err(torch.from_numpy(got), torch.from_numpy(ort_run(fused, x))) <= TOL
     assert rel_err(torch.from_numpy(got), eager64(model, x)) <= TOL
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("lowering", ["spatial", "spatial-h"])
+def test_rescaled_onnx_spatial_interleave_finds_its_axis(lowering: str, ndim: int) -> None:
+    """fuse_onnx's spatial interleaves (along W and along H, padded inputs first for a non-zero padding mode):
+    the rescale finds T's slot and axis, and the rescaled graph is exact, as the rescaled deploy module."""
+    site = SiteSpec(ndim, 4, 4, (3,) * ndim, (1,) * (ndim - 1) + (2,), (1,) * ndim, (1,) * ndim, 4, True,
+                    "reflect" if ndim == 2 else "zeros", (5,) * (ndim - 1) + (6,), 2)
+    model = site_model(site, 1, False)
+    x = site.input(torch.float32, 3) * ACT
+    fused, report = fuse_onnx(export_onnx(model, None, (x,), dynamo=False), lowering=lowering)
+    assert report.lowerings() == dict.fromkeys(report.lowerings(), lowering), str(report)
+    (found,) = onnx_rescale_sites(gs.import_onnx(fused))
+    assert [read for _, read in found.convs] == [(1, spatial_axis(lowering))]
+    s = random_scale(4, 7)
+    rescaled = apply_onnx_t_scales(fused, {found.name: s})
+    got = torch.from_numpy(ort_run(rescaled, x))
+    assert rel_err(got, eager64(model, x)) <= TOL
+    deploy = deploy_of(model, lowering)
+    rescale_deploy(deploy, s)
+    with torch.no_grad():
+        assert rel_err(got, deploy(x)) <= TOL
 
 
 @pytest.mark.parametrize("dynamo", [False, True])

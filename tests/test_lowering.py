@@ -1,4 +1,4 @@
-"""Deploy lowerings of a fused site (channel, spatial, split): exact or refused with a reason, in the
+"""Deploy lowerings of a fused site (channel, spatial, spatial-h, split): exact or refused with a reason, in the
 module form (XVolution.fuse), the FX pass and the ONNX pass; selection per backend; exports."""
 
 from __future__ import annotations
@@ -20,7 +20,15 @@ from tests.onnx_counts import site_convs
 from tests.strategies import SiteSpec, conv_sites, randomize_bn, rel_err
 from xvol_compiler import XVolution, XVolutionDeploy, fuse, xvolify
 from xvol_compiler.fold import Branch, ConvGeometry, FoldError
-from xvol_compiler.lowering import LOWERINGS, check_lowering, interleave_factor, spatial_layout, spatial_weight
+from xvol_compiler.lowering import (
+    LOWERINGS,
+    SPATIAL_LOWERINGS,
+    check_lowering,
+    interleave_factor,
+    spatial_axis,
+    spatial_layout,
+    spatial_weight,
+)
 from xvol_compiler.pssa import interleave_groups, interleave_spatial, neighbour_offsets
 from xvol_compiler.verify import onnx_session
 from xvol_passes.fuse_fx import fuse_with_report
@@ -100,6 +108,62 @@ def test_width_dilation_refuses_spatial_with_its_reason() -> None:
     assert choice.lowering == "channel" and "dilation" in choice.reason
 
 
+def test_spatial_h_weight_is_the_literal_interleave() -> None:
+    """The H interleave, by loops: tap ``(1+k) t + j`` of H reads input j, W untouched; 3-D and 2-D."""
+    g = torch.Generator().manual_seed(1)
+    c, k, groups, c_out = 4, 2, 2, 4
+    w = torch.randn(c_out, (1 + k) * c // groups, 2, 3, 2, generator=g, dtype=torch.float64)
+    sw = spatial_weight(w, groups, 1 + k, spatial_axis("spatial-h"))
+    assert sw.shape == (c_out, c // groups, 2, 3 * (1 + k), 2)
+    for o in range(c_out):
+        for i in range(c // groups):
+            for t in range(3):
+                assert torch.equal(sw[o, i, :, (1 + k) * t], w[o, i, :, t])
+                for d in range(k):
+                    assert torch.equal(sw[o, i, :, (1 + k) * t + 1 + d], w[o, c // groups + i * k + d, :, t])
+    x = torch.randn(2, c, 3, 5, 4, generator=g, dtype=torch.float64)
+    t = torch.randn(2, k * c, 3, 5, 4, generator=g, dtype=torch.float64)
+    z = interleave_spatial([x, t], -2)
+    assert z.shape == (2, c, 3, 5 * (1 + k), 4)
+    for h in range(5):
+        assert torch.equal(z[:, :, :, (1 + k) * h], x[:, :, :, h])
+        for d in range(k):
+            assert torch.equal(z[:, 1, :, (1 + k) * h + 1 + d], t[:, 1 * k + d, :, h])
+    ref = F.conv3d(interleave_groups([x, t], groups), w, None, (1, 2, 1), (1, 1, 0), 1, groups)
+    got = F.conv3d(z, sw, None, (1, 2 * (1 + k), 1), (1, 1 + k, 0), 1, groups)
+    assert rel_err(got, ref) <= 1e-12
+    w2 = w[..., 0]
+    x2, t2 = x[:, :, 0], t[:, :, 0]
+    ref2 = F.conv2d(interleave_groups([x2, t2], groups), w2, None, (2, 1), (1, 0), 1, groups)
+    got2 = F.conv2d(interleave_spatial([x2, t2], -2), spatial_weight(w2, groups, 1 + k, -2), None,
+                    (2 * (1 + k), 1), (1 + k, 0), 1, groups)
+    assert rel_err(got2, ref2) <= 1e-12
+
+
+def test_spatial_h_refusals_say_why() -> None:
+    """spatial-h: a 1-D site has no H axis; a dilated H is not an interleaved kernel (a dilated W is fine)."""
+    one_d = ConvGeometry(8, 4, (3,), (1,), (1,), (1,), 4)
+    branch = Branch(("x", "t"), (4, 4), one_d, torch.zeros(4, 2, 3), None)
+    with pytest.raises(FoldError, match="a 1-D site has no H axis; use spatial"):
+        check_lowering(branch, "spatial-h")
+    check_lowering(branch, "spatial")
+    with pytest.raises(ValueError, match="axis=-2 is not a spatial axis of a 3-D tensor"):
+        interleave_spatial([torch.zeros(1, 4, 5), torch.zeros(1, 4, 5)], -2)
+    choice = choose_lowering(branch, lowering="spatial-h")
+    assert choice.lowering == "channel" and choice.reason == "spatial-h refused: a 1-D site has no H axis; use spatial"
+    dilated_h = ConvGeometry(8, 4, (3, 3), (1, 1), (2, 2), (2, 1), 4)
+    with pytest.raises(FoldError, match="dilation 2 on the H axis: the interleaved taps are not a dilated kernel"):
+        spatial_layout(dilated_h, 2, asymmetric_pads=False, axis=-2)
+    choice = choose_lowering(Branch(("x", "t"), (4, 4), dilated_h, torch.zeros(4, 2, 3, 3), None),
+                             lowering="spatial-h")
+    assert choice.lowering == "channel" and "spatial-h refused: dilation 2 on the H axis" in choice.reason
+    dilated_w = ConvGeometry(8, 4, (3, 3), (1, 1), (1, 2), (1, 2), 4)
+    layout = spatial_layout(dilated_w, 2, asymmetric_pads=False, axis=-2)
+    assert layout.geometry.kernel_size == (6, 3) and layout.geometry.dilation == (1, 2)
+    assert choose_lowering(Branch(("x", "t"), (4, 4), dilated_w, torch.zeros(4, 2, 3, 3), None),
+                           lowering="spatial-h").lowering == "spatial-h"
+
+
 def test_split_needs_single_conv_false() -> None:
     model = nn.Sequential(XVolution.from_conv(nn.Conv2d(4, 4, 3, padding=1, groups=4))).eval()
     with pytest.raises(ValueError, match="single_conv=False"):
@@ -131,7 +195,7 @@ def test_every_lowering_equals_the_unfused_site(case: tuple[SiteSpec, dict], see
         except FoldError:
             reason = _expect_refusal(site, lowering)
             assert reason.strip()
-            assert lowering == "spatial"
+            assert lowering in SPATIAL_LOWERINGS
         else:
             with torch.no_grad():
                 assert rel_err(deploy(x), ref) <= 1e-10, lowering
@@ -146,16 +210,18 @@ def test_every_lowering_equals_the_unfused_site(case: tuple[SiteSpec, dict], see
             assert outcome.lowering_reason.split("refused: ", 1)[1] == _expect_refusal(site, lowering)
         convs = [m for m in fused.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
         assert len(convs) == (2 if outcome.lowering == "split" else 1)
-        if outcome.lowering == "spatial":
-            assert convs[0].in_channels == spec.in_channels  # x's channels only: T moved to the last axis
+        if outcome.lowering in SPATIAL_LOWERINGS:
+            assert convs[0].in_channels == spec.in_channels  # x's channels only: T moved to a spatial axis
 
 
-def test_depthwise_spatial_keeps_one_input_channel_per_group() -> None:
+@pytest.mark.parametrize(("lowering", "kernel", "stride"), [("spatial", (3, 6), (1, 2)),
+                                                            ("spatial-h", (6, 3), (2, 1))])
+def test_depthwise_spatial_keeps_one_input_channel_per_group(lowering: str, kernel: tuple, stride: tuple) -> None:
     site = _trained_site(SiteSpec(2, 6, 6, (3, 3), (1, 1), (1, 1), (1, 1), 6, True, "zeros", (9, 9), 1), {})
-    deploy = site.fuse("spatial")
-    assert isinstance(deploy, XVolutionDeploy) and deploy.lowering == "spatial"
+    deploy = site.fuse(lowering)
+    assert isinstance(deploy, XVolutionDeploy) and deploy.lowering == lowering
     assert deploy.conv.groups == deploy.conv.in_channels == 6
-    assert tuple(deploy.conv.kernel_size) == (3, 6) and tuple(deploy.conv.stride) == (1, 2)
+    assert tuple(deploy.conv.kernel_size) == kernel and tuple(deploy.conv.stride) == stride
 
 
 @settings(max_examples=examples(20, long=200))
@@ -192,7 +258,7 @@ def _depthwise_model() -> tuple[nn.Module, torch.Tensor]:
     return xm.eval(), x
 
 
-@pytest.mark.parametrize("lowering", ["spatial", "split"])
+@pytest.mark.parametrize("lowering", ["spatial", "spatial-h", "split"])
 def test_fused_lowering_compiles_and_exports(lowering: str) -> None:
     """torch.compile(fullgraph=True), torch.export and both torch.onnx exporters take the lowered FX model."""
     xm, x = _depthwise_model()
@@ -280,6 +346,42 @@ def test_onnx_pass_reproduces_each_lowering(case: tuple[SiteSpec, dict], seed: i
         assert rel_err(got, ref) <= 1e-4, lowering
         convs = site_convs(fused)  # (the PSSA transform's constant-kernel conv aside)
         assert convs == (2 if outcome.lowering == "split" else 1)
+
+
+def _export_dynamic(model: nn.Module, x: torch.Tensor, axes: dict[int, str]) -> onnx.ModelProto:
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17, input_names=["x"],
+                          dynamic_axes={"x": axes})
+    return onnx.load_from_string(buf.getvalue())
+
+
+@pytest.mark.parametrize("directional", [False, True])
+def test_onnx_spatial_h_with_dynamic_sizes(directional: bool) -> None:
+    """The Reshape merging the interleave into H writes W (or, W dynamic, the merged H): spatial-h is written
+    while H or W is static and runs at other sizes of the dynamic one; with both dynamic it is refused with
+    the reason, the site kept "channel" (exact)."""
+    options = {"directional": True, "directions": 4} if directional else {}
+    spec = SiteSpec(2, 3, 3, (3, 3), (1, 1), (1, 1), (1, 1), 3, True, "zeros", (6, 7), 2)
+    model = nn.Sequential(_trained_site(spec, options, 4)).eval().float()
+    x = spec.input(torch.float32, 4)
+    for axes, other in (({0: "n", 2: "h"}, (5, 9, 7)), ({0: "n", 3: "w"}, (1, 6, 10)),
+                        ({0: "n", 2: "h", 3: "w"}, (3, 5, 8))):
+        fused, report = fuse_onnx(_export_dynamic(model, x, axes), lowering="spatial-h")
+        (outcome,) = [o for o in report.fused if o.kind == "x-volution"]
+        if len(axes) == 3:
+            why = ("the directional spatial interleave needs static spatial sizes (all but one axis)" if directional
+                   else "the spatial-h interleave needs a static H or W (the Reshape merging the interleave into H "
+                        "writes W)")
+            assert outcome.lowering == "channel" and outcome.lowering_reason == f"spatial-h refused: {why}"
+        else:
+            assert outcome.lowering == "spatial-h", outcome.lowering_reason
+        x2 = torch.randn(other[0], 3, *other[1:])
+        with torch.no_grad():
+            ref = model.double()(x2.double())
+        model.float()
+        assert rel_err(torch.from_numpy(_ort_run(fused, x2.numpy())), ref) <= 1e-4
 
 
 def test_onnx_auto_is_the_rule() -> None:

@@ -28,7 +28,7 @@ from xvol_passes.lower import (
     lowering_cache_path,
     using_lowering_cache,
 )
-from xvol_passes.onnx_site import one_site_session
+from xvol_passes.onnx_site import one_site_model, one_site_session
 
 SPINNING = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
 
@@ -248,4 +248,31 @@ def test_cli_lowering_flags(capsys: pytest.CaptureFixture[str]) -> None:
         with pytest.raises(SystemExit):
             main([command, "--help"])
         out = " ".join(capsys.readouterr().out.split())
-        assert "measure" in out and "--lowering-cache" in out and "no timing" in out
+        assert "measure" in out and "--lowering-cache" in out and "no timing" in out and "spatial-h" in out
+
+
+def test_spatial_h_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rule never takes spatial-h (not measured yet); forced, it is taken where exact, by name per site
+    too; a one-site ONNX model of it runs like the channel form."""
+    _no_timing(monkeypatch)
+    for site in SITE_CLASSES:
+        for backend in BACKENDS:
+            assert choose_lowering(_branch(site), backend=backend).lowering != "spatial-h"
+        forced = choose_lowering(_branch(site), lowering="spatial-h")
+        assert (forced.lowering, forced.reason) == ("spatial-h", "forced")
+    dilated = choose_lowering(_branch("depthwise", dilation=(2, 1)), lowering="spatial-h")
+    assert dilated.lowering == "channel" and "spatial-h refused: dilation 2 on the H axis" in dilated.reason
+    xm, x = _depthwise_model()
+    _, report = fuse_with_report(xm, example_inputs=x, lowering={"3": "spatial-h", "6": "spatial"})
+    assert report.lowerings() == {"3": "spatial-h", "6": "spatial"}
+
+
+def test_one_site_model_of_spatial_h_matches_channel() -> None:
+    branch = _branch("grouped")
+    x = [torch.randn(2, 4, 7, 8, generator=torch.Generator().manual_seed(i)).numpy() for i in range(2)]
+    outs = []
+    for lowering in ("channel", "spatial-h"):
+        model = one_site_model(branch, lowering, (2, 4, 7, 8))
+        session = onnx_session(model, threads=1)
+        outs.append(session.run(None, dict(zip([i.name for i in model.graph.input], x, strict=True)))[0])
+    assert abs(outs[0] - outs[1]).max() <= 1e-4 * abs(outs[0]).max()

@@ -52,11 +52,12 @@ def xvolified() -> nn.Module:
 # --------------------------------------------------------------------------- same result both ways
 
 
-def test_fuse_options_and_keywords_give_the_same_model(xvolified: nn.Module) -> None:
-    by_keywords, report_k = fuse_with_report(xvolified, example_inputs=X, lowering="spatial", rtol=1e-4)
+@pytest.mark.parametrize("lowering", ["spatial", "spatial-h"])
+def test_fuse_options_and_keywords_give_the_same_model(xvolified: nn.Module, lowering: str) -> None:
+    by_keywords, report_k = fuse_with_report(xvolified, example_inputs=X, lowering=lowering, rtol=1e-4)
     by_options, report_o = fuse_with_report(xvolified, example_inputs=X,
-                                            options=FuseOptions(lowering="spatial", rtol=1e-4))
-    assert report_k.lowerings() == report_o.lowerings() == dict.fromkeys(SITES, "spatial")
+                                            options=FuseOptions(lowering=lowering, rtol=1e-4))
+    assert report_k.lowerings() == report_o.lowerings() == dict.fromkeys(SITES, lowering)
     with torch.no_grad():
         out_k, out_o = by_keywords(X), by_options(X)
     assert torch.equal(out_k, out_o)

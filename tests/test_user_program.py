@@ -515,15 +515,16 @@ class DepthwiseNet(nn.Module):
         return self.head(y)
 
 
+@pytest.mark.parametrize("lowering", ["spatial", "spatial-h"])
 @pytest.mark.parametrize("bn_only_consumer", [True, False])
 @pytest.mark.parametrize("form", FORMS)
-def test_depthwise_site_spatial_lowering(form: str, bn_only_consumer: bool) -> None:
+def test_depthwise_site_spatial_lowering(form: str, bn_only_consumer: bool, lowering: str) -> None:
     model = prepare(DepthwiseNet(bn_only_consumer))
     x = inp(2, 3, 12, 12)
-    f = fused(model, form, example_inputs=(x,), lowering="spatial")
+    f = fused(model, form, example_inputs=(x,), lowering=lowering)
     check(model, f, "forward", x)
     lowerings = f.xvol_fusion_report.lowerings()
-    assert list(lowerings.values()) == ["spatial"], lowerings
+    assert list(lowerings.values()) == [lowering], lowerings
     if form == "graph":
         return
     # The fused site called alone on an input of its own: the site's value (and its BN's, when that BN
@@ -670,7 +671,7 @@ def late_site_graphs(draw: st.DrawFn) -> dict[str, Any]:
         "attention_first": draw(st.booleans()),  # else: the conv branch first, T(x) right before the add
         "swap_add": draw(st.booleans()),
         "size": draw(st.integers(8, 12)),
-        "lowering": draw(st.sampled_from(["channel", "spatial"])),
+        "lowering": draw(st.sampled_from(["channel", "spatial", "spatial-h"])),
     }
 
 
@@ -748,7 +749,7 @@ class ChainedSitesNet(nn.Module):
         return self.bn2(self.second(self.bn1(self.first(x))))
 
 
-@pytest.mark.parametrize("lowering", ["channel", "spatial"])
+@pytest.mark.parametrize("lowering", ["channel", "spatial", "spatial-h"])
 @pytest.mark.parametrize("form", FORMS)
 def test_chained_sites_in_every_lowering(form: str, lowering: str) -> None:
     model = prepare(ChainedSitesNet())

@@ -21,6 +21,7 @@ from xvol_compiler.lowering import (
     SpatialLayout,
     check_lowering,
     interleave_factor,
+    spatial_axis,
     spatial_layout,
     spatial_weight,
     split_geometries,
@@ -49,8 +50,8 @@ def lowered_convs(branch: Branch, lowering: str, *, single_conv: bool = True,
                   ) -> tuple[list[_ConvNd], SpatialLayout | None]:
     """The conv modules of ``lowering`` for a merged two-or-more-input site branch, weights set.
 
-    "channel" and "spatial": one conv (its bias the site's); "split": one conv per input,
-    the bias on the first. For "spatial" the layout says how to pad the inputs first
+    "channel", "spatial" and "spatial-h": one conv (its bias the site's); "split": one conv per input,
+    the bias on the first. For the spatial lowerings the layout says how to pad the inputs first
     (``layout.pre_pads``). FoldError when the lowering is not exact or not allowed.
     """
     check_lowering(branch, lowering, single_conv=single_conv)
@@ -77,10 +78,11 @@ def lowered_convs(branch: Branch, lowering: str, *, single_conv: bool = True,
     bias = branch.bias if branch.bias is not None else torch.zeros(g.out_channels, dtype=branch.weight.dtype)
     if lowering == "channel":
         return [conv(g, branch.weight, bias)], None
-    if lowering == "spatial":
+    axis = spatial_axis(lowering)
+    if axis is not None:
         factor = interleave_factor(branch)
-        layout = spatial_layout(g, factor, asymmetric_pads=False)
-        return [conv(layout.geometry, spatial_weight(branch.weight, g.groups, factor), bias)], layout
+        layout = spatial_layout(g, factor, asymmetric_pads=False, axis=axis)
+        return [conv(layout.geometry, spatial_weight(branch.weight, g.groups, factor, axis), bias)], layout
     geometries = split_geometries(branch)
     weights = split_weights(Branch(branch.inputs, branch.channels, g, branch.weight, bias))
     return [conv(geo, w, b) for geo, (w, b) in zip(geometries, weights, strict=True)], None
@@ -99,10 +101,11 @@ def run_lowering(lowering: str, convs: Sequence[nn.Module], layout: SpatialLayou
     """Evaluate a lowered site on its inputs ``[x, T(x)]`` (eager; the graph passes emit the same ops)."""
     if lowering == "channel":
         return convs[0](interleave_groups(list(inputs), cast(_ConvNd, convs[0]).groups))
-    if lowering == "spatial":
+    axis = spatial_axis(lowering)
+    if axis is not None:
         if layout is not None and layout.pre_pads is not None:
             inputs = [pad_input(t, layout.pre_pads, layout.pre_mode) for t in inputs]
-        return convs[0](interleave_spatial(list(inputs)))
+        return convs[0](interleave_spatial(list(inputs), axis))
     out = convs[0](inputs[0])
     for conv, t in zip(convs[1:], inputs[1:], strict=True):
         out = out + conv(t)
@@ -114,7 +117,9 @@ class XVolutionDeploy(nn.Module):
 
     ``"channel"``: ``ConvNd((1+k)*C_in, C_out, K, s, p, d, groups=g)(interleave_groups(x, T(x)))``, ``k``
     1 (or |D| for the directional variant); ``"spatial"``: ``ConvNd(C_in, C_out, (..., (1+k) K_w),
-    (..., (1+k) s_w), ...)(interleave_spatial(x, T(x)))``; ``"split"`` (``single_conv=False``):
+    (..., (1+k) s_w), ...)(interleave_spatial(x, T(x)))``; ``"spatial-h"``: the same along H,
+    ``ConvNd(C_in, C_out, (..., (1+k) K_h, K_w), (..., (1+k) s_h, s_w), ...)(interleave_spatial(x, T(x),
+    -2))``; ``"split"`` (``single_conv=False``):
     ``conv(x) + conv_attn(T(x))``. The main conv's weight and bias keep the site's names
     (``weight``, ``bias``) so a checkpoint key still names the site. T(x)'s ring kernel is the
     non-persistent buffer ``pssa_ring`` (no checkpoint key), as in :class:`XVolution`.

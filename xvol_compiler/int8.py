@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from xvol_compiler.deploy import XVolutionDeploy
 from xvol_compiler.errors import XvolError
+from xvol_compiler.lowering import SPATIAL_LOWERINGS, spatial_axis
 from xvol_compiler.pssa import T_SCALE, pssa_transform, refill_ring, site_ring
 
 __all__ = [
@@ -232,19 +233,23 @@ def rescale_t_columns(weight: Tensor, s: Tensor, groups: int, x_channels: int) -
     return scaled.to(weight.dtype)
 
 
-def rescale_t_taps(weight: Tensor, s: Tensor, groups: int, t_slot: int = 1, factor: int = 2) -> Tensor:
-    """``weight`` (O, C/g, *K[:-1], factor * K_w) of the spatial lowering (``interleave_spatial([x, T])``,
-    ``lowering.spatial_weight``: tap ``factor * t + j`` reads input ``j``) with the taps that read T
-    (``j = t_slot``) of channel c divided by ``s[c]``: the same conv over ``[x, s * T]``."""
+def rescale_t_taps(weight: Tensor, s: Tensor, groups: int, t_slot: int = 1, factor: int = 2, axis: int = -1) -> Tensor:
+    """``weight`` (O, C/g, *K) of a spatial lowering (``interleave_spatial([x, T], axis)``,
+    ``lowering.spatial_weight``: ``K[axis]`` is ``factor`` times the site's, tap ``factor * t + j`` of that
+    axis reads input ``j``) with the taps that read T (``j = t_slot``) of channel c divided by ``s[c]``: the
+    same conv over ``[x, s * T]``. ``axis``: -1 for "spatial" (W), -2 for "spatial-h" (H)."""
     c_out, c = weight.shape[0], weight.shape[1]
-    if s.numel() != groups * c or c_out % groups or weight.shape[-1] % factor:
+    if (s.numel() != groups * c or c_out % groups or not -(weight.dim() - 2) <= axis < 0
+            or weight.shape[axis] % factor):
         raise RescaleError(f"spatial-lowering weight of shape {tuple(weight.shape)} does not read {s.numel()} "
-                           f"channels of T(x) in {groups} group(s) with {factor} inputs per tap")
+                           f"channels of T(x) in {groups} group(s) with {factor} inputs per tap of axis {axis}")
     per_column = s.to(torch.float64).reshape(groups, c).repeat_interleave(c_out // groups, dim=0)  # (O, C/g)
-    reads_t = (torch.arange(weight.shape[-1], device=weight.device) % factor) == t_slot
-    divisor = torch.where(reads_t, per_column.unsqueeze(-1), 1.0)  # (O, C/g, factor * K_w)
-    shaped = divisor.reshape(c_out, c, *(1,) * (weight.dim() - 3), weight.shape[-1])
-    return (weight.to(torch.float64) / shaped).to(weight.dtype)
+    mask_shape = [1] * weight.dim()
+    mask_shape[axis] = weight.shape[axis]
+    reads_t = ((torch.arange(weight.shape[axis], device=weight.device) % factor) == t_slot).reshape(mask_shape)
+    columns = per_column.reshape(c_out, c, *(1,) * (weight.dim() - 2))
+    divisor = torch.where(reads_t, columns, 1.0)  # (O, C/g, 1, ..., K[axis], ..., 1)
+    return (weight.to(torch.float64) / divisor).to(weight.dtype)
 
 
 # ----------------------------------------------------------------------------- deploy modules
@@ -261,7 +266,7 @@ def _ring_of(name: str, module: XVolutionDeploy) -> Tensor:
         raise RescaleError(
             f"site {name!r} computes T(x) without a ring conv (directional, or 3-D with shift > 1): the rescale "
             "folds s into the ring kernel; keep this site unrescaled or fuse it with lowering='split'")
-    if module.lowering not in ("channel", "split", "spatial"):
+    if module.lowering not in ("channel", "split", *SPATIAL_LOWERINGS):
         raise RescaleError(f"site {name!r} uses the {module.lowering!r} lowering, which the rescale does not "
                            "know: fuse with lowering='channel'")
     return ring
@@ -282,8 +287,8 @@ def rescale_deploy(module: XVolutionDeploy, s: Tensor, name: str = "site") -> No
     with torch.no_grad():
         if module.lowering == "channel":
             weight.copy_(rescale_t_columns(weight, s, g.groups, g.in_channels))
-        elif module.lowering == "spatial":
-            weight.copy_(rescale_t_taps(weight, s, g.groups))
+        elif (axis := spatial_axis(module.lowering)) is not None:
+            weight.copy_(rescale_t_taps(weight, s, g.groups, axis=axis))
         else:  # split: conv_attn reads T(x) alone
             weight.copy_(rescale_t_columns(weight, s, g.groups, 0))
 
@@ -305,7 +310,7 @@ def t_readers(module: XVolutionDeploy) -> list[TReader]:
     if module.lowering == "channel":
         marked = rescale_t_columns(ones, twos, g.groups, g.in_channels)
     else:
-        marked = rescale_t_taps(ones, twos, g.groups)
+        marked = rescale_t_taps(ones, twos, g.groups, axis=spatial_axis(module.lowering) or -1)
     return [TReader(weight, marked != 1)]
 
 

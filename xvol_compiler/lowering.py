@@ -4,7 +4,7 @@ A fused site is one convolution over its inputs ``[x, T(x)]`` interleaved per
 channel group (``Branch`` with two inputs, ``T`` having ``k`` channels per
 channel of ``x``: ``k = 1``, or ``|D|`` for the directional transform, channel
 ``c * k + d`` belonging to channel ``c`` of ``x``). That merged weight can run
-in three exact forms:
+in four exact forms:
 
 ``"channel"``
     one conv over ``interleave_groups([x, T])`` (``(1+k) * C_in`` channels); the
@@ -16,9 +16,18 @@ in three exact forms:
     axis, stride and padding of that axis multiplied by ``1+k``. A depthwise site
     stays depthwise with one input channel per group (the layout fast depthwise
     kernels need).
+``"spatial-h"``
+    the same along the H axis (the second-to-last spatial axis): input ``(N,
+    C_in, ..., (1+k) H, W)``, kernel ``(..., (1+k) K_h, K_w)``, stride and
+    padding of H multiplied by ``1+k``, W unchanged (kernel width, stride and
+    padding stay the site's). Not for 1-D sites (no H axis).
 ``"split"``
     one conv per input plus an add (two convolutions per site: only when the
     caller allows more than one conv per site).
+
+``spatial_axis`` names the interleaved axis of a spatial lowering (``-1``, ``-2``:
+negative indices into the spatial axes); ``spatial_layout`` and ``spatial_weight``
+take it.
 
 Nothing here imports torch.fx or onnx; both graph passes and ``XVolutionDeploy``
 use these functions.
@@ -26,29 +35,52 @@ use these functions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from torch import Tensor
 
 from xvol_compiler.fold import Branch, ConvGeometry, FoldError
 
+_V = TypeVar("_V")
+
 __all__ = [
     "LOWERINGS",
     "Lowering",
     "LoweringChoice",
+    "SPATIAL_LOWERINGS",
     "SpatialLayout",
     "check_lowering",
     "interleave_factor",
+    "spatial_axis",
     "spatial_layout",
     "spatial_weight",
     "split_weights",
     "split_geometries",
 ]
 
-Lowering = Literal["channel", "spatial", "split"]
-LOWERINGS: tuple[str, ...] = ("channel", "spatial", "split")
+Lowering = Literal["channel", "spatial", "spatial-h", "split"]
+LOWERINGS: tuple[str, ...] = ("channel", "spatial", "spatial-h", "split")
+# Spatial lowerings and the spatial axis each interleaves (a negative index into the spatial axes).
+_SPATIAL_AXES: dict[str, int] = {"spatial": -1, "spatial-h": -2}
+SPATIAL_LOWERINGS: tuple[str, ...] = tuple(_SPATIAL_AXES)
+_AXIS_NAMES = {-1: "the last axis", -2: "the H axis"}
+
+
+def spatial_axis(lowering: str) -> int | None:
+    """The spatial axis a spatial lowering interleaves along (``-1``: W, ``-2``: H), None for the others."""
+    return _SPATIAL_AXES.get(lowering)
+
+
+def _check_axis(ndim: int, axis: int) -> None:
+    """FoldError when a site with ``ndim`` spatial axes has no axis ``axis``."""
+    if -ndim <= axis < 0:
+        return
+    if axis == -2 and ndim == 1:
+        raise FoldError("a 1-D site has no H axis; use spatial")
+    raise FoldError(f"a {ndim}-D site has no spatial axis {axis}")
 
 
 @dataclass(frozen=True)
@@ -88,20 +120,23 @@ class SpatialLayout:
     pre_mode: str
 
 
-def spatial_layout(geometry: ConvGeometry, factor: int, *, asymmetric_pads: bool) -> SpatialLayout:
-    """The spatial lowering's geometry for a merged site geometry; FoldError says why it is not exact.
+def spatial_layout(geometry: ConvGeometry, factor: int, *, asymmetric_pads: bool, axis: int = -1) -> SpatialLayout:
+    """A spatial lowering's geometry for a merged site geometry; FoldError says why it is not exact.
 
-    ``geometry`` is the channel-interleaved conv's (``in_channels = factor * C_in``).
+    ``geometry`` is the channel-interleaved conv's (``in_channels = factor * C_in``); ``axis`` the
+    interleaved spatial axis (:func:`spatial_axis`: -1 for "spatial", -2 for "spatial-h").
     ``asymmetric_pads``: whether the target conv takes (left, right) pads
     (ONNX Conv does, torch's ConvNd does not: there unequal pads are applied
     to the inputs first).
     """
     g = geometry
+    _check_axis(g.ndim, axis)
     if g.in_channels % factor:
         raise FoldError(f"{g.in_channels} input channels do not split by the interleave factor {factor}")
-    if g.dilation[-1] != 1:
+    if g.dilation[axis] != 1:
         raise FoldError(
-            f"dilation {g.dilation[-1]} on the last axis: the interleaved taps are not a dilated kernel"
+            f"dilation {g.dilation[axis]} on {_AXIS_NAMES.get(axis, f'axis {axis}')}: the interleaved taps "
+            "are not a dilated kernel"
         )
     pads = g.pads()
     in_channels = g.in_channels // factor
@@ -115,15 +150,14 @@ def spatial_layout(geometry: ConvGeometry, factor: int, *, asymmetric_pads: bool
         pre = pads
         conv_pads = tuple((0, 0) for _ in pads)
     else:
-        last = pads[-1]
-        conv_pads = (*pads[:-1], (factor * last[0], factor * last[1]))
+        conv_pads = _scaled(pads, axis, lambda pair: (factor * pair[0], factor * pair[1]))
     symmetric = all(left == right for left, right in conv_pads)
     padding: tuple[int, ...] | str = tuple(left for left, _ in conv_pads) if symmetric else "valid"
     spatial = ConvGeometry(
         in_channels=in_channels,
         out_channels=g.out_channels,
-        kernel_size=(*g.kernel_size[:-1], factor * g.kernel_size[-1]),
-        stride=(*g.stride[:-1], factor * g.stride[-1]),
+        kernel_size=_scaled(g.kernel_size, axis, lambda v: factor * v),
+        stride=_scaled(g.stride, axis, lambda v: factor * v),
         padding=padding,
         dilation=g.dilation,
         groups=g.groups,
@@ -131,12 +165,13 @@ def spatial_layout(geometry: ConvGeometry, factor: int, *, asymmetric_pads: bool
     return SpatialLayout(factor, spatial, conv_pads, pre, mode)
 
 
-def spatial_weight(weight: Tensor, groups: int, factor: int) -> Tensor:
-    """Channel-interleaved merged weight -> the spatial lowering's weight.
+def spatial_weight(weight: Tensor, groups: int, factor: int, axis: int = -1) -> Tensor:
+    """Channel-interleaved merged weight -> a spatial lowering's weight.
 
     ``weight``: ``(C_out, factor * C_in/g, *K)``, per group ``[x block (C_in/g),
-    T block ((factor-1) * C_in/g, channel c*k+d)]``. Result: ``(C_out, C_in/g,
-    *K[:-1], factor * K[-1])`` with tap ``factor * t + j`` = block ``j`` at tap ``t``.
+    T block ((factor-1) * C_in/g, channel c*k+d)]``. Result: ``(C_out, C_in/g, *K)``
+    with ``K[axis]`` multiplied by ``factor``, tap ``factor * t + j`` of that axis
+    = block ``j`` at tap ``t``.
     """
     c_out, per_group = weight.shape[0], weight.shape[1]
     if per_group % factor:
@@ -144,11 +179,18 @@ def spatial_weight(weight: Tensor, groups: int, factor: int) -> Tensor:
     c = per_group // factor
     k = factor - 1
     kernel = tuple(weight.shape[2:])
+    _check_axis(len(kernel), axis)
     wx = weight[:, :c]  # (C_out, c, *K)
     wt = weight[:, c:].reshape(c_out, c, k, *kernel)  # T channel i*k + d of the group
     stacked = torch.cat([wx.unsqueeze(2), wt], dim=2)  # (C_out, c, factor, *K)
-    stacked = stacked.movedim(2, -1)  # (C_out, c, *K, factor)
-    return stacked.reshape(c_out, c, *kernel[:-1], kernel[-1] * factor).contiguous()
+    stacked = stacked.movedim(2, axis)  # (C_out, c, ..., K[axis], factor, ...)
+    return stacked.reshape(c_out, c, *_scaled(kernel, axis, lambda v: factor * v)).contiguous()
+
+
+def _scaled(values: tuple[_V, ...], axis: int, scale: Callable[[_V], _V]) -> tuple[_V, ...]:
+    """``values`` with the entry at ``axis`` (negative) replaced by ``scale`` of it."""
+    index = len(values) + axis
+    return (*values[:index], scale(values[index]), *values[index + 1:])
 
 
 def split_geometries(branch: Branch) -> list[ConvGeometry]:
@@ -178,6 +220,7 @@ def check_lowering(branch: Branch, lowering: str, *, single_conv: bool = True, a
         if single_conv:
             raise FoldError("the split lowering is two convolutions per site: pass single_conv=False to allow it")
         return
-    if lowering == "spatial":
+    axis = spatial_axis(lowering)
+    if axis is not None:
         factor = interleave_factor(branch)
-        spatial_layout(branch.geometry, factor, asymmetric_pads=asymmetric_pads)
+        spatial_layout(branch.geometry, factor, asymmetric_pads=asymmetric_pads, axis=axis)

@@ -370,13 +370,17 @@ def interleave_groups(tensors: Sequence[Tensor], groups: int) -> Tensor:
     parts = [t.reshape(n, groups, t.shape[1] // groups, *spatial) for t in tensors]
     return torch.cat(parts, dim=2).reshape(n, -1, *spatial)
 
-def interleave_spatial(tensors: Sequence[Tensor]) -> Tensor:
-    """Interleave along the last spatial axis: ``x_c`` then the ``k_i`` channels of each other tensor
-    that belong to channel ``c`` (channels ``c*k_i ... c*k_i + k_i - 1``), position by position.
+def interleave_spatial(tensors: Sequence[Tensor], axis: int = -1) -> Tensor:
+    """Interleave along spatial axis ``axis`` (negative: -1 the last, W; -2 the one before, H): ``x_c`` then
+    the ``k_i`` channels of each other tensor that belong to channel ``c`` (channels ``c*k_i ... c*k_i + k_i
+    - 1``), position by position.
 
-    ``(N, C, ..., W)`` and ``(N, k_i C, ..., W)`` -> ``(N, C, ..., (1 + sum k_i) W)``; with one
-    tensor of ``C`` channels this is ``stack([x, t], -1).flatten(-2)``.
+    ``(N, C, ..., W)`` and ``(N, k_i C, ..., W)`` -> ``(N, C, ..., (1 + sum k_i) W)`` for ``axis=-1``
+    (``(N, C, ..., (1 + sum k_i) H, W)`` for ``axis=-2``); with one tensor of ``C`` channels and
+    ``axis=-1`` this is ``stack([x, t], -1).flatten(-2)``.
     """
+    if not -(tensors[0].dim() - 2) <= axis < 0:
+        raise InvalidArgumentError(f"axis={axis} is not a spatial axis of a {tensors[0].dim()}-D tensor")
     c = tensors[0].shape[1]
-    parts = [t.reshape(t.shape[0], c, t.shape[1] // c, *t.shape[2:]).movedim(2, -1) for t in tensors]
-    return torch.cat(parts, dim=-1).flatten(-2)
+    parts = [t.reshape(t.shape[0], c, t.shape[1] // c, *t.shape[2:]).movedim(2, axis) for t in tensors]
+    return torch.cat(parts, dim=axis).flatten(axis - 1, axis)

@@ -314,8 +314,9 @@ def fuse(
     else "spatial"; dense and grouped sites "channel"), so the same model and options always give
     the same structure. ``lowering="measure"`` (opt-in) times the exact candidates on the site's
     shapes and keeps the times in a persistent cache file (``xvol_passes.lower``; the
-    report's reason names it). ``lowering="channel"|"spatial"|"split"`` forces one (a site
-    where it is not exact keeps "channel", with the reason in the report). ``single_conv=False``
+    report's reason names it). ``lowering="channel"|"spatial"|"spatial-h"|"split"`` forces one (a site
+    where it is not exact keeps "channel", with the reason in the report; "spatial-h", the interleave
+    along H, is only taken when forced). ``single_conv=False``
     allows "split" (two convolutions and an add per site). ``lowering`` may also map site names to
     lowerings (``report.lowerings()`` of an earlier fusion; sites not named keep "channel"): how a
     saved fused model is rebuilt to load its state dict.

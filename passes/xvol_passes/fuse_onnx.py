@@ -101,8 +101,9 @@ def fuse_onnx(
     depthwise site takes "split" with ``single_conv=False``, else "spatial"; other sites "channel");
     ``lowering="measure"`` (opt-in), the fastest on a one-site model at the site's shapes, the times
     kept in a persistent cache file (``xvol_passes.lower``); or the one forced by
-    ``lowering="channel"|"spatial"|"split"`` (a site where it is not exact keeps "channel", the
-    report says why); ``single_conv=False`` allows "split" (two Conv and an Add per site).
+    ``lowering="channel"|"spatial"|"spatial-h"|"split"`` (a site where it is not exact keeps "channel", the
+    report says why; "spatial-h", the interleave along H, is only taken when forced); ``single_conv=False``
+    allows "split" (two Conv and an Add per site).
     ``skip`` names rules not to apply (``xvol_compiler.rules.RULES``); an unknown name raises
     ``UnknownRuleError`` listing the rules.
 

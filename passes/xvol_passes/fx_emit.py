@@ -18,6 +18,7 @@ from torch import fx
 from xvol_compiler.deploy import lowered_convs
 from xvol_compiler.errors import XvolError
 from xvol_compiler.fold import Branch, FoldError
+from xvol_compiler.lowering import spatial_axis
 from xvol_compiler.pssa import interleave_groups, interleave_spatial
 from xvol_compiler.rules import Key, Lowering, Rewrite
 from xvol_passes.fx_read import FxGraphReader, as_node
@@ -77,13 +78,13 @@ class FxGraphEmitter(FxGraphReader):
                     inp = graph.call_function(interleave_groups, (list(sources), g.groups))
                     inp.meta["is_wrapped"] = True  # codegen emits fx.wrap, so the result traces again as one node
                 conv_nodes.append(graph.create_node("call_module", "__pending__", (inp,), name=name))
-            elif lowering == "spatial":
+            elif spatial_axis(lowering) is not None:
                 parts = list(sources)
                 if layout is not None and layout.pre_pads is not None:
                     flat = [p for pair in reversed(layout.pre_pads) for p in pair]
                     mode = "constant" if layout.pre_mode == "zeros" else layout.pre_mode
                     parts = [graph.call_function(F.pad, (s_, flat), {"mode": mode}) for s_ in parts]
-                inp = graph.call_function(interleave_spatial, (parts,))
+                inp = graph.call_function(interleave_spatial, (parts, spatial_axis(lowering)))
                 inp.meta["is_wrapped"] = True
                 conv_nodes.append(graph.create_node("call_module", "__pending__", (inp,), name=name))
             else:  # split: one conv per input and their sum

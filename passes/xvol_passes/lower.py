@@ -31,7 +31,8 @@ re-emits the site through the adapter's ``relower``:
     report's reason names the cache file.
 a lowering name
     forced; a site where it is not exact (or not allowed) keeps "channel" and
-    the report says why.
+    the report says why. "spatial-h" (the interleave along H) is only taken
+    when forced: neither the rule nor the measurement considers it.
 
 "split" (two convolutions and an add per site) is a candidate only with
 ``single_conv=False``.
@@ -326,7 +327,9 @@ def choose_lowering(
     is not one raises :class:`LoweringCacheError`, one that cannot be written ``OutputError``.
     """
     validate_options(backend, lowering, single_conv)
-    candidates = ["channel", "spatial"] + ([] if single_conv else ["split"])
+    # "spatial-h" (not measured yet) is a candidate only where it is asked for.
+    candidates = (["channel", "spatial"] + (["spatial-h"] if lowering == "spatial-h" else [])
+                  + ([] if single_conv else ["split"]))
     exact: list[str] = []
     refused: dict[str, str] = {}
     for name in candidates:

@@ -4,8 +4,8 @@
 for one group; ``Reshape -> Concat -> Reshape`` for several, which works for any batch and
 spatial size; or ``Concat -> Gather``), with new uniquely named initializers in the original
 weight dtype, and makes it the producer of the rewrite's output tensor: every consumer, graph
-outputs included, keeps reading the same tensor name. The "spatial" and "split" lowerings
-(``xvol_compiler.lowering``) are emitted the same way. Nodes left without consumers by the
+outputs included, keeps reading the same tensor name. The "spatial", "spatial-h" and "split"
+lowerings (``xvol_compiler.lowering``) are emitted the same way. Nodes left without consumers by the
 rewrite are removed (and only those); untouched nodes keep their names, order and metadata.
 """
 
@@ -25,6 +25,7 @@ from xvol_compiler.fold import Branch, ConvGeometry, FoldError
 from xvol_compiler.lowering import (
     SpatialLayout,
     interleave_factor,
+    spatial_axis,
     spatial_layout,
     spatial_weight,
     split_geometries,
@@ -144,34 +145,42 @@ class OnnxGraphEmitter(OnnxGraphReader):
         return out
 
     def _interleave_spatial(
-        self, keys: Sequence[str], channels: Sequence[int], layout: SpatialLayout, base: str, nodes: list[gs.Node]
+        self, keys: Sequence[str], channels: Sequence[int], layout: SpatialLayout, axis: int, base: str,
+        nodes: list[gs.Node],
     ) -> gs.Tensor:
-        """``interleave_spatial``: each input as (N, C, *S, k) (Unsqueeze, or Reshape + Transpose when k > 1),
-        one Concat on the last axis, one Reshape merging it into the last spatial axis (any batch size)."""
+        """``interleave_spatial`` along spatial axis ``axis`` (-1: W, -2: H): each input as (N, C, ..., S_axis,
+        k, ...) (Unsqueeze, or Reshape + Transpose when k > 1), one Concat on that new axis, one Reshape
+        merging it into ``S_axis`` (any batch size; the axes after ``axis`` are written as static sizes)."""
         tensors = [self._tensors[k] for k in keys]
         dtype = next((t.dtype for t in tensors if t.dtype is not None), None)
+        ndim = layout.geometry.ndim
         c = channels[0]
+        dims = self._spatial_dims(self._tensors[keys[0]], ndim, layout)
+        why = _interleave_refusal(dims, max(ct // c for ct in channels), axis)
+        if why:
+            raise FoldError(why)
         parts = []
         for t, ct in zip(tensors, channels, strict=True):
             if layout.pre_pads is not None:
                 t = self._pad(t, layout.pre_pads, layout.pre_mode, base, nodes)
-            ndim = layout.geometry.ndim
             k = ct // c
             if k == 1:
-                parts.append(self._node("Unsqueeze", [t, self._int64(f"{base}/axes", [-1])], base, nodes,
+                parts.append(self._node("Unsqueeze", [t, self._int64(f"{base}/axes", [axis])], base, nodes,
                                         dtype=dtype))
                 continue
-            spatial = self._spatial_dims(self._tensors[keys[0]], ndim, layout)
-            grouped = self._node("Reshape", [t, self._int64(f"{base}/split_shape", [0, c, k, *spatial])], base,
+            grouped = self._node("Reshape", [t, self._int64(f"{base}/split_shape", [0, c, k, *dims])], base,
                                  nodes, dtype=dtype)
-            perm = [0, 1, *range(3, 3 + ndim), 2]
-            parts.append(self._node("Transpose", [grouped], base, nodes, dtype=dtype, perm=perm))
-        cat = self._node("Concat", parts, base, nodes, dtype=dtype, output="spatial_concat", axis=-1)
-        merged = self._int64(f"{base}/spatial_shape", [0] * (layout.geometry.ndim + 1) + [-1])
+            order = list(range(3, 3 + ndim))
+            order.insert(ndim + axis + 1, 2)  # k right after the interleaved axis
+            parts.append(self._node("Transpose", [grouped], base, nodes, dtype=dtype, perm=[0, 1, *order]))
+        cat = self._node("Concat", parts, base, nodes, dtype=dtype, output="spatial_concat", axis=axis)
+        after = dims[ndim + axis + 1:]  # static (checked above) unless the interleaved axis is
+        merged_size = -1 if -1 not in after else sum(ct // c for ct in channels) * dims[axis]
+        merged = self._int64(f"{base}/spatial_shape", [0] * (ndim + 2 + axis) + [merged_size, *after])
         return self._node("Reshape", [cat, merged], base, nodes, dtype=dtype, output="spatial_interleave")
 
     def _spatial_dims(self, x: gs.Tensor, ndim: int, layout: SpatialLayout) -> list[int]:
-        """Static spatial sizes of ``x`` (after the layout's pre-padding), one unknown as -1."""
+        """Static spatial sizes of ``x`` (after the layout's pre-padding), unknown ones as -1."""
         shape = self.shape(x)
         dims = list(shape[2:]) if shape is not None and len(shape) == ndim + 2 else [None] * ndim
         out: list[int] = []
@@ -179,20 +188,18 @@ class OnnxGraphEmitter(OnnxGraphReader):
             if isinstance(d, int) and layout.pre_pads is not None:
                 d = d + sum(layout.pre_pads[axis])
             out.append(d if isinstance(d, int) else -1)
-        if out.count(-1) > 1:
-            raise FoldError("the directional spatial interleave needs static spatial sizes (all but one axis)")
         return out
 
     def lowering_refusal(self, branch: Branch, lowering: Lowering) -> str | None:
         """Why this graph cannot emit ``lowering`` for ``branch`` beyond the math (None: it can)."""
-        if lowering != "spatial" or branch.channels[1] == branch.channels[0]:
-            return None
+        axis = spatial_axis(lowering)
+        if axis is None or -axis > branch.geometry.ndim:
+            return None  # (a missing axis is the math's refusal)
         shape = self.shape(self._tensors[str(branch.inputs[0])])
         ndim = branch.geometry.ndim
         dims = list(shape[2:]) if shape is not None and len(shape) == ndim + 2 else [None] * ndim
-        if sum(not isinstance(d, int) for d in dims) > 1:
-            return "the directional spatial interleave needs static spatial sizes (all but one axis)"
-        return None
+        known = [d if isinstance(d, int) else -1 for d in dims]
+        return _interleave_refusal(known, branch.channels[1] // branch.channels[0], axis)
 
     def _constant(self, values: torch.Tensor, name: str, dtype: np.dtype) -> gs.Constant:
         return gs.Constant(self._fresh(name),
@@ -245,11 +252,12 @@ class OnnxGraphEmitter(OnnxGraphReader):
         weight_name = w_old.name or f"{base}.weight"
         conv_name = anchor.name or self._fresh(f"{base}/Conv")
         convs: list[tuple[gs.Tensor, torch.Tensor, torch.Tensor | None, ConvGeometry, Sequence[tuple[int, int]]]]
-        if lowering == "spatial":
+        axis = spatial_axis(lowering)
+        if axis is not None:
             factor = interleave_factor(branch)
-            layout = spatial_layout(g, factor, asymmetric_pads=True)
-            x = self._interleave_spatial(keys, branch.channels, layout, base, new_nodes)
-            convs = [(x, spatial_weight(branch.weight, g.groups, factor), bias_values, layout.geometry,
+            layout = spatial_layout(g, factor, asymmetric_pads=True, axis=axis)
+            x = self._interleave_spatial(keys, branch.channels, layout, axis, base, new_nodes)
+            convs = [(x, spatial_weight(branch.weight, g.groups, factor, axis), bias_values, layout.geometry,
                       layout.pads)]
         elif lowering == "split":
             convs = []
@@ -341,3 +349,15 @@ class OnnxGraphEmitter(OnnxGraphReader):
             if original is not None and original.op_type == proto.op_type and original.doc_string:
                 proto.doc_string = original.doc_string
         return model
+
+
+def _interleave_refusal(dims: Sequence[int], k: int, axis: int) -> str | None:
+    """Why the spatial interleave along ``axis`` cannot be written for spatial sizes ``dims`` (-1: unknown)
+    with ``k`` channels of T per channel of x (None: it can). The Reshape splitting T's channels (``k > 1``)
+    takes all sizes but one; the Reshape merging the interleaved axis writes the axes after it."""
+    if k > 1 and list(dims).count(-1) > 1:
+        return "the directional spatial interleave needs static spatial sizes (all but one axis)"
+    if list(dims[len(dims) + axis:]).count(-1) > 1:
+        return ("the spatial-h interleave needs a static H or W (the Reshape merging the interleave into H "
+                "writes W)")
+    return None

@@ -4,11 +4,11 @@ unfused one: any conv that reads T(x) is rescaled the same way).
 A site here is the PSSA transform as exported: a depthwise ``Conv`` of ``x`` whose constant weight is the
 ring (``pssa_kernel_layout``: plain, not directional), then ``Mul(x, ring_conv(x))`` = T(x). Everything
 T(x) flows into must be a chain of the interleave ops ``fuse_onnx`` writes (``Concat``, ``Reshape``,
-``Gather`` on channels, ``Pad``; ``Unsqueeze``/``Concat``/``Reshape`` of the spatial interleave) ending
-in ``Conv`` nodes with constant weights; each such conv's input channels (or taps) are traced back to
-x or T(x), so the weights that read T's channel c are known exactly whatever the interleave. The
-rescale replaces the ring and those weights by new constants (``scale_ring``, ``1/s`` on what reads
-T): no node is added.
+``Gather`` on channels, ``Pad``; ``Unsqueeze``/``Concat``/``Reshape`` of the spatial interleaves, along W
+or H) ending in ``Conv`` nodes with constant weights; each such conv's input channels (or taps) are traced
+back to x or T(x), so the weights that read T's channel c are known exactly whatever the interleave. The
+rescale replaces the ring and those weights by new constants (``scale_ring``, ``1/s`` on what reads T): no
+node is added.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ __all__ = ["OnnxRescaleSite", "apply_onnx_t_scales", "calibrate_onnx_site_stats"
 
 _PASS_THROUGH = {"Concat", "Reshape", "Gather", "Pad", "Unsqueeze"}
 Source = tuple[str, int]  # ("x" or "t", channel)
+Slot = tuple[int, int]  # (T's slot, the interleaved spatial axis: -1 W, -2 H) of a spatial interleave
 
 
 @dataclass
@@ -49,8 +50,8 @@ class OnnxRescaleSite:
     t: gs.Tensor
     ring_conv: gs.Node
     # each conv T(x) reaches, with the source of each of its input channels (a channel interleave or T alone)
-    # or, for the spatial interleave, T's slot in it (tap factor * t + slot reads T)
-    convs: list[tuple[gs.Node, list[Source] | int]]
+    # or, for a spatial interleave, T's slot in it and the axis (tap factor * t + slot of that axis reads T)
+    convs: list[tuple[gs.Node, list[Source] | Slot]]
 
 
 def _const(t: gs.Tensor) -> np.ndarray | None:
@@ -144,27 +145,31 @@ def _unpadded(t: gs.Tensor) -> gs.Tensor:
     return t
 
 
-def _t_slot(t: gs.Tensor, x: gs.Tensor, tt: gs.Tensor) -> int | None:
-    """T's position in a spatial interleave of ``[x, T]`` (``interleave_spatial`` as fuse_onnx writes it:
-    ``Reshape(Concat(axis=-1, [Unsqueeze(x, -1), Unsqueeze(T, -1)]), [0, ..., 0, -1])``, each input
-    possibly padded first), else None."""
+def _t_slot(t: gs.Tensor, x: gs.Tensor, tt: gs.Tensor) -> Slot | None:
+    """T's position in a spatial interleave of ``[x, T]`` and its spatial axis (``interleave_spatial`` as
+    fuse_onnx writes it: ``Reshape(Concat(axis=a, [Unsqueeze(x, a), Unsqueeze(T, a)]), [0, ..., 0, -1, ...])``
+    with ``a`` -1 (W) or -2 (H), the Reshape copying every axis before the merged one, each input possibly
+    padded first), else None."""
     t = _unpadded(t)
     if len(t.inputs) != 1 or t.inputs[0].op != "Reshape":
         return None
-    cat = t.inputs[0].inputs[0]
-    if len(cat.inputs) != 1 or cat.inputs[0].op != "Concat" or _attr(cat.inputs[0], "axis", 0) != -1:
+    cat, shape = t.inputs[0].inputs[0], _const(t.inputs[0].inputs[1])
+    if len(cat.inputs) != 1 or cat.inputs[0].op != "Concat" or shape is None or shape.ndim != 1:
+        return None
+    axis = _attr(cat.inputs[0], "axis", 0)
+    if axis not in (-1, -2) or len(shape) + axis < 2 or any(int(v) for v in shape[:len(shape) + axis]):
         return None
     found = []
     for part in cat.inputs[0].inputs:
         if len(part.inputs) != 1 or part.inputs[0].op != "Unsqueeze":
             return None
         axes = _const(part.inputs[0].inputs[1]) if len(part.inputs[0].inputs) > 1 else None
-        if axes is None or [int(a) for a in np.atleast_1d(axes)] != [-1]:
+        if axes is None or [int(a) for a in np.atleast_1d(axes)] != [axis]:
             return None
         found.append(_unpadded(part.inputs[0].inputs[0]))
     if len(found) != 2 or {id(f) for f in found} != {id(x), id(tt)}:
         return None
-    return found.index(tt)
+    return found.index(tt), axis
 
 
 def _readers(t: gs.Tensor) -> list[gs.Node] | None:
@@ -200,7 +205,7 @@ def onnx_rescale_sites(graph: gs.Graph) -> list[OnnxRescaleSite]:
         readers = _readers(t)
         if not readers:
             continue
-        convs: list[tuple[gs.Node, list[Source] | int]] = []
+        convs: list[tuple[gs.Node, list[Source] | Slot]] = []
         for conv in readers:
             channels = _channels(conv.inputs[0], x, t, c)
             read = channels if channels is not None else _t_slot(conv.inputs[0], x, t)
@@ -244,9 +249,10 @@ def apply_onnx_t_scales(model: onnx.ModelProto, scales: Mapping[str, np.ndarray 
         site.ring_conv.inputs[1] = gs.Constant(f"{name}/t_scaled_ring", scaled.astype(ring.dtype))
         for k, (conv, sources) in enumerate(site.convs):
             w = np.asarray(_const(conv.inputs[1]))
-            if isinstance(sources, int):
+            if isinstance(sources, tuple):
+                slot, axis = sources
                 taps = rescale_t_taps(torch.from_numpy(w.astype(np.float64)), torch.from_numpy(s),
-                                      _attr(conv, "group", 1), t_slot=sources)
+                                      _attr(conv, "group", 1), t_slot=slot, axis=axis)
                 new = taps.numpy().astype(w.dtype)
             else:
                 new = _divided(w, _attr(conv, "group", 1), sources, s)
@@ -267,9 +273,10 @@ def onnx_t_readers(site: OnnxRescaleSite) -> list[TReader]:
     for conv, sources in site.convs:
         w = np.asarray(_const(conv.inputs[1]), dtype=np.float64)
         ones = np.ones_like(w)
-        if isinstance(sources, int):
+        if isinstance(sources, tuple):
+            slot, axis = sources
             marked = rescale_t_taps(torch.from_numpy(ones), torch.from_numpy(twos), _attr(conv, "group", 1),
-                                    t_slot=sources).numpy()
+                                    t_slot=slot, axis=axis).numpy()
         else:
             marked = _divided(ones, _attr(conv, "group", 1), sources, twos)
         readers.append(TReader(torch.from_numpy(w), torch.from_numpy(marked != 1)))

@@ -128,11 +128,12 @@ def load_model_arg(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def add_lowering_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lowering", choices=("auto", "measure", "channel", "spatial", "split"), default="auto",
+    p.add_argument("--lowering", choices=("auto", "measure", "channel", "spatial", "spatial-h", "split"),
+                   default="auto",
                    help="deploy form of each site: auto (a fixed rule per backend and site class, no timing: "
                         "depthwise sites split with --split, else spatial; other sites channel), measure (time "
-                        "the exact forms on this machine, kept in a cache file), channel, spatial or split "
-                        "(default auto)")
+                        "the exact forms on this machine, kept in a cache file), channel, spatial (x and T(x) "
+                        "interleaved along W), spatial-h (along H) or split (default auto)")
     p.add_argument("--lowering-cache", metavar="PATH", default=None,
                    help="cache file of --lowering measure (default $XVOL_LOWERING_CACHE, else "
                         "$XDG_CACHE_HOME/xvol-compiler/lowering-cache.json)")
