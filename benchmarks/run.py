@@ -147,6 +147,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"python {m['python']}.",
         f"{_load_text(m.get('load_start'), 'start')}; "
         f"{_load_text(data.get('load_end'), 'end, this benchmark included')}.",
+        f"Command: `{data.get('command', 'not recorded')}`.",
         f"Input {data['input_size']} px, sites {data['sites']}; median of {data['repeats']} interleaved rounds "
         f"({data['warmup']} warm-up); ratios are to the original model, the median of the per-round ratios; [a-b] "
         "is their 25th-75th percentile. MAC floor = fused MACs / original MACs (docs/operator.md, section 5): "
@@ -267,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": started.strftime("%Y-%m-%d %H:%M UTC"), "device": device, "machine": machine_info(device),
         "input_size": args.input_size, "sites": args.sites, "repeats": args.repeats, "warmup": args.warmup,
         "backends": args.backends, "batches": args.batches, "models": [],
+        "command": " ".join(["python benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)]),
     }
 
     def log(text: str) -> None:

@@ -38,11 +38,26 @@ issue 23 "True measurements, deterministic deploy forms", measured on an idle
   has fused / unfused 0.86-0.99 in eager mode. Dense sites were fastest in
   "channel" in eager per issue 23; ``benchmarks/results`` stores no per-lowering
   figures for dense sites (``benchmarks/bench_lowerings.py`` measures them).
-- [S] "split" runs the unfused form's arithmetic (both branches folded, two
-  convolutions and an add); for a depthwise site both are depthwise convs with
-  the fast one-channel-per-group kernels. Not measured in eager mode: chosen for
-  every backend by issue 23, to be checked with ``benchmarks/bench_lowerings.py``
-  on an idle machine.
+- [S] "split" in eager mode, measured (``benchmarks/bench_site_forms.py``, whole
+  depthwise sites from x, 15 interleaved rounds, 2 threads, 224 px,
+  ``benchmarks/results/20261205-131118-site-forms.txt``): split is within 4% of
+  the fastest fused form at 15 of the 20 eager rows of mobilenet_v3_large,
+  efficientnet_b0 and convnext_tiny; whole models with ``--lowering split``
+  (``benchmarks/results/20261205-085930-cpu-depthwise-split.md``): fused / unfused
+  0.80-0.90 in eager, 0.86-0.92 under compile, 0.97-0.98 in onnxruntime.
+- [H] "spatial-h" (interleave along H): faster than "spatial" at 30 of the 32
+  stride-1 rows of the same site table (eager and compile, batch 1 and 16), but
+  across whole models (``--lowering spatial-h``,
+  ``benchmarks/results/20261205-140142-cpu-depthwise-spatial-h.md``) fused / unfused
+  moves by -0.06 to +0.08 against "spatial", inside the rounds' spread, except
+  convnext_tiny in eager at batch 16 (0.978 against 1.068). The rule keeps
+  "spatial" until a rule by stride is measured on whole models;
+  ``lowering="spatial-h"`` selects it.
+- Forms measured and not built: a depth-2 Conv3d over ``stack([x, T(x)], 2)`` and,
+  under torch.compile, the whole site as one stencil over x (no T(x) written): no
+  faster than split at batch 16 (Conv3d 1.02-1.67x split, the stencil
+  2.3-16.6x); Conv3d beats both spatial forms at 7 of the 40 rows (4 of them
+  stride-2 sites, where every single conv is 1.2-1.6x split), same table.
 """
 
 from __future__ import annotations
