@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                         for k, fn in fns.items():
                             if k == "stencil" and backend == "eager":
                                 continue  # the stencil is written for inductor
-                            f = torch.compile(fn) if backend == "compile" else fn
+                            f = torch.compile(fn, dynamic=False) if backend == "compile" else fn
                             runs[k] = lambda f=f, x=x: f(x)
                         times = time_rounds(runs, args.repeats, args.warmup)
                         med = {k: statistics.median(v) for k, v in times.items()}

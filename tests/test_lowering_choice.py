@@ -4,15 +4,17 @@ spin."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import onnx
 import pytest
 import torch
+from torch import nn
 
 from tests.test_lowering import _depthwise_model, _export_site
-from xvol_compiler import fuse
+from xvol_compiler import XVolution, fuse, xvolify
 from xvol_compiler.cli import main
 from xvol_compiler.fold import Branch, ConvGeometry
 from xvol_compiler.lowering_table import RULES, SITE_CLASSES, rule_entry, shape_class, site_class
@@ -39,12 +41,13 @@ def _no_user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "env-cache.json"))
 
 
-def _branch(site: str, *, dilation: tuple[int, int] = (1, 1), channels: int = 4) -> Branch:
-    """A merged [x, T(x)] site (factor 2) of the given class, 3x3 kernel."""
+def _branch(site: str, *, dilation: tuple[int, int] = (1, 1), channels: int = 4, kernel: int = 3) -> Branch:
+    """A merged [x, T(x)] site (factor 2) of the given class, ``kernel`` x ``kernel`` (3x3 by default)."""
     groups = {"depthwise": channels, "dense": 1, "grouped": 2}[site]
     out = 6 if site != "depthwise" else channels
-    geometry = ConvGeometry(2 * channels, out, (3, 3), (1, 1), dilation, dilation, groups)
-    weight = torch.randn(out, 2 * channels // groups, 3, 3, generator=torch.Generator().manual_seed(0))
+    pad = tuple(d * (kernel // 2) for d in dilation)
+    geometry = ConvGeometry(2 * channels, out, (kernel, kernel), (1, 1), pad, dilation, groups)
+    weight = torch.randn(out, 2 * channels // groups, kernel, kernel, generator=torch.Generator().manual_seed(0))
     return Branch(("x", "t"), (channels, channels), geometry, weight, torch.zeros(out))
 
 
@@ -252,7 +255,7 @@ def test_cli_lowering_flags(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_spatial_h_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The rule never takes spatial-h (not measured yet); forced, it is taken where exact, by name per site
+    """The rule never takes spatial-h for a 3x3 site; forced, it is taken where exact, by name per site
     too; a one-site ONNX model of it runs like the channel form."""
     _no_timing(monkeypatch)
     for site in SITE_CLASSES:
@@ -265,6 +268,41 @@ def test_spatial_h_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     xm, x = _depthwise_model()
     _, report = fuse_with_report(xm, example_inputs=x, lowering={"3": "spatial-h", "6": "spatial"})
     assert report.lowerings() == {"3": "spatial-h", "6": "spatial"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rule_takes_spatial_h_for_7x7_depthwise_sites(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """7x7 depthwise: spatial-h with one conv (spatial would double the W padding past the AVX2 kernel's
+    limit), split when allowed; a dilated H refuses spatial-h and the next exact lowering is spatial."""
+    _no_timing(monkeypatch)
+    choice = choose_lowering(_branch("depthwise", kernel=7), backend=backend, single_conv=True)
+    assert choice.lowering == "spatial-h" and "depthwise-7x7-spatial-h" in choice.reason
+    assert choose_lowering(_branch("depthwise", kernel=7), backend=backend, single_conv=False).lowering == "split"
+    assert choose_lowering(_branch("dense", kernel=7), backend=backend).lowering == "channel"
+    dilated = choose_lowering(_branch("depthwise", kernel=7, dilation=(2, 1)), backend=backend, single_conv=True)
+    assert dilated.lowering == "spatial" and "spatial-h refused: dilation 2 on the H axis" in dilated.reason
+
+
+def test_default_fuse_of_a_7x7_depthwise_model_is_exact() -> None:
+    """The default fuse of a 7x7 depthwise site takes spatial-h and matches a float64 eager run
+    of the unfused model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 7, padding=3, groups=8), nn.BatchNorm2d(8), nn.ReLU())
+    x = torch.randn(2, 3, 12, 10)
+    xm = xvolify(model, sites=["3"], example_inputs=x, directional=False)
+    for m in xm.modules():
+        if isinstance(m, XVolution):
+            nn.init.normal_(m.attn_conv.weight)
+            nn.init.normal_(m.attn_bn.weight)
+    xm.eval()
+    with torch.no_grad():
+        ref = copy.deepcopy(xm).double()(x.double())
+    fused, report = fuse_with_report(xm, example_inputs=x)
+    assert report.lowerings() == {"3": "spatial-h"}
+    with torch.no_grad():
+        out = fused(x)
+    assert float((out.double() - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
 
 
 def test_one_site_model_of_spatial_h_matches_channel() -> None:

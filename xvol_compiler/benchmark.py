@@ -196,7 +196,7 @@ def time_backend(
 ) -> tuple[Latency, dict[str, float]]:
     """Interleaved latency of the three variants on ``backend``; also their max error vs unfused eager.
 
-    ``backend``: ``"eager"``, ``"compile"`` (``torch.compile``, default mode;
+    ``backend``: ``"eager"``, ``"compile"`` (``torch.compile``, default mode, static shapes:
     compilation happens before timing) or ``"onnxruntime"`` (needs
     :func:`prepare_onnx` first). Returns the latency and, when ``check``, the
     max relative error of each variant's output against the eager unfused one
@@ -212,7 +212,9 @@ def time_backend(
             fns[v] = functools.partial(p.models[v], x)
     elif backend == "compile":
         for v in VARIANTS:
-            fns[v] = functools.partial(torch.compile(p.models[v]), x)
+            # dynamic=False: each batch gets its own static graph; by default a second batch size would
+            # recompile the model with a dynamic batch dimension, and that graph is what would be timed.
+            fns[v] = functools.partial(torch.compile(p.models[v], dynamic=False), x)
     else:
         if not p.onnx_paths:
             raise InvalidArgumentError("onnxruntime timing needs prepare_onnx() first")

@@ -13,15 +13,15 @@ A site is looked up by
   == 1``), ``"grouped"`` (any other grouping);
 - ``single_conv`` (whether "split", two convolutions per site, is allowed);
 - its kernel, stride and shape class (:func:`shape_class`: ``"batch1"``,
-  ``"batched"``, ``"unknown"``). Every entry today matches any kernel, stride
-  and shape: the measurements below do not separate them.
+  ``"batched"``, ``"unknown"``). One entry matches a kernel (7x7 depthwise, [K]);
+  the others match any kernel, stride and shape: the measurements below do not
+  separate them.
 
 The first matching entry gives an order of preference; the site gets the first
 lowering of that order that is exact for it (``"channel"`` always is).
 
-Sources (whole models, fused / original latency ratios, interleaved rounds;
-issue 23 "True measurements, deterministic deploy forms", measured on an idle
-2-core CPU machine, onnxruntime sessions without spinning):
+Sources (whole models, fused / original latency ratios, interleaved rounds,
+measured on an idle 2-core CPU machine, onnxruntime sessions without spinning):
 
 - [C16] ``torch.compile``, mobilenet_v3_large (depthwise sites), batch 16:
   unfused 1.143, channel 1.629, spatial 1.419, split 1.038.
@@ -35,9 +35,10 @@ issue 23 "True measurements, deterministic deploy forms", measured on an idle
   (``benchmarks/results/20261201-233112-cpu.json``, ``models[*].lowerings.eager``;
   that file records a load average of 1.87 on 2 cores at its start); with
   spatial depthwise sites the README table (``benchmarks/results/20261201-233112-cpu.md``)
-  has fused / unfused 0.86-0.99 in eager mode. Dense sites were fastest in
-  "channel" in eager per issue 23; ``benchmarks/results`` stores no per-lowering
-  figures for dense sites (``benchmarks/bench_lowerings.py`` measures them).
+  has fused / unfused 0.86-0.99 in eager mode. Dense sites: "channel";
+  ``benchmarks/results`` stores no per-lowering figures for dense sites
+  (``benchmarks/bench_lowerings.py`` measures them). Whole dense models against their
+  floors: [F].
 - [S] "split" in eager mode, measured (``benchmarks/bench_site_forms.py``, whole
   depthwise sites from x, 15 interleaved rounds, 2 threads, 224 px,
   ``benchmarks/results/20261205-131118-site-forms.txt``): split is within 4% of
@@ -51,8 +52,20 @@ issue 23 "True measurements, deterministic deploy forms", measured on an idle
   ``benchmarks/results/20261205-140142-cpu-depthwise-spatial-h.md``) fused / unfused
   moves by -0.06 to +0.08 against "spatial", inside the rounds' spread, except
   convnext_tiny in eager at batch 16 (0.978 against 1.068). The rule keeps
-  "spatial" until a rule by stride is measured on whole models;
+  "spatial" for other kernels until a rule by stride is measured on whole models;
   ``lowering="spatial-h"`` selects it.
+- [K] depthwise 7x7 sites (convnext_tiny): "spatial" doubles the W padding from 3 to 6,
+  past oneDNN ``jit_uni_dw``'s limit on left padding on AVX2 (ur_w 4; 6 on AVX-512).
+  One 7x7 site alone, eager, batch 16, on an AVX2 machine
+  (C x H = 384x14, 768x7, 192x28): spatial 92.9 / 59.5 / 174.7 ms, spatial-h 16.9 /
+  5.0 / 22.4 ms, split 15.1 / 4.5 / 28.0 ms. Whole convnext_tiny on an AVX-512 machine
+  ([H]): spatial-h against spatial, fused / unfused, eager 1.008 / 0.978 against
+  1.018 / 1.068, compile 0.988 / 1.006 against 0.953 / 1.006, onnxruntime
+  1.016 / 1.026 against 1.043 / 1.089. So a 7x7 depthwise site takes "spatial-h".
+- [F] dense models against the MAC floor and the MAC floor plus T(x)
+  (``benchmarks/bench_floor.py``, ``benchmarks/results/20261205-180238-cpu-floor.md``
+  and ``-183137-cpu-floor.md``): resnet18 and resnet50 in "channel" within 3% of the
+  MAC floor or below it, except resnet50 under compile at batch 1 (+5.2%).
 - Forms measured and not built: a depth-2 Conv3d over ``stack([x, T(x)], 2)`` and,
   under torch.compile, the whole site as one stencil over x (no T(x) written): no
   faster than split at batch 16 (Conv3d 1.02-1.67x split, the stencil
@@ -103,6 +116,9 @@ RULES: tuple[RuleEntry, ...] = (
     RuleEntry("depthwise-split", _ALL_BACKENDS, "depthwise", False, ("split", "spatial", "channel"),
               "[C16] split 1.038 < spatial 1.419 < channel 1.629; [O16] split 1.120 < spatial 1.373 < channel "
               "1.762; [O1] split 1.095 < spatial 1.190; eager: [S]"),
+    RuleEntry("depthwise-7x7-spatial-h", _ALL_BACKENDS, "depthwise", True, ("spatial-h", "spatial", "channel"),
+              "[K] spatial doubles the W padding past the AVX2 depthwise kernel's limit; spatial-h keeps it "
+              "(one 7x7 site: 5-12x faster than spatial on AVX2)", kernel=(7, 7)),
     RuleEntry("depthwise-spatial", _ALL_BACKENDS, "depthwise", True, ("spatial", "channel"),
               "[C16] spatial 1.419 < channel 1.629; [O16] spatial 1.373 < channel 1.762; eager: [E]"),
     RuleEntry("dense-channel", _ALL_BACKENDS, "dense", None, ("channel",),

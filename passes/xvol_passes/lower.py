@@ -327,8 +327,10 @@ def choose_lowering(
     is not one raises :class:`LoweringCacheError`, one that cannot be written ``OutputError``.
     """
     validate_options(backend, lowering, single_conv)
-    # "spatial-h" (not measured yet) is a candidate only where it is asked for.
-    candidates = (["channel", "spatial"] + (["spatial-h"] if lowering == "spatial-h" else [])
+    # "spatial-h" is a candidate where it is asked for, by name or by the rule's entry for the site.
+    by_rule = lowering == "auto" and "spatial-h" in rule_entry(
+        branch, backend=backend, single_conv=single_conv, input_shape=input_shape).prefer
+    candidates = (["channel", "spatial"] + (["spatial-h"] if lowering == "spatial-h" or by_rule else [])
                   + ([] if single_conv else ["split"]))
     exact: list[str] = []
     refused: dict[str, str] = {}

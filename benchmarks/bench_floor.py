@@ -1,0 +1,185 @@
+"""The floor a fused model is measured against: the MAC floor, and the MAC floor plus the transform T(x).
+
+    python benchmarks/bench_floor.py                            # resnet18, resnet50, regnet_y_400mf, convnext_tiny
+    python benchmarks/bench_floor.py --models resnet18 --backends eager --batches 1 --quick
+
+The MAC floor (fused MACs / original MACs, docs/operator.md section 5) leaves out
+the transform T(x) = x * R(x), which every fused site still computes: it is
+memory-bound and costs time without multiply-adds. This benchmark measures it.
+Besides the original (BatchNorms folded), unfused and fused models (fused for each
+backend, default options), it times ``original + T``: the original model that also
+computes T(x) on each site's input and returns it as an extra output (so no backend
+can drop it). Then
+
+    transform floor = MAC floor + (original + T) / original - 1
+
+is what the fused model would cost if its convolutions ran at the original's speed
+per multiply-add and T(x) cost what it costs beside the original. The four variants
+run round-robin in each round (``xvol_compiler.measure.interleaved_latency``);
+ratios are medians of the per-round ratios with their 25-75% range. onnxruntime
+sessions run without spinning thread pools. Run on an idle machine: the load
+average is recorded at the start and the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+
+from xvol_compiler.benchmark import Prepared, prepare, prepare_onnx, refuse_for
+from xvol_compiler.io import atomic_write_text
+from xvol_compiler.machine_load import load_line
+from xvol_compiler.measure import Latency, interleaved_latency, machine_info
+from xvol_compiler.onnx_io import export_onnx
+from xvol_compiler.onnx_verify import onnx_session
+from xvol_compiler.pssa import pssa_transform
+from xvol_compiler.report import render_table
+
+DEFAULT_MODELS = ("resnet18", "resnet50", "regnet_y_400mf", "convnext_tiny")
+BACKENDS = ("eager", "compile", "onnxruntime")
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = ("original", "unfused", "fused", "original+T")
+
+
+def original_with_transforms(original: nn.Module, sites: list[str]) -> fx.GraphModule:
+    """``original + T``: the model's output followed by T(x) of every site's input, as extra outputs.
+
+    Built on an FX trace, so the extra outputs are plain graph outputs: eager, torch.compile and the
+    ONNX exporter see the same program (a Python-side list of tensors would break inductor's graph)."""
+    gm = fx.symbolic_trace(copy.deepcopy(original))
+    wanted = set(sites)
+    transforms = []
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target in wanted:
+            with gm.graph.inserting_before(node):
+                transforms.append(gm.graph.call_function(pssa_transform, (node.args[0],)))
+    if len(transforms) != len(wanted):
+        raise RuntimeError(f"found {len(transforms)} of the {len(wanted)} sites in the trace of the original")
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    output.args = ((output.args[0], *transforms),)
+    gm.recompile()
+    return gm
+
+
+def _first(session: Any, feeds: dict[str, Any]) -> Any:
+    return session.run(None, feeds)
+
+
+def runs_for(p: Prepared, backend: str, x: Tensor) -> dict[str, Callable[[], Any]]:
+    """One zero-argument call per variant on ``backend`` (the fused model already fused for it)."""
+    with_t = original_with_transforms(p.models["original"], p.sites).eval()
+    models = {**{v: p.models[v] for v in VARIANTS[:3]}, "original+T": with_t}
+    if backend == "eager":
+        return {v: functools.partial(m, x) for v, m in models.items()}
+    if backend == "compile":
+        # dynamic=False: one static graph per batch (a second batch would otherwise recompile with a dynamic one)
+        return {v: functools.partial(torch.compile(m, dynamic=False), x) for v, m in models.items()}
+    if p.workdir is None:
+        raise RuntimeError("onnxruntime needs prepare_onnx() first")
+    path = Path(p.workdir.name) / "original_t.onnx"
+    if not path.exists():
+        export_onnx(with_t, path, (x[:1],), force=True)
+    paths = {**p.onnx_paths, "original+T": path}
+    runs = {}
+    for v in VARIANTS:
+        session = onnx_session(paths[v], threads=torch.get_num_threads())
+        runs[v] = functools.partial(_first, session, {session.get_inputs()[0].name: x.numpy()})
+    return runs
+
+
+def check_outputs(runs: dict[str, Callable[[], Any]], sites: int) -> None:
+    """``original + T`` must return T(x) of every site, or the floor would be wrong."""
+    outs = runs["original+T"]()
+    if len(outs) != 1 + sites:
+        raise RuntimeError(f"original+T returned {len(outs)} outputs, expected {1 + sites}")
+
+
+def row(p: Prepared, backend: str, batch: int, lat: Latency) -> list[Any]:
+    def cell(v: str, base: str = "original") -> str:
+        lo, hi = lat.ratio_spread(v, base)
+        return f"{lat.ratio(v, base):.3f} [{lo:.3f}-{hi:.3f}]"
+
+    t_floor = p.mac_floor + lat.ratio("original+T", "original") - 1
+    fused = lat.ratio("fused", "original")
+    return [p.name, backend, batch, f"{1e3 * lat.median('original'):.2f}", f"{p.mac_floor:.3f}",
+            cell("original+T"), f"{t_floor:.3f}", cell("unfused"), cell("fused"),
+            f"{fused / p.mac_floor:.3f}", f"{fused / t_floor:.3f}", f"{lat.ratio('fused', 'unfused'):.3f}"]
+
+
+HEADER = ["model", "backend", "batch", "original ms", "MAC floor", "original+T / original", "transform floor",
+          "unfused / original", "fused / original", "fused / MAC floor", "fused / transform floor",
+          "fused / unfused"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    ap.add_argument("--backends", default=",".join(BACKENDS))
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--input-size", type=int, default=224)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 64 px, 2 rounds; nothing written")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.input_size, args.repeats, args.warmup = 64, 2, 1
+    backends = [b for b in args.backends.split(",") if b]
+    bad = set(backends) - set(BACKENDS)
+    if bad:
+        ap.error(f"unknown backends {sorted(bad)}; choose from {', '.join(BACKENDS)}")
+    command = "python benchmarks/bench_floor.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    start = load_line("start")
+    print(start, flush=True)
+    rows = []
+    for name in [m for m in args.models.split(",") if m]:
+        p = prepare(name, input_size=(3, args.input_size, args.input_size))
+        try:
+            for backend in backends:
+                if backend == "onnxruntime":
+                    prepare_onnx(p)
+                else:
+                    refuse_for(p, backend)
+                for batch in args.batches:
+                    (x,) = p.example(batch)
+                    with torch.inference_mode():
+                        runs = runs_for(p, backend, x)
+                        check_outputs(runs, len(p.sites))
+                        lat = interleaved_latency(runs, repeats=args.repeats, warmup=args.warmup)
+                    rows.append(row(p, backend, batch, lat))
+                    print(" | ".join(str(c) for c in rows[-1]), flush=True)
+        finally:
+            p.close()
+    end = load_line("end, this benchmark included")
+    info = machine_info("cpu")
+    title = (f"Fused latency against its floors, median of {args.repeats} interleaved rounds, {args.input_size} px, "
+             f"{torch.get_num_threads()} threads")
+    text = "\n".join([
+        f"# {title}", "",
+        f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; {info.get('cpu', '?')}; torch {torch.__version__}.",
+        start + "; " + end + ".", f"Command: `{command.strip()}`.", "",
+        "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER),
+        *("| " + " | ".join(str(c) for c in r) + " |" for r in rows), ""])
+    print(render_table(HEADER, rows, title=title))
+    print(end)
+    if not args.quick:
+        out = args.out / f"{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}-cpu-floor.md"
+        atomic_write_text(out, text)
+        print(f"written {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
