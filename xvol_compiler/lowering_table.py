@@ -58,7 +58,7 @@ measured on an idle 2-core CPU machine, onnxruntime sessions without spinning):
   past oneDNN ``jit_uni_dw``'s limit on left padding on AVX2 (ur_w 4; 6 on AVX-512).
   One 7x7 site alone, eager, batch 16, on an AVX2 machine
   (C x H = 384x14, 768x7, 192x28): spatial 92.9 / 59.5 / 174.7 ms, spatial-h 16.9 /
-  5.0 / 22.4 ms, split 15.1 / 4.5 / 28.0 ms. Whole convnext_tiny on an AVX-512 machine
+  5.0 / 22.4 ms, split 15.1 / 4.5 / 28.0 ms. Whole convnext_tiny on the Intel Xeon machine
   ([H]): spatial-h against spatial, fused / unfused, eager 1.008 / 0.978 against
   1.018 / 1.068, compile 0.988 / 1.006 against 0.953 / 1.006, onnxruntime
   1.016 / 1.026 against 1.043 / 1.089. So a 7x7 depthwise site takes "spatial-h".
