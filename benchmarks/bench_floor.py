@@ -74,9 +74,9 @@ def _first(session: Any, feeds: dict[str, Any]) -> Any:
     return session.run(None, feeds)
 
 
-def runs_for(p: Prepared, backend: str, x: Tensor) -> dict[str, Callable[[], Any]]:
-    """One zero-argument call per variant on ``backend`` (the fused model already fused for it)."""
-    with_t = original_with_transforms(p.models["original"], p.sites).eval()
+def runs_for(p: Prepared, with_t: fx.GraphModule, backend: str, x: Tensor) -> dict[str, Callable[[], Any]]:
+    """One zero-argument call per variant on ``backend`` (the fused model already fused for it);
+    ``with_t``: :func:`original_with_transforms` of ``p``'s original."""
     models = {**{v: p.models[v] for v in VARIANTS[:3]}, "original+T": with_t}
     if backend == "eager":
         return {v: functools.partial(m, x) for v, m in models.items()}
@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in [m for m in args.models.split(",") if m]:
         p = prepare(name, input_size=(3, args.input_size, args.input_size))
         try:
+            with_t = original_with_transforms(p.models["original"], p.sites).eval()
             for backend in backends:
                 if backend == "onnxruntime":
                     prepare_onnx(p)
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 for batch in args.batches:
                     (x,) = p.example(batch)
                     with torch.inference_mode():
-                        runs = runs_for(p, backend, x)
+                        runs = runs_for(p, with_t, backend, x)
                         check_outputs(runs, len(p.sites))
                         lat = interleaved_latency(runs, repeats=args.repeats, warmup=args.warmup)
                     rows.append(row(p, backend, batch, lat))

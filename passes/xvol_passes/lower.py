@@ -61,7 +61,7 @@ from xvol_compiler.errors import InvalidArgumentError, XvolError
 from xvol_compiler.files import PathLike, atomic_write_json, written_now
 from xvol_compiler.fold import Branch, FoldError
 from xvol_compiler.lowering import LOWERINGS, LoweringChoice, check_lowering
-from xvol_compiler.lowering_table import rule_entry, site_class
+from xvol_compiler.lowering_table import RuleEntry, rule_entry, site_class
 from xvol_compiler.rules import GraphAdapter, Key
 
 __all__ = [
@@ -115,9 +115,8 @@ def site_option(lowering: LoweringOption, name: str) -> str:
 # --------------------------------------------------------------------------- the rule (lowering="auto")
 
 
-def _rule(branch: Branch, exact: Sequence[str], *, backend: str, single_conv: bool,
-          input_shape: Sequence[object] | None, why: str = "rule") -> LoweringChoice:
-    entry = rule_entry(branch, backend=backend, single_conv=single_conv, input_shape=input_shape)
+def _rule(entry: RuleEntry, branch: Branch, exact: Sequence[str], *, backend: str,
+          why: str = "rule") -> LoweringChoice:
     choice = next((name for name in entry.prefer if name in exact), "channel")
     skipped = list(itertools.takewhile(lambda name: name != choice, entry.prefer))  # (none of them exact)
     fallback = f" ({', '.join(skipped)} not exact)" if skipped else ""
@@ -278,15 +277,15 @@ def _ort_version() -> str:
     return str(onnxruntime.__version__)
 
 
-def _measured(branch: Branch, exact: Sequence[str], *, backend: str, single_conv: bool,
+def _measured(branch: Branch, exact: Sequence[str], entry: RuleEntry, *, backend: str,
               input_shape: Sequence[object] | None, cache_path: PathLike | None, note: str) -> LoweringChoice:
     if backend not in _MEASURED_BACKENDS:
-        choice = _rule(branch, exact, backend=backend, single_conv=single_conv, input_shape=input_shape,
+        choice = _rule(entry, branch, exact, backend=backend,
                        why=f"{backend} is not measured (compiling every candidate costs seconds per site), rule")
         return LoweringChoice(choice.lowering, choice.reason + note)
     shape = _static_shape(input_shape, branch.geometry.ndim)
     if shape is None:
-        choice = _rule(branch, exact, backend=backend, single_conv=single_conv, input_shape=input_shape,
+        choice = _rule(entry, branch, exact, backend=backend,
                        why="input shape unknown, not measured, rule")
         return LoweringChoice(choice.lowering, choice.reason + note)
     path = lowering_cache_path(cache_path)
@@ -328,8 +327,8 @@ def choose_lowering(
     """
     validate_options(backend, lowering, single_conv)
     # "spatial-h" is a candidate where it is asked for, by name or by the rule's entry for the site.
-    by_rule = lowering == "auto" and "spatial-h" in rule_entry(
-        branch, backend=backend, single_conv=single_conv, input_shape=input_shape).prefer
+    entry = rule_entry(branch, backend=backend, single_conv=single_conv, input_shape=input_shape)
+    by_rule = lowering == "auto" and "spatial-h" in entry.prefer
     candidates = (["channel", "spatial"] + (["spatial-h"] if lowering == "spatial-h" or by_rule else [])
                   + ([] if single_conv else ["split"]))
     exact: list[str] = []
@@ -351,9 +350,9 @@ def choose_lowering(
     if len(exact) == 1:
         return LoweringChoice(exact[0], f"the only exact lowering{note}")
     if lowering == "measure":
-        return _measured(branch, exact, backend=backend, single_conv=single_conv, input_shape=input_shape,
+        return _measured(branch, exact, entry, backend=backend, input_shape=input_shape,
                          cache_path=cache_path, note=note)
-    choice = _rule(branch, exact, backend=backend, single_conv=single_conv, input_shape=input_shape)
+    choice = _rule(entry, branch, exact, backend=backend)
     return LoweringChoice(choice.lowering, choice.reason + note)
 
 
