@@ -24,6 +24,7 @@ average is recorded at the start and the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as dt
 import functools
@@ -38,7 +39,7 @@ from torch import Tensor, fx, nn
 from xvol_compiler.benchmark import Prepared, prepare, prepare_onnx, refuse_for
 from xvol_compiler.io import atomic_write_text
 from xvol_compiler.machine_load import load_line
-from xvol_compiler.measure import Latency, interleaved_latency, machine_info
+from xvol_compiler.measure import Latency, compile_timing_set, interleaved_latency, machine_info
 from xvol_compiler.onnx_io import export_onnx
 from xvol_compiler.onnx_verify import onnx_session
 from xvol_compiler.pssa import pssa_transform
@@ -74,15 +75,18 @@ def _first(session: Any, feeds: dict[str, Any]) -> Any:
     return session.run(None, feeds)
 
 
-def runs_for(p: Prepared, with_t: fx.GraphModule, backend: str, x: Tensor) -> dict[str, Callable[[], Any]]:
+def runs_for(p: Prepared, with_t: fx.GraphModule, backend: str, x: Tensor,
+             compile_static: Callable[[nn.Module], Any] | None = None) -> dict[str, Callable[[], Any]]:
     """One zero-argument call per variant on ``backend`` (the fused model already fused for it);
-    ``with_t``: :func:`original_with_transforms` of ``p``'s original."""
+    ``with_t``: :func:`original_with_transforms` of ``p``'s original; ``compile_static``: the compiler of
+    :func:`xvol_compiler.measure.compile_timing_set` (backend "compile")."""
     models = {**{v: p.models[v] for v in VARIANTS[:3]}, "original+T": with_t}
     if backend == "eager":
         return {v: functools.partial(m, x) for v, m in models.items()}
     if backend == "compile":
-        # dynamic=False: one static graph per batch (a second batch would otherwise recompile with a dynamic one)
-        return {v: functools.partial(torch.compile(m, dynamic=False), x) for v, m in models.items()}
+        if compile_static is None:
+            raise RuntimeError("backend 'compile' needs compile_static (compile_timing_set)")
+        return {v: functools.partial(compile_static(m), x) for v, m in models.items()}
     if p.workdir is None:
         raise RuntimeError("onnxruntime needs prepare_onnx() first")
     path = Path(p.workdir.name) / "original_t.onnx"
@@ -155,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
                     refuse_for(p, backend)
                 for batch in args.batches:
                     (x,) = p.example(batch)
-                    with torch.inference_mode():
-                        runs = runs_for(p, with_t, backend, x)
+                    with contextlib.ExitStack() as stack:
+                        stack.enter_context(torch.inference_mode())
+                        compile_static = stack.enter_context(compile_timing_set()) if backend == "compile" else None
+                        runs = runs_for(p, with_t, backend, x, compile_static)
                         check_outputs(runs, len(p.sites))
                         lat = interleaved_latency(runs, repeats=args.repeats, warmup=args.warmup)
                     rows.append(row(p, backend, batch, lat))

@@ -15,6 +15,7 @@ machine, this is how the rule's entries are checked. Measure on an idle machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -29,6 +30,7 @@ from xvol_compiler.deploy import lowered_convs, run_lowering
 from xvol_compiler.io import torchvision_model
 from xvol_compiler.lowering import LOWERINGS, check_lowering
 from xvol_compiler.machine_load import load_line
+from xvol_compiler.measure import compile_timing_set
 from xvol_compiler.report import render_table
 from xvol_compiler.rules import run_rules
 from xvol_passes.fx_graph import FxAdapter
@@ -58,7 +60,8 @@ def site_branches(name: str, size: int) -> list[tuple[str, Any, tuple[int, ...]]
     return out
 
 
-def candidate_runs(branch: Any, shape: tuple[int, ...], backend: str) -> dict[str, Callable[[], object]]:
+def candidate_runs(branch: Any, shape: tuple[int, ...], backend: str,
+                   compile_static: Callable[..., Any] | None = None) -> dict[str, Callable[[], object]]:
     gen = torch.Generator().manual_seed(0)
     inputs = [torch.randn(shape[0], c, *shape[2:], generator=gen) for c in branch.channels]
     runs: dict[str, Callable[[], object]] = {}
@@ -79,8 +82,8 @@ def candidate_runs(branch: Any, shape: tuple[int, ...], backend: str) -> dict[st
         def fn(*ts: torch.Tensor, lowering: str = lowering, convs: list = convs, layout: Any = layout) -> object:
             return run_lowering(lowering, convs, layout, list(ts))
 
-        if backend == "compile":
-            fn = torch.compile(fn)  # type: ignore[assignment]
+        if compile_static is not None:
+            fn = compile_static(fn)
         runs[lowering] = lambda fn=fn: fn(*inputs)
     return runs
 
@@ -129,8 +132,10 @@ def main(argv: list[str] | None = None) -> int:
             for backend in [b for b in args.backends.split(",") if b]:
                 for batch in args.batches:
                     shape = (batch, *shape1[1:])
-                    runs = candidate_runs(branch, shape, backend)
-                    times = time_rounds(runs, args.repeats, args.warmup)
+                    with contextlib.ExitStack() as stack:
+                        compile_static = stack.enter_context(compile_timing_set()) if backend == "compile" else None
+                        runs = candidate_runs(branch, shape, backend, compile_static)
+                        times = time_rounds(runs, args.repeats, args.warmup)
                     med = {k: statistics.median(v) for k, v in times.items()}
                     single = [k for k in med if k != "split"]
                     fastest = min(single, key=med.__getitem__)

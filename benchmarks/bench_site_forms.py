@@ -26,6 +26,7 @@ error < 1e-4). ``floor`` is the memory floor, one read of ``x`` and one write of
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -41,6 +42,7 @@ from xvol_compiler.fold import FoldError
 from xvol_compiler.io import torchvision_model
 from xvol_compiler.lowering import LOWERINGS
 from xvol_compiler.machine_load import load_line
+from xvol_compiler.measure import compile_timing_set
 from xvol_compiler.pssa import neighbour_offsets, pssa_transform
 from xvol_compiler.report import render_table
 
@@ -212,12 +214,15 @@ def main(argv: list[str] | None = None) -> int:
                     for backend in [b for b in args.backends.split(",") if b]:
                         runs: dict[str, Callable[[], object]] = {
                             "copy": lambda x=x: torch.empty_like(x).copy_(x)}
-                        for k, fn in fns.items():
-                            if k == "stencil" and backend == "eager":
-                                continue  # the stencil is written for inductor
-                            f = torch.compile(fn, dynamic=False) if backend == "compile" else fn
-                            runs[k] = lambda f=f, x=x: f(x)
-                        times = time_rounds(runs, args.repeats, args.warmup)
+                        with contextlib.ExitStack() as stack:
+                            compile_static = (stack.enter_context(compile_timing_set()) if backend == "compile"
+                                              else None)
+                            for k, fn in fns.items():
+                                if k == "stencil" and backend == "eager":
+                                    continue  # the stencil is written for inductor
+                                f = compile_static(fn) if compile_static is not None else fn
+                                runs[k] = lambda f=f, x=x: f(x)
+                            times = time_rounds(runs, args.repeats, args.warmup)
                         med = {k: statistics.median(v) for k, v in times.items()}
                         for k in med:
                             if k not in names and k != "copy":

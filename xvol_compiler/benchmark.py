@@ -28,7 +28,15 @@ from torch import nn
 from xvol_compiler import fuse, xvolify
 from xvol_compiler.errors import InvalidArgumentError
 from xvol_compiler.io import build_model
-from xvol_compiler.measure import Latency, PeakMemory, count_macs, count_params, interleaved_latency, max_error
+from xvol_compiler.measure import (
+    Latency,
+    PeakMemory,
+    compile_timing_set,
+    count_macs,
+    count_params,
+    interleaved_latency,
+    max_error,
+)
 from xvol_compiler.onnx_verify import onnx_session
 from xvol_compiler.options import BACKENDS
 from xvol_compiler.xvolution import XVolution
@@ -205,24 +213,26 @@ def time_backend(
     if backend not in BACKENDS:
         raise InvalidArgumentError(f"unknown backend {backend!r}; choose from {BACKENDS}")
     (x,) = p.example(batch)
-    sync: Callable[[], None] | None = torch.cuda.synchronize if p.device.type == "cuda" else None
-    fns: dict[str, Callable[[], Any]] = {}
+    if backend == "compile":
+        with compile_timing_set() as compile_static:
+            compiled: dict[str, Callable[[], Any]] = {
+                v: functools.partial(compile_static(p.models[v]), x) for v in VARIANTS}
+            return _time_variants(p, compiled, x, repeats=repeats, warmup=warmup, check=check)
     if backend == "eager":
-        for v in VARIANTS:
-            fns[v] = functools.partial(p.models[v], x)
-    elif backend == "compile":
-        for v in VARIANTS:
-            # dynamic=False: each batch gets its own static graph; by default a second batch size would
-            # recompile the model with a dynamic batch dimension, and that graph is what would be timed.
-            fns[v] = functools.partial(torch.compile(p.models[v], dynamic=False), x)
-    else:
-        if not p.onnx_paths:
-            raise InvalidArgumentError("onnxruntime timing needs prepare_onnx() first")
-        xn = x.cpu().numpy()
-        for v in VARIANTS:
-            session = _ort_session(p.onnx_paths[v], p.device)
-            name = session.get_inputs()[0].name
-            fns[v] = functools.partial(_first_output, session, {name: xn})
+        eager: dict[str, Callable[[], Any]] = {v: functools.partial(p.models[v], x) for v in VARIANTS}
+        return _time_variants(p, eager, x, repeats=repeats, warmup=warmup, check=check)
+    if not p.onnx_paths:
+        raise InvalidArgumentError("onnxruntime timing needs prepare_onnx() first")
+    fns: dict[str, Callable[[], Any]] = {}
+    for v in VARIANTS:
+        session = _ort_session(p.onnx_paths[v], p.device)
+        fns[v] = functools.partial(_first_output, session, {session.get_inputs()[0].name: x.cpu().numpy()})
+    return _time_variants(p, fns, x, repeats=repeats, warmup=warmup, check=check)
+
+
+def _time_variants(p: Prepared, fns: dict[str, Callable[[], Any]], x: torch.Tensor, *, repeats: int,
+                   warmup: int, check: bool) -> tuple[Latency, dict[str, float]]:
+    sync: Callable[[], None] | None = torch.cuda.synchronize if p.device.type == "cuda" else None
     errors: dict[str, float] = {}
     with torch.inference_mode():
         outs = {v: fn() for v, fn in fns.items()}  # also the first (compiling) call

@@ -11,11 +11,15 @@
 - :class:`PeakMemory`: peak resident memory above the starting point while a
   block runs (sampled from ``/proc/self/statm``; ``ru_maxrss`` elsewhere),
   and the CUDA allocator's peak on a GPU.
+- :func:`compile_timing_set`: ``torch.compile`` for one set of timed variants, from cleared
+  caches, failing rather than falling back to eager mode.
 - :func:`machine_info`: what the numbers were measured on.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 import platform
@@ -23,7 +27,7 @@ import resource
 import statistics
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +42,7 @@ from xvol_compiler.verify import error_stats, tensors_of
 __all__ = [
     "Latency",
     "PeakMemory",
+    "compile_timing_set",
     "count_macs",
     "count_params",
     "max_error",
@@ -177,6 +182,22 @@ def interleaved_latency(
 # ---------------------------------------------------------------------------
 # Memory
 # ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def compile_timing_set() -> Iterator[Callable[[Callable[..., Any]], Callable[..., Any]]]:
+    """Yields ``torch.compile`` with static shapes, for one set of variants to be timed inside the block.
+
+    dynamo keeps at most ``recompile_limit`` (8) graphs per code object and past it runs the frame in
+    eager mode with only a warning. Models of one class in several forms at several batch sizes pass
+    that limit (resnet18 and resnet50 are both ``ResNet``: original, unfused and fused at batch 1 and
+    16 are 12 graphs of ``ResNet.forward``), and "compile" would time eager mode. So the caches are
+    cleared on entry, and inside the block reaching the limit raises. ``dynamic=False``: one static
+    graph per batch size (a second batch would otherwise recompile with a dynamic batch dimension).
+    """
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield functools.partial(torch.compile, dynamic=False)
 
 
 def _rss_bytes() -> int | None:

@@ -97,12 +97,12 @@ def fuse_onnx(
     its report saying "no fusable patterns".
 
     Each X-volution site is written in a lowering (``xvol_compiler.lowering``) for onnxruntime:
-    ``lowering="auto"``, a deterministic rule without timing (``xvol_compiler.lowering_table``: a
-    depthwise site takes "split" with ``single_conv=False``, else "spatial"; other sites "channel");
+    ``lowering="auto"``, a deterministic rule without timing (``xvol_compiler.lowering_table``, by
+    backend "onnxruntime", site class, ``single_conv`` and kernel);
     ``lowering="measure"`` (opt-in), the fastest on a one-site model at the site's shapes, the times
     kept in a persistent cache file (``xvol_passes.lower``); or the one forced by
     ``lowering="channel"|"spatial"|"spatial-h"|"split"`` (a site where it is not exact keeps "channel", the
-    report says why; "spatial-h", the interleave along H, is only taken when forced); ``single_conv=False``
+    report says why); ``single_conv=False``
     allows "split" (two Conv and an Add per site).
     ``skip`` names rules not to apply (``xvol_compiler.rules.RULES``); an unknown name raises
     ``UnknownRuleError`` listing the rules.

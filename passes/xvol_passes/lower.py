@@ -11,8 +11,9 @@ re-emits the site through the adapter's ``relower``:
     (depthwise: one input channel of ``x`` per group; dense: one group;
     grouped), ``single_conv``, kernel, stride and shape class, each entry with
     the measurements it rests on. Today: a depthwise site takes "split" when
-    ``single_conv=False``, else "spatial"; dense and grouped sites take
-    "channel" (every backend). The first exact lowering of the entry's order is
+    ``single_conv=False``, else "spatial" ("spatial-h" for a 7x7 kernel); dense
+    sites take "channel"; grouped sites "channel", or "split" in onnxruntime
+    when ``single_conv=False``. The first exact lowering of the entry's order is
     taken. The same model, options and package version give the same fused
     structure whatever the machine's load.
 ``lowering="measure"`` (opt-in)
@@ -31,8 +32,8 @@ re-emits the site through the adapter's ``relower``:
     report's reason names the cache file.
 a lowering name
     forced; a site where it is not exact (or not allowed) keeps "channel" and
-    the report says why. "spatial-h" (the interleave along H) is only taken
-    when forced: neither the rule nor the measurement considers it.
+    the report says why. "spatial-h" (the interleave along H) is a candidate
+    where forced or where the rule's entry names it (7x7 depthwise sites).
 
 "split" (two convolutions and an add per site) is a candidate only with
 ``single_conv=False``.
