@@ -63,17 +63,17 @@ measured on an idle 2-core CPU machine, onnxruntime sessions without spinning):
   1.018 / 1.068, compile 0.988 / 1.006 against 0.953 / 1.006, onnxruntime
   1.016 / 1.026 against 1.043 / 1.089. So a 7x7 depthwise site takes "spatial-h".
 - [F] dense models against the MAC floor and the MAC floor plus T(x)
-  (``benchmarks/bench_floor.py``, ``benchmarks/results/20261205-180238-cpu-floor.md``
-  and ``-183137-cpu-floor.md``): resnet18 and resnet50 in "channel" within 3% of the
-  MAC floor or below it, except resnet50 under compile at batch 1 (+5.2%).
+  (``benchmarks/bench_floor.py``; the files are named in the README's Benchmarks section):
+  resnet18 and resnet50 in "channel" within 3% of the MAC floor or below it on every backend.
 - [G] grouped and dense sites per lowering (``benchmarks/bench_lowerings.py --models
-  resnet18,resnet50,regnet_y_400mf``, ``benchmarks/results/GROUPED_RESULT``): at dense sites
+  resnet18,resnet50,regnet_y_400mf``,
+  ``benchmarks/results/20261206-025746-lowerings-dense-grouped.txt``): at dense sites
   (resnet18, resnet50) every lowering is within a few % of "channel", split included, on
   every backend. At the grouped sites of regnet_y_400mf (8 channels per group) split is
-  the fastest form in onnxruntime at every site, batch 1 and 16, by 8-22% (the one-conv
-  forms pay a Reshape-Concat-Reshape interleave that onnxruntime runs outside its
-  blocked layout); in eager and compile split is 15-25% slower at batch 1 and mixed at
-  batch 16. So a grouped site takes "split" in onnxruntime when allowed, "channel" otherwise.
+  the fastest form in onnxruntime at every site: 5-41% faster than "channel" at batch 1,
+  7-21% at batch 16 (the one-conv forms add the interleave's Reshape-Concat-Reshape
+  copy; not profiled further); in eager and compile split is slower at 5 of the 6 sites (the stride-2
+  site aside), by 3-29%. So a grouped site takes "split" in onnxruntime when allowed, "channel" otherwise.
 - Forms measured and not built: a depth-2 Conv3d over ``stack([x, T(x)], 2)`` and,
   under torch.compile, the whole site as one stencil over x (no T(x) written): no
   faster than split at batch 16 (Conv3d 1.02-1.67x split, the stencil
@@ -132,7 +132,7 @@ RULES: tuple[RuleEntry, ...] = (
     RuleEntry("dense-channel", _ALL_BACKENDS, "dense", None, ("channel",),
               "eager: [E] (dense sites fastest in channel); one conv over 2x the input channels"),
     RuleEntry("grouped-split-onnxruntime", ("onnxruntime",), "grouped", False, ("split", "channel"),
-              "[G] split 8-22% faster than channel at every grouped site of regnet_y_400mf, batch 1 and 16"),
+              "[G] split faster than channel at every grouped site of regnet_y_400mf: 5-41% at batch 1, 7-21% at 16"),
     RuleEntry("grouped-channel", _ALL_BACKENDS, "grouped", None, ("channel",),
               "[G] single-conv forms within a few % of each other; split slower in eager and compile at batch 1"),
 )
