@@ -76,9 +76,10 @@ measured on an idle 2-core CPU machine, onnxruntime sessions without spinning):
   site aside), by 3-29%. So a grouped site takes "split" in onnxruntime when allowed, "channel" otherwise.
 - Forms measured and not built: a depth-2 Conv3d over ``stack([x, T(x)], 2)`` and,
   under torch.compile, the whole site as one stencil over x (no T(x) written): no
-  faster than split at batch 16 (Conv3d 1.02-1.67x split, the stencil
-  2.3-16.6x); Conv3d beats both spatial forms at 7 of the 40 rows (4 of them
-  stride-2 sites, where every single conv is 1.2-1.6x split), same table.
+  faster than split at batch 16 (Conv3d 1.02-1.67x split in eager; under compile, cleared
+  caches, ``benchmarks/results/20261206-030728-site-forms-compile.txt``: Conv3d 1.05-1.35x,
+  the best single conv at all five mobilenet_v3_large sites, spatial 1.18-1.77x, the stencil
+  2.8-3.4x). A Conv3d lowering for "compile" is not built yet.
 """
 
 from __future__ import annotations
