@@ -37,6 +37,7 @@ from xvol_compiler.benchmark import BACKENDS, prepare, prepare_onnx, refuse_for,
 from xvol_compiler.io import atomic_path, atomic_write_json, atomic_write_text
 from xvol_compiler.machine_load import LoadAverage, load_average, load_line
 from xvol_compiler.measure import machine_info
+from xvol_compiler.options import LOWERING_OPTIONS
 from xvol_compiler.report import format_count
 
 DEFAULT_MODELS = ("resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny")
@@ -54,8 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="rounds discarded first (default 3)")
     p.add_argument("--input-size", type=int, default=None, help="image size (default 224)")
     p.add_argument("--sites", default="os16", help="site policy (default os16)")
-    p.add_argument("--lowering", default="auto", choices=("auto", "measure", "channel", "spatial", "spatial-h",
-                                                               "split"),
+    p.add_argument("--lowering", default="auto", choices=LOWERING_OPTIONS,
                    help="deploy lowering of the fused sites (default auto: the deterministic rule per backend and "
                         "site class; measure: timed on this machine, cached)")
     p.add_argument("--backend-aware", action="store_true",

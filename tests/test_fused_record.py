@@ -33,7 +33,7 @@ def _xvolified_resnet18(size: int = 64) -> tuple[nn.Module, torch.Tensor]:
     return model, x
 
 
-@pytest.mark.parametrize("lowering", ["channel", "spatial", "spatial-h"])
+@pytest.mark.parametrize("lowering", ["channel", "spatial", "spatial-h", "stack"])
 def test_record_rebuilds_the_fused_structure_in_a_fresh_model(lowering):
     model, x = _xvolified_resnet18()
     fused = fuse(model, example_inputs=(x,), lowering=lowering)

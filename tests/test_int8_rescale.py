@@ -41,7 +41,7 @@ from xvol_compiler.int8 import (
 )
 from xvol_compiler.lowering import spatial_axis
 from xvol_compiler.onnx_io import export_onnx
-from xvol_compiler.ops import interleave_groups, interleave_spatial, pssa_kernel, pssa_transform
+from xvol_compiler.ops import interleave_groups, interleave_spatial, pssa_kernel, pssa_transform, stack_depth
 from xvol_passes.fuse_onnx import fuse_onnx
 from xvol_passes.onnx_graph import Interleave
 from xvol_passes.onnx_rescale import apply_onnx_t_scales, calibrate_onnx_t_scales, onnx_rescale_sites, rescale_onnx
@@ -144,6 +144,21 @@ def test_rescaled_taps_read_s_times_t(ndim: int, lowering: str, groups: int, per
     assert rel_err(got, ref) <= 1e-12
 
 
+def test_rescaled_stack_taps_read_s_times_t() -> None:
+    """conv3d(stack_depth([x, s*T]), rescale_t_taps(w, axis=-3)) == conv3d(stack_depth([x, T]), w): the taps
+    of the stacked axis that read T (slot 1) divided by s."""
+    groups, per_group, c_out = 2, 2, 6
+    c = groups * per_group
+    g = torch.Generator().manual_seed(11)
+    x, t = (torch.randn(2, c, 5, 6, generator=g, dtype=torch.float64) for _ in range(2))
+    s = random_scale(c, 11)
+    w = torch.randn(c_out, per_group, 2, 3, 3, generator=g, dtype=torch.float64)
+    ref = F.conv3d(stack_depth([x, t]), w, None, 1, (0, 1, 1), 1, groups)
+    got = F.conv3d(stack_depth([x, t * s.view(1, -1, 1, 1)]), rescale_t_taps(w, s, groups, axis=-3), None, 1,
+                   (0, 1, 1), 1, groups)
+    assert rel_err(got, ref) <= 1e-12
+
+
 # ----------------------------------------------------------------------------- deploy modules (PyTorch)
 
 
@@ -157,7 +172,7 @@ def deploy_of(model: nn.Sequential, lowering: str) -> XVolutionDeploy:
 
 @settings(max_examples=examples(60))
 @given(site=conv_sites(ndims=(1, 2, 3), max_kernel=5), shift=st.integers(1, 2), axial=st.booleans(),
-       lowering=st.sampled_from(["channel", "split", "spatial", "spatial-h"]), seed=st.integers(0, 2**16))
+       lowering=st.sampled_from(["channel", "split", "spatial", "spatial-h", "stack"]), seed=st.integers(0, 2**16))
 def test_rescaled_deploy_module_is_exact(site: SiteSpec, shift: int, axial: bool, lowering: str,
                                          seed: int) -> None:
     model = site_model(site, shift, axial)
@@ -326,12 +341,12 @@ def test_unknown_site_name_is_refused(two_sites: nn.Module) -> None:
 @settings(max_examples=examples(25))
 @given(site=conv_sites(ndims=(1, 2), max_kernel=4), shift=st.integers(1, 2), axial=st.booleans(),
        interleave=st.sampled_from(["reshape", "gather"]),
-       lowering=st.sampled_from(["auto", "channel", "split", "spatial-h"]),
+       lowering=st.sampled_from(["auto", "channel", "split", "spatial-h", "stack"]),
        seed=st.integers(0, 2**16))
 def test_rescaled_onnx_graph_is_exact(site: SiteSpec, shift: int, axial: bool, interleave: str, lowering: str,
                                       seed: int) -> None:
     """Every lowering fuse_onnx writes ("auto": spatial for depthwise sites, else channel; split; spatial-h,
-    which a 1-D site refuses: then channel)."""
+    which a 1-D site refuses: then channel; stack)."""
     # (TorchScript writes padding="same" with a dilation as auto_pad, which onnxruntime cannot run)
     assume(site.padding != "same" or all(d == 1 for d in site.dilation))
     model = site_model(site, shift, axial)
@@ -365,6 +380,28 @@ def test_rescaled_onnx_spatial_interleave_finds_its_axis(lowering: str, ndim: in
     got = torch.from_numpy(ort_run(rescaled, x))
     assert rel_err(got, eager64(model, x)) <= TOL
     deploy = deploy_of(model, lowering)
+    rescale_deploy(deploy, s)
+    with torch.no_grad():
+        assert rel_err(got, deploy(x)) <= TOL
+
+
+@pytest.mark.parametrize("ndim", [1, 2])
+def test_rescaled_onnx_stack_finds_its_axis(ndim: int) -> None:
+    """fuse_onnx's stack (inputs padded first for a non-zero padding mode): the rescale finds T's slot on the
+    stacked axis of the weight, and the rescaled graph is exact, as the rescaled deploy module."""
+    site = SiteSpec(ndim, 4, 4, (3,) * ndim, (1,) * (ndim - 1) + (2,), (1,) * ndim, (1,) * ndim, 4, True,
+                    "reflect", (5,) * (ndim - 1) + (6,), 2)
+    model = site_model(site, 1, False)
+    x = site.input(torch.float32, 3) * ACT
+    fused, report = fuse_onnx(export_onnx(model, None, (x,), dynamo=False), lowering="stack")
+    assert report.lowerings() == dict.fromkeys(report.lowerings(), "stack"), str(report)
+    (found,) = onnx_rescale_sites(gs.import_onnx(fused))
+    assert [read for _, read in found.convs] == [(1, -(ndim + 1))]
+    s = random_scale(4, 8)
+    rescaled = apply_onnx_t_scales(fused, {found.name: s})
+    got = torch.from_numpy(ort_run(rescaled, x))
+    assert rel_err(got, eager64(model, x)) <= TOL
+    deploy = deploy_of(model, "stack")
     rescale_deploy(deploy, s)
     with torch.no_grad():
         assert rel_err(got, deploy(x)) <= TOL

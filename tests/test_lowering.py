@@ -1,4 +1,4 @@
-"""Deploy lowerings of a fused site (channel, spatial, spatial-h, split): exact or refused with a reason, in the
+"""Deploy lowerings of a fused site (channel, spatial, spatial-h, stack, split): exact or refused with a reason, in the
 module form (XVolution.fuse), the FX pass and the ONNX pass; selection per backend; exports."""
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ from xvol_compiler.lowering import (
     spatial_axis,
     spatial_layout,
     spatial_weight,
+    stack_layout,
+    stack_weight,
 )
-from xvol_compiler.pssa import interleave_groups, interleave_spatial, neighbour_offsets
+from xvol_compiler.pssa import interleave_groups, interleave_spatial, neighbour_offsets, stack_depth
 from xvol_compiler.verify import onnx_session
 from xvol_passes.fuse_fx import fuse_with_report
 from xvol_passes.fuse_onnx import fuse_onnx
@@ -140,6 +142,62 @@ def test_spatial_h_weight_is_the_literal_interleave() -> None:
     assert rel_err(got2, ref2) <= 1e-12
 
 
+def test_stack_weight_is_the_literal_stack() -> None:
+    """conv3d(stack_depth([x, T]), stack weight) == conv2d(interleave_groups([x, T]), weight), by loops: tap j
+    of the new axis reads input j, the site's kernel, stride, padding and dilation untouched; 1-D too."""
+    g = torch.Generator().manual_seed(2)
+    c, k, groups, c_out = 4, 2, 2, 6
+    w = torch.randn(c_out, (1 + k) * c // groups, 3, 2, generator=g, dtype=torch.float64)
+    sw = stack_weight(w, 1 + k)
+    assert sw.shape == (c_out, c // groups, 1 + k, 3, 2)
+    for o in range(c_out):
+        for i in range(c // groups):
+            assert torch.equal(sw[o, i, 0], w[o, i])
+            for d in range(k):
+                assert torch.equal(sw[o, i, 1 + d], w[o, c // groups + i * k + d])
+    x = torch.randn(2, c, 6, 7, generator=g, dtype=torch.float64)
+    t = torch.randn(2, k * c, 6, 7, generator=g, dtype=torch.float64)
+    z = stack_depth([x, t])
+    assert z.shape == (2, c, 1 + k, 6, 7)
+    for ch in range(c):
+        assert torch.equal(z[:, ch, 0], x[:, ch])
+        for d in range(k):
+            assert torch.equal(z[:, ch, 1 + d], t[:, ch * k + d])
+    ref = F.conv2d(interleave_groups([x, t], groups), w, None, (2, 1), (1, 1), (2, 1), groups)
+    got = F.conv3d(z, sw, None, (1, 2, 1), (0, 1, 1), (1, 2, 1), groups)
+    assert got.shape[2] == 1 and rel_err(got.squeeze(2), ref) <= 1e-12
+    layout = stack_layout(ConvGeometry((1 + k) * c, c_out, (3, 2), (2, 1), (1, 1), (2, 1), groups), 1 + k,
+                          asymmetric_pads=False)
+    assert (layout.geometry.kernel_size, layout.geometry.stride, layout.geometry.dilation) == (
+        (1 + k, 3, 2), (1, 2, 1), (1, 2, 1))
+    assert layout.geometry.padding == (0, 1, 1) and layout.pre_pads is None
+    w1, x1, t1 = w[..., 0], x[..., 0], t[..., 0]
+    ref1 = F.conv1d(interleave_groups([x1, t1], groups), w1, None, 2, 1, 1, groups)
+    got1 = F.conv2d(stack_depth([x1, t1]), stack_weight(w1, 1 + k), None, (1, 2), (0, 1), 1, groups)
+    assert rel_err(got1.squeeze(2), ref1) <= 1e-12
+
+
+def test_stack_refusals_say_why() -> None:
+    """stack: a 3-D site would need a 4-D conv; asymmetric or non-zero padding is applied to the inputs
+    first where the conv cannot do it (torch modules), kept in the conv where it can (ONNX)."""
+    three_d = ConvGeometry(8, 4, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), 4)
+    branch = Branch(("x", "t"), (4, 4), three_d, torch.zeros(4, 2, 3, 3, 3), None)
+    why = "a 3-D site would need a 4-D convolution, which torch and ONNX do not have; use spatial"
+    with pytest.raises(FoldError, match=why):
+        check_lowering(branch, "stack")
+    choice = choose_lowering(branch, lowering="stack")
+    assert choice.lowering == "channel" and choice.reason == f"stack refused: {why}"
+    asym = ConvGeometry(8, 4, (3, 3), (1, 1), ((0, 1), (1, 1)), (1, 1), 4)
+    torch_layout = stack_layout(asym, 2, asymmetric_pads=False)
+    assert torch_layout.pre_pads == ((0, 1), (1, 1)) and torch_layout.geometry.padding == (0, 0, 0)
+    onnx_layout = stack_layout(asym, 2, asymmetric_pads=True)
+    assert onnx_layout.pre_pads is None and onnx_layout.pads == ((0, 0), (0, 1), (1, 1))
+    reflect = ConvGeometry(8, 4, (3, 3), (1, 1), (1, 1), (1, 1), 4, "reflect")
+    layout = stack_layout(reflect, 2, asymmetric_pads=True)
+    assert layout.pre_pads == ((1, 1), (1, 1)) and layout.pre_mode == "reflect"
+    assert layout.geometry.padding_mode == "zeros" and layout.geometry.padding == (0, 0, 0)
+
+
 def test_spatial_h_refusals_say_why() -> None:
     """spatial-h: a 1-D site has no H axis; a dilated H is not an interleaved kernel (a dilated W is fine)."""
     one_d = ConvGeometry(8, 4, (3,), (1,), (1,), (1,), 4)
@@ -195,7 +253,7 @@ def test_every_lowering_equals_the_unfused_site(case: tuple[SiteSpec, dict], see
         except FoldError:
             reason = _expect_refusal(site, lowering)
             assert reason.strip()
-            assert lowering in SPATIAL_LOWERINGS
+            assert lowering in (*SPATIAL_LOWERINGS, "stack")
         else:
             with torch.no_grad():
                 assert rel_err(deploy(x), ref) <= 1e-10, lowering
@@ -210,8 +268,12 @@ def test_every_lowering_equals_the_unfused_site(case: tuple[SiteSpec, dict], see
             assert outcome.lowering_reason.split("refused: ", 1)[1] == _expect_refusal(site, lowering)
         convs = [m for m in fused.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
         assert len(convs) == (2 if outcome.lowering == "split" else 1)
-        if outcome.lowering in SPATIAL_LOWERINGS:
+        if outcome.lowering in (*SPATIAL_LOWERINGS, "stack"):
             assert convs[0].in_channels == spec.in_channels  # x's channels only: T moved to a spatial axis
+        if outcome.lowering == "stack":  # one axis more, T's taps on it
+            factor = 1 + (options["directions"] if options["directional"] else 1)
+            assert convs[0].weight.dim() == spec.ndim + 3 and convs[0].kernel_size[0] == factor
+            assert tuple(convs[0].kernel_size[1:]) == tuple(spec.kernel_size)
 
 
 @pytest.mark.parametrize(("lowering", "kernel", "stride"), [("spatial", (3, 6), (1, 2)),
@@ -258,7 +320,7 @@ def _depthwise_model() -> tuple[nn.Module, torch.Tensor]:
     return xm.eval(), x
 
 
-@pytest.mark.parametrize("lowering", ["spatial", "spatial-h", "split"])
+@pytest.mark.parametrize("lowering", ["spatial", "spatial-h", "stack", "split"])
 def test_fused_lowering_compiles_and_exports(lowering: str) -> None:
     """torch.compile(fullgraph=True), torch.export and both torch.onnx exporters take the lowered FX model."""
     xm, x = _depthwise_model()
@@ -377,6 +439,31 @@ def test_onnx_spatial_h_with_dynamic_sizes(directional: bool) -> None:
             assert outcome.lowering == "channel" and outcome.lowering_reason == f"spatial-h refused: {why}"
         else:
             assert outcome.lowering == "spatial-h", outcome.lowering_reason
+        x2 = torch.randn(other[0], 3, *other[1:])
+        with torch.no_grad():
+            ref = model.double()(x2.double())
+        model.float()
+        assert rel_err(torch.from_numpy(_ort_run(fused, x2.numpy())), ref) <= 1e-4
+
+
+@pytest.mark.parametrize("directional", [False, True])
+def test_onnx_stack_with_dynamic_sizes(directional: bool) -> None:
+    """The stack's Unsqueeze and Concat take any size; the Reshape splitting a directional T's channels writes
+    all spatial sizes but one: with H and W dynamic the directional stack is refused with the reason, the
+    site kept "channel" (exact)."""
+    options = {"directional": True, "directions": 4} if directional else {}
+    spec = SiteSpec(2, 3, 3, (3, 3), (1, 1), (1, 1), (1, 1), 3, True, "zeros", (6, 7), 2)
+    model = nn.Sequential(_trained_site(spec, options, 5)).eval().float()
+    x = spec.input(torch.float32, 5)
+    for axes, other in (({0: "n", 2: "h"}, (5, 9, 7)), ({0: "n", 2: "h", 3: "w"}, (3, 5, 8))):
+        fused, report = fuse_onnx(_export_dynamic(model, x, axes), lowering="stack")
+        (outcome,) = [o for o in report.fused if o.kind == "x-volution"]
+        if len(axes) == 3 and directional:
+            why = "the directional stack needs static spatial sizes (all but one axis)"
+            assert outcome.lowering == "channel" and outcome.lowering_reason == f"stack refused: {why}"
+        else:
+            assert outcome.lowering == "stack", outcome.lowering_reason
+            assert "Squeeze" in [n.op_type for n in fused.graph.node]
         x2 = torch.randn(other[0], 3, *other[1:])
         with torch.no_grad():
             ref = model.double()(x2.double())

@@ -52,7 +52,7 @@ def xvolified() -> nn.Module:
 # --------------------------------------------------------------------------- same result both ways
 
 
-@pytest.mark.parametrize("lowering", ["spatial", "spatial-h"])
+@pytest.mark.parametrize("lowering", ["spatial", "spatial-h", "stack"])
 def test_fuse_options_and_keywords_give_the_same_model(xvolified: nn.Module, lowering: str) -> None:
     by_keywords, report_k = fuse_with_report(xvolified, example_inputs=X, lowering=lowering, rtol=1e-4)
     by_options, report_o = fuse_with_report(xvolified, example_inputs=X,

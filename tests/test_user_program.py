@@ -515,7 +515,7 @@ class DepthwiseNet(nn.Module):
         return self.head(y)
 
 
-@pytest.mark.parametrize("lowering", ["spatial", "spatial-h"])
+@pytest.mark.parametrize("lowering", ["spatial", "spatial-h", "stack"])
 @pytest.mark.parametrize("bn_only_consumer", [True, False])
 @pytest.mark.parametrize("form", FORMS)
 def test_depthwise_site_spatial_lowering(form: str, bn_only_consumer: bool, lowering: str) -> None:
@@ -671,7 +671,7 @@ def late_site_graphs(draw: st.DrawFn) -> dict[str, Any]:
         "attention_first": draw(st.booleans()),  # else: the conv branch first, T(x) right before the add
         "swap_add": draw(st.booleans()),
         "size": draw(st.integers(8, 12)),
-        "lowering": draw(st.sampled_from(["channel", "spatial", "spatial-h"])),
+        "lowering": draw(st.sampled_from(["channel", "spatial", "spatial-h", "stack"])),
     }
 
 
@@ -749,7 +749,7 @@ class ChainedSitesNet(nn.Module):
         return self.bn2(self.second(self.bn1(self.first(x))))
 
 
-@pytest.mark.parametrize("lowering", ["channel", "spatial", "spatial-h"])
+@pytest.mark.parametrize("lowering", ["channel", "spatial", "spatial-h", "stack"])
 @pytest.mark.parametrize("form", FORMS)
 def test_chained_sites_in_every_lowering(form: str, lowering: str) -> None:
     model = prepare(ChainedSitesNet())

@@ -26,8 +26,15 @@ from xvol_compiler.lowering import (
     spatial_weight,
     split_geometries,
     split_weights,
+    stack_layout,
+    stack_weight,
 )
-from xvol_compiler.pssa import interleave_groups, interleave_spatial, pssa_transform  # by name: fx.wrap below
+from xvol_compiler.pssa import (  # by name: fx.wrap below
+    interleave_groups,
+    interleave_spatial,
+    pssa_transform,
+    stack_depth,
+)
 
 __all__ = ["XVolutionDeploy", "lowered_convs", "merged_branch", "pad_input", "run_lowering"]
 
@@ -35,6 +42,7 @@ __all__ = ["XVolutionDeploy", "lowered_convs", "merged_branch", "pad_input", "ru
 torch.fx.wrap("pssa_transform")
 torch.fx.wrap("interleave_groups")
 torch.fx.wrap("interleave_spatial")
+torch.fx.wrap("stack_depth")
 
 
 def merged_branch(geometry: ConvGeometry, factor: int, weight: Tensor, bias: Tensor | None) -> Branch:
@@ -50,20 +58,19 @@ def lowered_convs(branch: Branch, lowering: str, *, single_conv: bool = True,
                   ) -> tuple[list[_ConvNd], SpatialLayout | None]:
     """The conv modules of ``lowering`` for a merged two-or-more-input site branch, weights set.
 
-    "channel", "spatial" and "spatial-h": one conv (its bias the site's); "split": one conv per input,
-    the bias on the first. For the spatial lowerings the layout says how to pad the inputs first
-    (``layout.pre_pads``). FoldError when the lowering is not exact or not allowed.
+    "channel", "spatial", "spatial-h" and "stack": one conv (its bias the site's; for "stack" of one
+    dimension more than the site); "split": one conv per input, the bias on the first. For the spatial
+    lowerings and "stack" the layout says how to pad the inputs first (``layout.pre_pads``). FoldError
+    when the lowering is not exact or not allowed.
     """
     check_lowering(branch, lowering, single_conv=single_conv)
     g = branch.geometry
-    ndim = g.ndim
     dtype = dtype or branch.weight.dtype
     device = device or branch.weight.device
 
-    # Typed as a callable: the per-dimension classes declare per-dimension tuple types, a geometry holds tuples.
-    conv_type: Callable[..., _ConvNd] = CONV_TYPES[ndim]
-
     def conv(geometry: ConvGeometry, weight: Tensor, bias: Tensor | None) -> _ConvNd:
+        # Typed as a callable: the per-dimension classes declare per-dimension tuple types, a geometry holds tuples.
+        conv_type: Callable[..., _ConvNd] = CONV_TYPES[geometry.ndim]
         module = conv_type(
             geometry.in_channels, geometry.out_channels, geometry.kernel_size, geometry.stride, geometry.padding,
             geometry.dilation, geometry.groups, bias=bias is not None, padding_mode=geometry.padding_mode,
@@ -78,6 +85,9 @@ def lowered_convs(branch: Branch, lowering: str, *, single_conv: bool = True,
     bias = branch.bias if branch.bias is not None else torch.zeros(g.out_channels, dtype=branch.weight.dtype)
     if lowering == "channel":
         return [conv(g, branch.weight, bias)], None
+    if lowering == "stack":
+        layout = stack_layout(g, interleave_factor(branch), asymmetric_pads=False)
+        return [conv(layout.geometry, stack_weight(branch.weight, layout.factor), bias)], layout
     axis = spatial_axis(lowering)
     if axis is not None:
         factor = interleave_factor(branch)
@@ -101,10 +111,12 @@ def run_lowering(lowering: str, convs: Sequence[nn.Module], layout: SpatialLayou
     """Evaluate a lowered site on its inputs ``[x, T(x)]`` (eager; the graph passes emit the same ops)."""
     if lowering == "channel":
         return convs[0](interleave_groups(list(inputs), cast(_ConvNd, convs[0]).groups))
+    if layout is not None and layout.pre_pads is not None:
+        inputs = [pad_input(t, layout.pre_pads, layout.pre_mode) for t in inputs]
+    if lowering == "stack":
+        return convs[0](stack_depth(list(inputs))).squeeze(2)
     axis = spatial_axis(lowering)
     if axis is not None:
-        if layout is not None and layout.pre_pads is not None:
-            inputs = [pad_input(t, layout.pre_pads, layout.pre_mode) for t in inputs]
         return convs[0](interleave_spatial(list(inputs), axis))
     out = convs[0](inputs[0])
     for conv, t in zip(convs[1:], inputs[1:], strict=True):
@@ -119,7 +131,8 @@ class XVolutionDeploy(nn.Module):
     1 (or |D| for the directional variant); ``"spatial"``: ``ConvNd(C_in, C_out, (..., (1+k) K_w),
     (..., (1+k) s_w), ...)(interleave_spatial(x, T(x)))``; ``"spatial-h"``: the same along H,
     ``ConvNd(C_in, C_out, (..., (1+k) K_h, K_w), (..., (1+k) s_h, s_w), ...)(interleave_spatial(x, T(x),
-    -2))``; ``"split"`` (``single_conv=False``):
+    -2))``; ``"stack"``: ``Conv(N+1)d(C_in, C_out, (1+k, *K), (1, *s), (0, *p), (1, *d),
+    groups=g)(stack_depth(x, T(x))).squeeze(2)``; ``"split"`` (``single_conv=False``):
     ``conv(x) + conv_attn(T(x))``. The main conv's weight and bias keep the site's names
     (``weight``, ``bias``) so a checkpoint key still names the site. T(x)'s ring kernel is the
     non-persistent buffer ``pssa_ring`` (no checkpoint key), as in :class:`XVolution`.

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from xvol_compiler.deploy import XVolutionDeploy
 from xvol_compiler.errors import XvolError
-from xvol_compiler.lowering import SPATIAL_LOWERINGS, spatial_axis
+from xvol_compiler.lowering import SPATIAL_LOWERINGS, tap_axis
 from xvol_compiler.pssa import T_SCALE, pssa_transform, refill_ring, site_ring
 
 __all__ = [
@@ -236,8 +236,10 @@ def rescale_t_columns(weight: Tensor, s: Tensor, groups: int, x_channels: int) -
 def rescale_t_taps(weight: Tensor, s: Tensor, groups: int, t_slot: int = 1, factor: int = 2, axis: int = -1) -> Tensor:
     """``weight`` (O, C/g, *K) of a spatial lowering (``interleave_spatial([x, T], axis)``,
     ``lowering.spatial_weight``: ``K[axis]`` is ``factor`` times the site's, tap ``factor * t + j`` of that
-    axis reads input ``j``) with the taps that read T (``j = t_slot``) of channel c divided by ``s[c]``: the
-    same conv over ``[x, s * T]``. ``axis``: -1 for "spatial" (W), -2 for "spatial-h" (H)."""
+    axis reads input ``j``) or of "stack" (``lowering.stack_weight``: the stacked axis has ``factor`` taps)
+    with the taps that read T (``j = t_slot``) of channel c divided by ``s[c]``: the same conv over
+    ``[x, s * T]``. ``axis``: ``lowering.tap_axis`` (-1 for "spatial", -2 for "spatial-h", the stacked
+    axis for "stack")."""
     c_out, c = weight.shape[0], weight.shape[1]
     if (s.numel() != groups * c or c_out % groups or not -(weight.dim() - 2) <= axis < 0
             or weight.shape[axis] % factor):
@@ -266,7 +268,7 @@ def _ring_of(name: str, module: XVolutionDeploy) -> Tensor:
         raise RescaleError(
             f"site {name!r} computes T(x) without a ring conv (directional, or 3-D with shift > 1): the rescale "
             "folds s into the ring kernel; keep this site unrescaled or fuse it with lowering='split'")
-    if module.lowering not in ("channel", "split", *SPATIAL_LOWERINGS):
+    if module.lowering not in ("channel", "split", "stack", *SPATIAL_LOWERINGS):
         raise RescaleError(f"site {name!r} uses the {module.lowering!r} lowering, which the rescale does not "
                            "know: fuse with lowering='channel'")
     return ring
@@ -287,7 +289,7 @@ def rescale_deploy(module: XVolutionDeploy, s: Tensor, name: str = "site") -> No
     with torch.no_grad():
         if module.lowering == "channel":
             weight.copy_(rescale_t_columns(weight, s, g.groups, g.in_channels))
-        elif (axis := spatial_axis(module.lowering)) is not None:
+        elif (axis := tap_axis(module.lowering, g.ndim)) is not None:
             weight.copy_(rescale_t_taps(weight, s, g.groups, axis=axis))
         else:  # split: conv_attn reads T(x) alone
             weight.copy_(rescale_t_columns(weight, s, g.groups, 0))
@@ -310,7 +312,7 @@ def t_readers(module: XVolutionDeploy) -> list[TReader]:
     if module.lowering == "channel":
         marked = rescale_t_columns(ones, twos, g.groups, g.in_channels)
     else:
-        marked = rescale_t_taps(ones, twos, g.groups, axis=spatial_axis(module.lowering) or -1)
+        marked = rescale_t_taps(ones, twos, g.groups, axis=tap_axis(module.lowering, g.ndim) or -1)
     return [TReader(weight, marked != 1)]
 
 

@@ -21,13 +21,23 @@ in four exact forms:
     C_in, ..., (1+k) H, W)``, kernel ``(..., (1+k) K_h, K_w)``, stride and
     padding of H multiplied by ``1+k``, W unchanged (kernel width, stride and
     padding stay the site's). Not for 1-D sites (no H axis).
+``"stack"``
+    one conv of one more dimension over ``stack_depth([x, T])``: ``x_c`` and
+    its ``k`` channels of ``T`` stacked on a new axis right after the channels
+    (shape ``(N, C_in, 1+k, *S)``), kernel ``(1+k, *K)`` whose taps along that
+    axis are ``[W_x, W_T1, ..., W_Tk]``, stride 1 and no padding there; the
+    output's new axis has size 1 and is dropped. A depthwise site stays
+    depthwise, its kernel, stride and padding untouched (nothing doubles). 1-D
+    and 2-D sites only: torch and ONNX have no 4-D convolution.
 ``"split"``
     one conv per input plus an add (two convolutions per site: only when the
     caller allows more than one conv per site).
 
 ``spatial_axis`` names the interleaved axis of a spatial lowering (``-1``, ``-2``:
 negative indices into the spatial axes); ``spatial_layout`` and ``spatial_weight``
-take it.
+take it. ``tap_axis`` names, for every one-conv lowering but "channel", the axis
+of the lowered weight along which the taps reading ``x`` and ``T`` alternate (what
+the INT8 rescale divides).
 
 Nothing here imports torch.fx or onnx; both graph passes and ``XVolutionDeploy``
 use these functions.
@@ -59,10 +69,13 @@ __all__ = [
     "spatial_weight",
     "split_weights",
     "split_geometries",
+    "stack_layout",
+    "stack_weight",
+    "tap_axis",
 ]
 
-Lowering = Literal["channel", "spatial", "spatial-h", "split"]
-LOWERINGS: tuple[str, ...] = ("channel", "spatial", "spatial-h", "split")
+Lowering = Literal["channel", "spatial", "spatial-h", "stack", "split"]
+LOWERINGS: tuple[str, ...] = ("channel", "spatial", "spatial-h", "stack", "split")
 # Spatial lowerings and the spatial axis each interleaves (a negative index into the spatial axes).
 _SPATIAL_AXES: dict[str, int] = {"spatial": -1, "spatial-h": -2}
 SPATIAL_LOWERINGS: tuple[str, ...] = tuple(_SPATIAL_AXES)
@@ -72,6 +85,15 @@ _AXIS_NAMES = {-1: "the last axis", -2: "the H axis"}
 def spatial_axis(lowering: str) -> int | None:
     """The spatial axis a spatial lowering interleaves along (``-1``: W, ``-2``: H), None for the others."""
     return _SPATIAL_AXES.get(lowering)
+
+
+def tap_axis(lowering: str, ndim: int) -> int | None:
+    """The axis (negative, into the weight's kernel axes) of a lowered weight along which taps alternate
+    between ``x`` and ``T``: a spatial lowering's interleaved axis, the stacked axis (``-(ndim + 1)``) of
+    "stack"; None for "channel" and "split" (their weights read T by input channel)."""
+    if lowering == "stack":
+        return -(ndim + 1)
+    return spatial_axis(lowering)
 
 
 def _check_axis(ndim: int, axis: int) -> None:
@@ -104,13 +126,15 @@ def interleave_factor(branch: Branch) -> int:
 
 @dataclass(frozen=True)
 class SpatialLayout:
-    """Geometry of the spatially interleaved conv.
+    """Geometry of the spatially interleaved (or stacked) conv.
 
-    ``geometry`` is the conv over ``interleave_spatial([x, T])`` (zero padding,
-    per-axis ``(left, right)`` in ``pads``); when ``pre_pads`` is set, every input
-    is padded first with ``pre_mode`` by those ``(left, right)`` amounts and the
-    conv pads nothing (non-zero padding modes; asymmetric zero padding where
-    the conv cannot pad asymmetrically).
+    ``geometry`` is the conv over ``interleave_spatial([x, T])`` (or, for "stack",
+    over ``stack_depth([x, T])``, one axis more) with zero padding, per-axis
+    ``(left, right)`` in ``pads`` (one pair per axis of that conv); when
+    ``pre_pads`` is set (one pair per spatial axis of the site), every input is
+    padded first with ``pre_mode`` by those amounts and the conv pads nothing
+    (non-zero padding modes; asymmetric zero padding where the conv cannot pad
+    asymmetrically).
     """
 
     factor: int
@@ -165,26 +189,65 @@ def spatial_layout(geometry: ConvGeometry, factor: int, *, asymmetric_pads: bool
     return SpatialLayout(factor, spatial, conv_pads, pre, mode)
 
 
-def spatial_weight(weight: Tensor, groups: int, factor: int, axis: int = -1) -> Tensor:
-    """Channel-interleaved merged weight -> a spatial lowering's weight.
+def stack_weight(weight: Tensor, factor: int) -> Tensor:
+    """Channel-interleaved merged weight -> the "stack" lowering's weight.
 
     ``weight``: ``(C_out, factor * C_in/g, *K)``, per group ``[x block (C_in/g),
-    T block ((factor-1) * C_in/g, channel c*k+d)]``. Result: ``(C_out, C_in/g, *K)``
-    with ``K[axis]`` multiplied by ``factor``, tap ``factor * t + j`` of that axis
-    = block ``j`` at tap ``t``.
+    T block ((factor-1) * C_in/g, channel c*k+d)]``. Result: ``(C_out, C_in/g, factor, *K)``,
+    tap ``j`` of the new axis = block ``j``.
     """
     c_out, per_group = weight.shape[0], weight.shape[1]
     if per_group % factor:
         raise FoldError(f"weight has {per_group} inputs per group, not a multiple of {factor}")
     c = per_group // factor
-    k = factor - 1
+    kernel = tuple(weight.shape[2:])
+    wx = weight[:, :c]  # (C_out, c, *K)
+    wt = weight[:, c:].reshape(c_out, c, factor - 1, *kernel)  # T channel i*k + d of the group
+    return torch.cat([wx.unsqueeze(2), wt], dim=2).contiguous()
+
+
+def spatial_weight(weight: Tensor, groups: int, factor: int, axis: int = -1) -> Tensor:
+    """Channel-interleaved merged weight -> a spatial lowering's weight: the stacked weight
+    (:func:`stack_weight`) with its new axis merged into ``K[axis]``. Result: ``(C_out, C_in/g, *K)``
+    with ``K[axis]`` multiplied by ``factor``, tap ``factor * t + j`` of that axis = block ``j`` at tap ``t``.
+    """
     kernel = tuple(weight.shape[2:])
     _check_axis(len(kernel), axis)
-    wx = weight[:, :c]  # (C_out, c, *K)
-    wt = weight[:, c:].reshape(c_out, c, k, *kernel)  # T channel i*k + d of the group
-    stacked = torch.cat([wx.unsqueeze(2), wt], dim=2)  # (C_out, c, factor, *K)
-    stacked = stacked.movedim(2, axis)  # (C_out, c, ..., K[axis], factor, ...)
-    return stacked.reshape(c_out, c, *_scaled(kernel, axis, lambda v: factor * v)).contiguous()
+    stacked = stack_weight(weight, factor).movedim(2, axis)  # (C_out, c, ..., K[axis], factor, ...)
+    return stacked.reshape(*stacked.shape[:2], *_scaled(kernel, axis, lambda v: factor * v)).contiguous()
+
+
+def stack_layout(geometry: ConvGeometry, factor: int, *, asymmetric_pads: bool) -> SpatialLayout:
+    """The "stack" lowering's geometry for a merged site geometry; FoldError says why it is not exact.
+
+    ``layout.geometry`` is the conv of one more dimension over ``stack_depth([x, T])`` (the stacked
+    axis first: kernel ``factor``, stride 1, no padding); ``layout.pads`` its per-axis (left, right)
+    zero padding, stacked axis included; ``layout.pre_pads`` (the site's spatial axes only) when the
+    inputs are padded before stacking (non-zero padding modes, or unequal pads for a conv that cannot
+    pad asymmetrically).
+    """
+    g = geometry
+    if g.ndim > 2:
+        raise FoldError(f"a {g.ndim}-D site would need a {g.ndim + 1}-D convolution, which torch and ONNX "
+                        "do not have; use spatial")
+    if g.in_channels % factor:
+        raise FoldError(f"{g.in_channels} input channels do not split by the interleave factor {factor}")
+    pads = g.pads()
+    pre: tuple[tuple[int, int], ...] | None = None
+    if g.padding_mode != "zeros" or (not asymmetric_pads and any(left != right for left, right in pads)):
+        pre, pads = pads, tuple((0, 0) for _ in pads)
+    conv_pads = ((0, 0), *pads)
+    symmetric = all(left == right for left, right in conv_pads)
+    stacked = ConvGeometry(
+        in_channels=g.in_channels // factor,
+        out_channels=g.out_channels,
+        kernel_size=(factor, *g.kernel_size),
+        stride=(1, *g.stride),
+        padding=tuple(left for left, _ in conv_pads) if symmetric else "valid",
+        dilation=(1, *g.dilation),
+        groups=g.groups,
+    )
+    return SpatialLayout(factor, stacked, conv_pads, pre, g.padding_mode if pre is not None else "zeros")
 
 
 def _scaled(values: tuple[_V, ...], axis: int, scale: Callable[[_V], _V]) -> tuple[_V, ...]:
@@ -220,7 +283,10 @@ def check_lowering(branch: Branch, lowering: str, *, single_conv: bool = True, a
         if single_conv:
             raise FoldError("the split lowering is two convolutions per site: pass single_conv=False to allow it")
         return
+    factor = interleave_factor(branch)
+    if lowering == "stack":
+        stack_layout(branch.geometry, factor, asymmetric_pads=asymmetric_pads)
+        return
     axis = spatial_axis(lowering)
     if axis is not None:
-        factor = interleave_factor(branch)
         spatial_layout(branch.geometry, factor, asymmetric_pads=asymmetric_pads, axis=axis)

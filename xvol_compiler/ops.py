@@ -32,6 +32,7 @@ from xvol_compiler.pssa import (
     pssa_transform,
     refill_ring,
     site_ring,
+    stack_depth,
 )
 from xvol_compiler.xvolution import EXTRA_BRANCHES, XVolution, conv_forward_reason
 
@@ -64,4 +65,5 @@ __all__ = [
     "refill_ring",
     "run_lowering",
     "site_ring",
+    "stack_depth",
 ]

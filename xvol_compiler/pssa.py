@@ -34,6 +34,7 @@ __all__ = [
     "pssa_transform",
     "refill_ring",
     "shift_tuple",
+    "stack_depth",
     "site_ring",
 ]
 
@@ -369,6 +370,18 @@ def interleave_groups(tensors: Sequence[Tensor], groups: int) -> Tensor:
     n, spatial = tensors[0].shape[0], tensors[0].shape[2:]
     parts = [t.reshape(n, groups, t.shape[1] // groups, *spatial) for t in tensors]
     return torch.cat(parts, dim=2).reshape(n, -1, *spatial)
+
+
+def stack_depth(tensors: Sequence[Tensor]) -> Tensor:
+    """Stack on a new axis right after the channels: ``x_c`` then the ``k_i`` channels of each other tensor
+    that belong to channel ``c`` (channels ``c*k_i ... c*k_i + k_i - 1``).
+
+    ``(N, C, *S)`` and ``(N, k_i C, *S)`` -> ``(N, C, 1 + sum k_i, *S)``; with one tensor of ``C`` channels
+    this is ``stack([x, t], 2)``.
+    """
+    c = tensors[0].shape[1]
+    return torch.cat([t.reshape(t.shape[0], c, t.shape[1] // c, *t.shape[2:]) for t in tensors], dim=2)
+
 
 def interleave_spatial(tensors: Sequence[Tensor], axis: int = -1) -> Tensor:
     """Interleave along spatial axis ``axis`` (negative: -1 the last, W; -2 the one before, H): ``x_c`` then

@@ -374,7 +374,8 @@ class XVolution(nn.Module):
              bn: BatchNormParams | None = None, weights: tuple[Tensor, Tensor] | None = None) -> XVolutionDeploy:
         """The deploy form: one convolution over ``interleave_groups([x, T(x)])`` (``lowering="channel"``),
         over ``interleave_spatial([x, T(x)])`` (``"spatial"``: along W; ``"spatial-h"``: along H,
-        ``interleave_spatial([x, T(x)], -2)``), or, with ``single_conv=False``,
+        ``interleave_spatial([x, T(x)], -2)``), one convolution of one more dimension over
+        ``stack_depth([x, T(x)])`` (``"stack"``), or, with ``single_conv=False``,
         two convolutions and an add (``"split"``); ``bn``, an eval BatchNorm applied to the site's
         output, folded in. ``weights``: :meth:`deploy_weights` when already computed.
         FoldError says why a lowering is not exact here."""

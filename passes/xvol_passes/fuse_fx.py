@@ -310,10 +310,10 @@ def fuse(
 
     Each X-volution site is deployed in a lowering (``xvol_compiler.lowering``) for ``backend``
     ("eager", "compile", "onnxruntime"; None: "eager"). ``lowering="auto"``: a deterministic rule, no timing
-    (``xvol_compiler.lowering_table``, by backend, site class, ``single_conv`` and kernel), so the same model and options always give
-    the same structure. ``lowering="measure"`` (opt-in) times the exact candidates on the site's
-    shapes and keeps the times in a persistent cache file (``xvol_passes.lower``; the
-    report's reason names it). ``lowering="channel"|"spatial"|"spatial-h"|"split"`` forces one (a site
+    (``xvol_compiler.lowering_table``, by backend, site class, ``single_conv`` and kernel), so the same model
+    and options always give the same structure. ``lowering="measure"`` (opt-in) times the exact candidates on
+    the site's shapes and keeps the times in a persistent cache file (``xvol_passes.lower``; the report's
+    reason names it). ``lowering="channel"|"spatial"|"spatial-h"|"stack"|"split"`` forces one (a site
     where it is not exact keeps "channel", with the reason in the report). ``single_conv=False``
     allows "split" (two convolutions and an add per site). ``lowering`` may also map site names to
     lowerings (``report.lowerings()`` of an earlier fusion; sites not named keep "channel"): how a

@@ -101,9 +101,8 @@ def fuse_onnx(
     backend "onnxruntime", site class, ``single_conv`` and kernel);
     ``lowering="measure"`` (opt-in), the fastest on a one-site model at the site's shapes, the times
     kept in a persistent cache file (``xvol_passes.lower``); or the one forced by
-    ``lowering="channel"|"spatial"|"spatial-h"|"split"`` (a site where it is not exact keeps "channel", the
-    report says why); ``single_conv=False``
-    allows "split" (two Conv and an Add per site).
+    ``lowering="channel"|"spatial"|"spatial-h"|"stack"|"split"`` (a site where it is not exact keeps
+    "channel", the report says why); ``single_conv=False`` allows "split" (two Conv and an Add per site).
     ``skip`` names rules not to apply (``xvol_compiler.rules.RULES``); an unknown name raises
     ``UnknownRuleError`` listing the rules.
 

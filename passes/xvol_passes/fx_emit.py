@@ -19,7 +19,7 @@ from xvol_compiler.deploy import lowered_convs
 from xvol_compiler.errors import XvolError
 from xvol_compiler.fold import Branch, FoldError
 from xvol_compiler.lowering import spatial_axis
-from xvol_compiler.pssa import interleave_groups, interleave_spatial
+from xvol_compiler.pssa import interleave_groups, interleave_spatial, stack_depth
 from xvol_compiler.rules import Key, Lowering, Rewrite
 from xvol_passes.fx_read import FxGraphReader, as_node
 
@@ -78,13 +78,16 @@ class FxGraphEmitter(FxGraphReader):
                     inp = graph.call_function(interleave_groups, (list(sources), g.groups))
                     inp.meta["is_wrapped"] = True  # codegen emits fx.wrap, so the result traces again as one node
                 conv_nodes.append(graph.create_node("call_module", "__pending__", (inp,), name=name))
-            elif spatial_axis(lowering) is not None:
+            elif lowering == "stack" or spatial_axis(lowering) is not None:
                 parts = list(sources)
                 if layout is not None and layout.pre_pads is not None:
                     flat = [p for pair in reversed(layout.pre_pads) for p in pair]
                     mode = "constant" if layout.pre_mode == "zeros" else layout.pre_mode
                     parts = [graph.call_function(F.pad, (s_, flat), {"mode": mode}) for s_ in parts]
-                inp = graph.call_function(interleave_spatial, (parts, spatial_axis(lowering)))
+                if lowering == "stack":
+                    inp = graph.call_function(stack_depth, (parts,))
+                else:
+                    inp = graph.call_function(interleave_spatial, (parts, spatial_axis(lowering)))
                 inp.meta["is_wrapped"] = True
                 conv_nodes.append(graph.create_node("call_module", "__pending__", (inp,), name=name))
             else:  # split: one conv per input and their sum
@@ -92,6 +95,8 @@ class FxGraphEmitter(FxGraphReader):
                     conv_nodes.append(graph.create_node("call_module", "__pending__", (src,),
                                                         name=name if i == 0 else f"{name}_attn"))
             new = conv_nodes[0]
+            if lowering == "stack":  # the stacked axis has size 1 after the conv
+                new = graph.call_method("squeeze", (new, 2))
             for extra in conv_nodes[1:]:
                 new = graph.call_function(operator.add, (new, extra))
         new.meta = {k: v for k, v in output.meta.items() if k in ("tensor_meta", "nn_module_stack", "val")}
@@ -168,7 +173,7 @@ class FxGraphEmitter(FxGraphReader):
             self.origin.pop(node, None)
             self.lowered.pop(node, None)
             for inp in inputs:
-                if inp.op == "call_function" and inp.target in (interleave_groups, interleave_spatial):
+                if inp.op == "call_function" and inp.target in (interleave_groups, interleave_spatial, stack_depth):
                     if not inp.users:
                         graph.erase_node(inp)
                 else:

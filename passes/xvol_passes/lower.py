@@ -32,8 +32,9 @@ re-emits the site through the adapter's ``relower``:
     report's reason names the cache file.
 a lowering name
     forced; a site where it is not exact (or not allowed) keeps "channel" and
-    the report says why. "spatial-h" (the interleave along H) is a candidate
-    where forced or where the rule's entry names it (7x7 depthwise sites).
+    the report says why. "spatial-h" (the interleave along H) and "stack" (a
+    conv of one more dimension over x and T(x) stacked) are candidates where
+    forced or where the rule's entry names them.
 
 "split" (two convolutions and an add per site) is a candidate only with
 ``single_conv=False``.
@@ -84,6 +85,8 @@ CACHE_ENV = "XVOL_LOWERING_CACHE"
 _CACHE_FORMAT = "xvol-compiler lowering cache"
 _CACHE_VERSION = 1
 _WARMUP, _ROUNDS = 2, 5
+# Lowerings that are candidates only when forced or named by the rule's entry (not timed by "measure").
+_ON_REQUEST = ("spatial-h", "stack")
 _CACHE_PATH: contextvars.ContextVar[Path | None] = contextvars.ContextVar("xvol_lowering_cache", default=None)
 
 
@@ -327,11 +330,10 @@ def choose_lowering(
     is not one raises :class:`LoweringCacheError`, one that cannot be written ``OutputError``.
     """
     validate_options(backend, lowering, single_conv)
-    # "spatial-h" is a candidate where it is asked for, by name or by the rule's entry for the site.
+    # "spatial-h" and "stack" are candidates where asked for, by name or by the rule's entry for the site.
     entry = rule_entry(branch, backend=backend, single_conv=single_conv, input_shape=input_shape)
-    by_rule = lowering == "auto" and "spatial-h" in entry.prefer
-    candidates = (["channel", "spatial"] + (["spatial-h"] if lowering == "spatial-h" or by_rule else [])
-                  + ([] if single_conv else ["split"]))
+    optional = [name for name in _ON_REQUEST if lowering == name or (lowering == "auto" and name in entry.prefer)]
+    candidates = ["channel", "spatial", *optional] + ([] if single_conv else ["split"])
     exact: list[str] = []
     refused: dict[str, str] = {}
     for name in candidates:

@@ -4,9 +4,10 @@
 for one group; ``Reshape -> Concat -> Reshape`` for several, which works for any batch and
 spatial size; or ``Concat -> Gather``), with new uniquely named initializers in the original
 weight dtype, and makes it the producer of the rewrite's output tensor: every consumer, graph
-outputs included, keeps reading the same tensor name. The "spatial", "spatial-h" and "split"
-lowerings (``xvol_compiler.lowering``) are emitted the same way. Nodes left without consumers by the
-rewrite are removed (and only those); untouched nodes keep their names, order and metadata.
+outputs included, keeps reading the same tensor name. The "spatial", "spatial-h", "stack" and "split"
+lowerings (``xvol_compiler.lowering``) are emitted the same way ("stack": ``Unsqueeze`` (or ``Reshape``)
+of each input, ``Concat`` on the new axis, a ``Conv`` of one more dimension, ``Squeeze``). Nodes left
+without consumers by the rewrite are removed (and only those); untouched nodes keep their names, order and metadata.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from xvol_compiler.lowering import (
     spatial_weight,
     split_geometries,
     split_weights,
+    stack_layout,
+    stack_weight,
 )
 from xvol_compiler.rules import Key, Lowering, Rewrite
 from xvol_passes.onnx_pad import PAD_MODES
@@ -179,6 +182,31 @@ class OnnxGraphEmitter(OnnxGraphReader):
         merged = self._int64(f"{base}/spatial_shape", [0] * (ndim + 2 + axis) + [merged_size, *after])
         return self._node("Reshape", [cat, merged], base, nodes, dtype=dtype, output="spatial_interleave")
 
+    def _stack(self, keys: Sequence[str], channels: Sequence[int], layout: SpatialLayout, ndim: int, base: str,
+               nodes: list[gs.Node]) -> gs.Tensor:
+        """``stack_depth`` of ``ndim``-D inputs: each as (N, C, k, ...) (Unsqueeze, or Reshape when k > 1), one
+        Concat on that new axis (written as ``-(ndim + 1)``, as the Unsqueeze's axis; any batch size)."""
+        tensors = [self._tensors[k] for k in keys]
+        dtype = next((t.dtype for t in tensors if t.dtype is not None), None)
+        c = channels[0]
+        dims = self._spatial_dims(tensors[0], ndim, layout)
+        why = _stack_refusal(dims, max(ct // c for ct in channels))
+        if why:
+            raise FoldError(why)
+        axis = -(ndim + 1)
+        parts = []
+        for t, ct in zip(tensors, channels, strict=True):
+            if layout.pre_pads is not None:
+                t = self._pad(t, layout.pre_pads, layout.pre_mode, base, nodes)
+            k = ct // c
+            if k == 1:
+                parts.append(self._node("Unsqueeze", [t, self._int64(f"{base}/axes", [axis])], base, nodes,
+                                        dtype=dtype))
+            else:
+                parts.append(self._node("Reshape", [t, self._int64(f"{base}/stack_shape", [0, c, k, *dims])], base,
+                                        nodes, dtype=dtype))
+        return self._node("Concat", parts, base, nodes, dtype=dtype, output="stack", axis=axis)
+
     def _spatial_dims(self, x: gs.Tensor, ndim: int, layout: SpatialLayout) -> list[int]:
         """Static spatial sizes of ``x`` (after the layout's pre-padding), unknown ones as -1."""
         shape = self.shape(x)
@@ -193,13 +221,14 @@ class OnnxGraphEmitter(OnnxGraphReader):
     def lowering_refusal(self, branch: Branch, lowering: Lowering) -> str | None:
         """Why this graph cannot emit ``lowering`` for ``branch`` beyond the math (None: it can)."""
         axis = spatial_axis(lowering)
-        if axis is None or -axis > branch.geometry.ndim:
+        ndim = branch.geometry.ndim
+        if (lowering != "stack" and (axis is None or -axis > ndim)) or len(branch.channels) < 2:
             return None  # (a missing axis is the math's refusal)
         shape = self.shape(self._tensors[str(branch.inputs[0])])
-        ndim = branch.geometry.ndim
         dims = list(shape[2:]) if shape is not None and len(shape) == ndim + 2 else [None] * ndim
         known = [d if isinstance(d, int) else -1 for d in dims]
-        return _interleave_refusal(known, branch.channels[1] // branch.channels[0], axis)
+        k = branch.channels[1] // branch.channels[0]
+        return _stack_refusal(known, k) if axis is None else _interleave_refusal(known, k, axis)
 
     def _constant(self, values: torch.Tensor, name: str, dtype: np.dtype) -> gs.Constant:
         return gs.Constant(self._fresh(name),
@@ -253,7 +282,11 @@ class OnnxGraphEmitter(OnnxGraphReader):
         conv_name = anchor.name or self._fresh(f"{base}/Conv")
         convs: list[tuple[gs.Tensor, torch.Tensor, torch.Tensor | None, ConvGeometry, Sequence[tuple[int, int]]]]
         axis = spatial_axis(lowering)
-        if axis is not None:
+        if lowering == "stack":
+            layout = stack_layout(g, interleave_factor(branch), asymmetric_pads=True)
+            x = self._stack(keys, branch.channels, layout, g.ndim, base, new_nodes)
+            convs = [(x, stack_weight(branch.weight, layout.factor), bias_values, layout.geometry, layout.pads)]
+        elif axis is not None:
             factor = interleave_factor(branch)
             layout = spatial_layout(g, factor, asymmetric_pads=True, axis=axis)
             x = self._interleave_spatial(keys, branch.channels, layout, axis, base, new_nodes)
@@ -278,8 +311,7 @@ class OnnxGraphEmitter(OnnxGraphReader):
             inputs = [x, self._constant(w, weight_name if i == 0 else f"{weight_name}_attn", dtype)]
             if b is not None:
                 inputs.append(self._constant(b, bias_name, dtype))
-            last = i == len(convs) - 1 and len(convs) == 1
-            if last:
+            if len(convs) == 1 and lowering != "stack":
                 y: gs.Tensor = out_t
             else:
                 y = gs.Variable(self._fresh(f"{base}/conv{i}_output"), dtype=out_t.dtype)
@@ -289,6 +321,9 @@ class OnnxGraphEmitter(OnnxGraphReader):
             new_nodes.append(conv)
             main = main or conv
             results.append(y)
+        if lowering == "stack":  # the stacked axis has size 1 after the conv
+            axes = self._int64(f"{base}/squeeze_axes", [2])
+            new_nodes.append(gs.Node("Squeeze", self._fresh(f"{base}/Squeeze"), {}, [results[0], axes], [out_t]))
         if len(results) > 1:
             total = results[0]
             for j, y in enumerate(results[1:], start=1):
@@ -303,7 +338,7 @@ class OnnxGraphEmitter(OnnxGraphReader):
             done.append(tag)
         metadata.append((ADAPTER_METADATA_KEY, ", ".join(done)))
         for node in new_nodes:
-            if node.op in ("Conv", "Add") and node.outputs and node.outputs[0] is not None:
+            if node.op in ("Conv", "Add", "Squeeze") and node.outputs and node.outputs[0] is not None:
                 self._new_metadata[id(node)] = metadata
         index = next(i for i, n in enumerate(self.graph.nodes) if n is old)
         self.graph.nodes[index:index] = new_nodes
@@ -349,6 +384,14 @@ class OnnxGraphEmitter(OnnxGraphReader):
             if original is not None and original.op_type == proto.op_type and original.doc_string:
                 proto.doc_string = original.doc_string
         return model
+
+
+def _stack_refusal(dims: Sequence[int], k: int) -> str | None:
+    """Why the stack cannot be written for spatial sizes ``dims`` (-1: unknown) with ``k`` channels of T per
+    channel of x (None: it can): the Reshape splitting T's channels (``k > 1``) takes all sizes but one."""
+    if k > 1 and list(dims).count(-1) > 1:
+        return "the directional stack needs static spatial sizes (all but one axis)"
+    return None
 
 
 def _interleave_refusal(dims: Sequence[int], k: int, axis: int) -> str | None:

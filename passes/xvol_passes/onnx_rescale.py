@@ -1,14 +1,14 @@
-"""The INT8 rescale of :mod:`xvol_compiler.int8` on an ONNX graph (a fused graph from ``fuse_onnx``, or an
-unfused one: any conv that reads T(x) is rescaled the same way).
+"""The INT8 rescale of :mod:`xvol_compiler.int8` on an ONNX graph (a fused graph from ``fuse_onnx``, or an unfused
+one: any conv that reads T(x) is rescaled the same way).
 
-A site here is the PSSA transform as exported: a depthwise ``Conv`` of ``x`` whose constant weight is the
-ring (``pssa_kernel_layout``: plain, not directional), then ``Mul(x, ring_conv(x))`` = T(x). Everything
-T(x) flows into must be a chain of the interleave ops ``fuse_onnx`` writes (``Concat``, ``Reshape``,
-``Gather`` on channels, ``Pad``; ``Unsqueeze``/``Concat``/``Reshape`` of the spatial interleaves, along W
-or H) ending in ``Conv`` nodes with constant weights; each such conv's input channels (or taps) are traced
-back to x or T(x), so the weights that read T's channel c are known exactly whatever the interleave. The
-rescale replaces the ring and those weights by new constants (``scale_ring``, ``1/s`` on what reads T): no
-node is added.
+A site here is the PSSA transform as exported: a depthwise ``Conv`` of ``x`` whose constant weight is the ring
+(``pssa_kernel_layout``: plain, not directional), then ``Mul(x, ring_conv(x))`` = T(x). Everything T(x) flows into
+must be a chain of the interleave ops ``fuse_onnx`` writes (``Concat``, ``Reshape``, ``Gather`` on channels,
+``Pad``; ``Unsqueeze``/``Concat``/``Reshape`` of the spatial interleaves, along W or H, and
+``Unsqueeze``/``Concat`` of the stack) ending in ``Conv`` nodes with constant weights; each such conv's input
+channels (or taps) are traced back to x or T(x), so the weights that read T's channel c are known exactly whatever
+the interleave. The rescale replaces the ring and those weights by new constants (``scale_ring``, ``1/s`` on what
+reads T): no node is added.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ __all__ = ["OnnxRescaleSite", "apply_onnx_t_scales", "calibrate_onnx_site_stats"
 
 _PASS_THROUGH = {"Concat", "Reshape", "Gather", "Pad", "Unsqueeze"}
 Source = tuple[str, int]  # ("x" or "t", channel)
-Slot = tuple[int, int]  # (T's slot, the interleaved spatial axis: -1 W, -2 H) of a spatial interleave
+Slot = tuple[int, int]  # (T's slot, the weight axis its taps alternate on: -1 W, -2 H, or the stacked axis)
 
 
 @dataclass
@@ -148,19 +148,27 @@ def _unpadded(t: gs.Tensor) -> gs.Tensor:
 def _t_slot(t: gs.Tensor, x: gs.Tensor, tt: gs.Tensor) -> Slot | None:
     """T's position in a spatial interleave of ``[x, T]`` and its spatial axis (``interleave_spatial`` as
     fuse_onnx writes it: ``Reshape(Concat(axis=a, [Unsqueeze(x, a), Unsqueeze(T, a)]), [0, ..., 0, -1, ...])``
-    with ``a`` -1 (W) or -2 (H), the Reshape copying every axis before the merged one, each input possibly
-    padded first), else None."""
+    with ``a`` -1 (W) or -2 (H), the Reshape copying every axis before the merged one), or in a stack
+    (``Concat(axis=a, [Unsqueeze(x, a), Unsqueeze(T, a)])`` read by the conv itself, ``a`` negative: the
+    weight's stacked axis), each input possibly padded first; else None."""
     t = _unpadded(t)
-    if len(t.inputs) != 1 or t.inputs[0].op != "Reshape":
-        return None
-    cat, shape = t.inputs[0].inputs[0], _const(t.inputs[0].inputs[1])
-    if len(cat.inputs) != 1 or cat.inputs[0].op != "Concat" or shape is None or shape.ndim != 1:
-        return None
-    axis = _attr(cat.inputs[0], "axis", 0)
-    if axis not in (-1, -2) or len(shape) + axis < 2 or any(int(v) for v in shape[:len(shape) + axis]):
-        return None
+    if len(t.inputs) == 1 and t.inputs[0].op == "Concat":  # the stack: the Concat feeds the conv
+        cat = t.inputs[0]
+        axis = _attr(cat, "axis", 0)
+        if axis >= 0:
+            return None
+    else:
+        if len(t.inputs) != 1 or t.inputs[0].op != "Reshape":
+            return None
+        merged, shape = t.inputs[0].inputs[0], _const(t.inputs[0].inputs[1])
+        if len(merged.inputs) != 1 or merged.inputs[0].op != "Concat" or shape is None or shape.ndim != 1:
+            return None
+        cat = merged.inputs[0]
+        axis = _attr(cat, "axis", 0)
+        if axis not in (-1, -2) or len(shape) + axis < 2 or any(int(v) for v in shape[:len(shape) + axis]):
+            return None
     found = []
-    for part in cat.inputs[0].inputs:
+    for part in cat.inputs:
         if len(part.inputs) != 1 or part.inputs[0].op != "Unsqueeze":
             return None
         axes = _const(part.inputs[0].inputs[1]) if len(part.inputs[0].inputs) > 1 else None

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from xvol_compiler.errors import VerificationError, XvolError
+from xvol_compiler.options import LOWERING_OPTIONS
 
 __all__ = [
     "CLI_FLOAT64_FIX",
@@ -128,12 +129,12 @@ def load_model_arg(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def add_lowering_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lowering", choices=("auto", "measure", "channel", "spatial", "spatial-h", "split"),
-                   default="auto",
+    p.add_argument("--lowering", choices=LOWERING_OPTIONS, default="auto",
                    help="deploy form of each site: auto (a fixed rule per backend and site class, no timing: "
                         "depthwise sites split with --split, else spatial; other sites channel), measure (time "
                         "the exact forms on this machine, kept in a cache file), channel, spatial (x and T(x) "
-                        "interleaved along W), spatial-h (along H) or split (default auto)")
+                        "interleaved along W), spatial-h (along H), stack (a conv of one more dimension over x "
+                        "and T(x) stacked) or split (default auto)")
     p.add_argument("--lowering-cache", metavar="PATH", default=None,
                    help="cache file of --lowering measure (default $XVOL_LOWERING_CACHE, else "
                         "$XDG_CACHE_HOME/xvol-compiler/lowering-cache.json)")
