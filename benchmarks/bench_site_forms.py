@@ -9,9 +9,9 @@ attention branch counts), every form runs from the site's input ``x`` to its
 output ``y``:
 
 - ``unfused``: the trained ``XVolution`` in eval mode (conv, T(x), attention conv, BatchNorm);
-- ``split``, ``spatial``, ``spatial-h``, ``channel``: the package's deploy lowerings
-  (``XVolution.fuse(lowering)``; whichever ``xvol_compiler.lowering.LOWERINGS`` has);
-- ``conv3d``: a depth-2 Conv3d over ``stack([x, T(x)], 2)`` (kernel ``(2, kh, kw)``);
+- ``split``, ``spatial``, ``spatial-h``, ``stack``, ``channel``: the package's deploy lowerings
+  (``XVolution.fuse(lowering)``; whichever ``xvol_compiler.lowering.LOWERINGS`` has; ``stack`` is the
+  depth-2 Conv3d over ``stack([x, T(x)], 2)``, kernel ``(2, kh, kw)``, formerly measured here as ``conv3d``);
 - ``stencil``: the site written as shifted slices of one padded ``x`` (T(x) and
   both branches as a sum of taps), for inductor to turn into one loop nest that
   never writes T(x) or an interleave.
@@ -43,7 +43,7 @@ from xvol_compiler.io import torchvision_model
 from xvol_compiler.lowering import LOWERINGS
 from xvol_compiler.machine_load import load_line
 from xvol_compiler.measure import compile_timing_set
-from xvol_compiler.pssa import neighbour_offsets, pssa_transform
+from xvol_compiler.pssa import neighbour_offsets
 from xvol_compiler.report import render_table
 
 DEFAULT_MODELS = ("mobilenet_v3_large", "efficientnet_b0")
@@ -78,22 +78,6 @@ def depthwise_sites(name: str, size: int) -> list[tuple[str, XVolution, tuple[in
             seen.add(key)
             out.append((f"{name}:{site}", m, shapes[site]))
     return out
-
-
-def conv3d_form(site: XVolution) -> Callable[[Tensor], Tensor]:
-    """y = conv3d(stack([x, T(x)], 2)) with kernel (2, kh, kw): the two branches as the two depth taps."""
-    deploy = site.fuse("split", single_conv=False)
-    wx, wt = deploy.conv.weight.detach(), deploy.conv_attn.weight.detach()
-    bias = deploy.conv.bias.detach() if deploy.conv.bias is not None else None
-    weight = torch.stack([wx, wt], dim=2).contiguous()  # (C, 1, 2, kh, kw)
-    g = site.geometry
-    stride, padding = (1, *g.stride), (0, *(left for left, _ in g.pads()))
-
-    def run(x: Tensor) -> Tensor:
-        t = pssa_transform(x, site.shift, site.directions, False)
-        return F.conv3d(torch.stack([x, t], dim=2), weight, bias, stride, padding, 1, g.groups).squeeze(2)
-
-    return run
 
 
 def stencil_form(site: XVolution) -> Callable[[Tensor], Tensor]:
@@ -144,7 +128,6 @@ def forms(site: XVolution) -> dict[str, Callable[[Tensor], Tensor]]:
             out[lowering] = site.fuse(lowering, single_conv=False)
         except FoldError:
             continue
-    out["conv3d"] = conv3d_form(site)
     out["stencil"] = stencil_form(site)
     return out
 

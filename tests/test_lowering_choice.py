@@ -132,9 +132,10 @@ def test_auto_fuses_without_timing_and_identically(single_conv: bool, monkeypatc
 
 
 def _counting_timer(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
-    """Replace the timer: spatial 10 us, channel 20 us, split 30 us; returns the list of timed candidate sets."""
+    """Replace the timer: spatial 10 us, channel 20 us, spatial-h 25 us, stack 27 us, split 30 us; returns the
+    list of timed candidate sets."""
     calls: list[dict] = []
-    fixed = {"spatial": 10.0, "channel": 20.0, "split": 30.0}
+    fixed = {"spatial": 10.0, "channel": 20.0, "spatial-h": 25.0, "stack": 27.0, "split": 30.0}
 
     def timer(runs: dict) -> dict[str, float]:
         calls.append(dict(runs))
@@ -159,15 +160,16 @@ def test_measure_writes_the_cache_atomically_and_reuses_it(backend: str, tmp_pat
     cache = tmp_path / "cache.json"
     branch = _branch("dense")
     first = choose_lowering(branch, backend=backend, lowering="measure", input_shape=(1, 4, 9, 9), cache_path=cache)
-    assert len(calls) == 1 and set(calls[0]) == {"channel", "spatial"}
+    timed = {"channel": 20.0, "spatial": 10.0, "spatial-h": 25.0, "stack": 27.0}
+    assert len(calls) == 1 and set(calls[0]) == set(timed)  # every exact lowering (split not allowed)
     assert first.lowering == "spatial" and first.reason.startswith(f"measured {backend} at 1x4x9x9")
-    assert str(cache) in first.reason and dict(first.times_us) == {"channel": 20.0, "spatial": 10.0}
+    assert str(cache) in first.reason and dict(first.times_us) == timed
     assert writes == [cache]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.json"]  # no temporaries left
     data = json.loads(cache.read_text())
     assert data["format"] == "xvol-compiler lowering cache" and data["version"] == 1
     (entry,) = data["entries"]
-    assert entry["times_us"] == {"channel": 20.0, "spatial": 10.0}
+    assert entry["times_us"] == timed
     key = entry["key"]
     assert key["backend"] == backend and key["input_shape"] == [1, 4, 9, 9] and key["dtype"] == "torch.float32"
     assert key["threads"] == torch.get_num_threads() and key["versions"]["xvol_compiler"]

@@ -17,7 +17,8 @@ re-emits the site through the adapter's ``relower``:
     taken. The same model, options and package version give the same fused
     structure whatever the machine's load.
 ``lowering="measure"`` (opt-in)
-    the fastest exact lowering for ``backend``, timed on the site's real input
+    the fastest exact lowering (every one: channel, spatial, spatial-h, stack, split
+    where allowed) for ``backend``, timed on the site's real input
     shape (interleave + conv, 2 warm-up and 5 timed rounds, candidates
     round-robin, median): ``"eager"`` in eager PyTorch, ``"onnxruntime"`` on a
     one-site ONNX model per candidate (sessions without spinning thread
@@ -32,9 +33,9 @@ re-emits the site through the adapter's ``relower``:
     report's reason names the cache file.
 a lowering name
     forced; a site where it is not exact (or not allowed) keeps "channel" and
-    the report says why. "spatial-h" (the interleave along H) and "stack" (a
-    conv of one more dimension over x and T(x) stacked) are candidates where
-    forced or where the rule's entry names them.
+    the report says why. With "auto", "spatial-h" (the interleave along H) and
+    "stack" (a conv of one more dimension over x and T(x) stacked) are
+    candidates where the rule's entry names them.
 
 "split" (two convolutions and an add per site) is a candidate only with
 ``single_conv=False``.
@@ -85,8 +86,6 @@ CACHE_ENV = "XVOL_LOWERING_CACHE"
 _CACHE_FORMAT = "xvol-compiler lowering cache"
 _CACHE_VERSION = 1
 _WARMUP, _ROUNDS = 2, 5
-# Lowerings that are candidates only when forced or named by the rule's entry (not timed by "measure").
-_ON_REQUEST = ("spatial-h", "stack")
 _CACHE_PATH: contextvars.ContextVar[Path | None] = contextvars.ContextVar("xvol_lowering_cache", default=None)
 
 
@@ -330,10 +329,12 @@ def choose_lowering(
     is not one raises :class:`LoweringCacheError`, one that cannot be written ``OutputError``.
     """
     validate_options(backend, lowering, single_conv)
-    # "spatial-h" and "stack" are candidates where asked for, by name or by the rule's entry for the site.
     entry = rule_entry(branch, backend=backend, single_conv=single_conv, input_shape=input_shape)
-    optional = [name for name in _ON_REQUEST if lowering == name or (lowering == "auto" and name in entry.prefer)]
-    candidates = ["channel", "spatial", *optional] + ([] if single_conv else ["split"])
+    # channel, spatial and (allowed) split are always checked; "measure" times every lowering, the rule adds
+    # those its entry names (spatial-h, stack), a forced one itself.
+    wanted = {"channel", "spatial", "split"}
+    wanted |= set(LOWERINGS if lowering == "measure" else entry.prefer if lowering == "auto" else (lowering,))
+    candidates = [name for name in LOWERINGS if name in wanted and not (single_conv and name == "split")]
     exact: list[str] = []
     refused: dict[str, str] = {}
     for name in candidates:
