@@ -74,12 +74,18 @@ measured on an idle 2-core CPU machine, onnxruntime sessions without spinning):
   7-21% at batch 16 (the one-conv forms add the interleave's Reshape-Concat-Reshape
   copy; not profiled further); in eager and compile split is slower at 5 of the 6 sites (the stride-2
   site aside), by 3-29%. So a grouped site takes "split" in onnxruntime when allowed, "channel" otherwise.
-- Forms measured and not built: a depth-2 Conv3d over ``stack([x, T(x)], 2)`` and,
-  under torch.compile, the whole site as one stencil over x (no T(x) written): no
-  faster than split at batch 16 (Conv3d 1.02-1.67x split in eager; under compile, cleared
-  caches, ``benchmarks/results/20261206-030728-site-forms-compile.txt``: Conv3d 1.05-1.35x,
-  the best single conv at all five mobilenet_v3_large sites, spatial 1.18-1.77x, the stencil
-  2.8-3.4x). A Conv3d lowering for "compile" is not built yet.
+- [T] "stack" (a depth-2 Conv3d over ``stack_depth([x, T(x)])``): per site under
+  torch.compile the best single conv at all five mobilenet_v3_large sites at batch 16
+  (1.05-1.35x split against spatial's 1.18-1.77x, cleared caches,
+  ``benchmarks/results/20261206-030728-site-forms-compile.txt``), 1.02-1.67x split in
+  eager. Across whole models (one run per lowering, idle AMD EPYC, 2026-12-06:
+  ``20261206-043227-cpu-depthwise-stack.md``, ``20261206-050245-cpu-depthwise-auto.md``,
+  fused / unfused, stack against the rule's spatial / spatial-h) it is not consistently
+  faster: compile mobilenet_v3_large 0.998 / 1.163 against 0.985 / 1.091 (batch 1 / 16),
+  efficientnet_b0 0.893 / 0.870 against 0.965 / 0.887, convnext_tiny 0.999 / 1.021 against
+  0.995 / 1.013; eager 0.92-1.02 against 0.87-1.01; onnxruntime 1.18-1.43 against
+  1.01-1.14. So no entry takes it; ``lowering="stack"`` selects it. Not built: under
+  torch.compile, the whole site as one stencil over x (no T(x) written), 2.8-3.4x split.
 """
 
 from __future__ import annotations
