@@ -162,20 +162,7 @@ class OnnxGraphEmitter(OnnxGraphReader):
         why = _interleave_refusal(dims, max(ct // c for ct in channels), axis)
         if why:
             raise FoldError(why)
-        parts = []
-        for t, ct in zip(tensors, channels, strict=True):
-            if layout.pre_pads is not None:
-                t = self._pad(t, layout.pre_pads, layout.pre_mode, base, nodes)
-            k = ct // c
-            if k == 1:
-                parts.append(self._node("Unsqueeze", [t, self._int64(f"{base}/axes", [axis])], base, nodes,
-                                        dtype=dtype))
-                continue
-            grouped = self._node("Reshape", [t, self._int64(f"{base}/split_shape", [0, c, k, *dims])], base,
-                                 nodes, dtype=dtype)
-            order = list(range(3, 3 + ndim))
-            order.insert(ndim + axis + 1, 2)  # k right after the interleaved axis
-            parts.append(self._node("Transpose", [grouped], base, nodes, dtype=dtype, perm=[0, 1, *order]))
+        parts = self._per_channel_parts(tensors, channels, layout, dims, axis, base, nodes, dtype)
         cat = self._node("Concat", parts, base, nodes, dtype=dtype, output="spatial_concat", axis=axis)
         after = dims[ndim + axis + 1:]  # static (checked above) unless the interleaved axis is
         merged_size = -1 if -1 not in after else sum(ct // c for ct in channels) * dims[axis]
@@ -194,6 +181,16 @@ class OnnxGraphEmitter(OnnxGraphReader):
         if why:
             raise FoldError(why)
         axis = -(ndim + 1)
+        parts = self._per_channel_parts(tensors, channels, layout, dims, axis, base, nodes, dtype)
+        return self._node("Concat", parts, base, nodes, dtype=dtype, output="stack", axis=axis)
+
+    def _per_channel_parts(self, tensors: Sequence[gs.Tensor], channels: Sequence[int], layout: SpatialLayout,
+                           dims: Sequence[int], axis: int, base: str, nodes: list[gs.Node], dtype: Any,
+                           ) -> list[gs.Tensor]:
+        """Each input (padded first when the layout says so) with its ``k`` channels per channel of x on a new
+        axis at ``axis`` (negative, of the result): Unsqueeze when k = 1, else Reshape to (N, C, k, ...) and,
+        unless the new axis is the one after C, a Transpose moving k there (``dims``: static spatial sizes)."""
+        ndim, c = len(dims), channels[0]
         parts = []
         for t, ct in zip(tensors, channels, strict=True):
             if layout.pre_pads is not None:
@@ -202,10 +199,15 @@ class OnnxGraphEmitter(OnnxGraphReader):
             if k == 1:
                 parts.append(self._node("Unsqueeze", [t, self._int64(f"{base}/axes", [axis])], base, nodes,
                                         dtype=dtype))
-            else:
-                parts.append(self._node("Reshape", [t, self._int64(f"{base}/stack_shape", [0, c, k, *dims])], base,
-                                        nodes, dtype=dtype))
-        return self._node("Concat", parts, base, nodes, dtype=dtype, output="stack", axis=axis)
+                continue
+            grouped = self._node("Reshape", [t, self._int64(f"{base}/split_shape", [0, c, k, *dims])], base,
+                                 nodes, dtype=dtype)
+            order = list(range(3, 3 + ndim))
+            order.insert(ndim + axis + 1, 2)  # k right after the interleaved axis (-(ndim+1): after C)
+            perm = [0, 1, *order]
+            parts.append(grouped if perm == sorted(perm) else
+                         self._node("Transpose", [grouped], base, nodes, dtype=dtype, perm=perm))
+        return parts
 
     def _spatial_dims(self, x: gs.Tensor, ndim: int, layout: SpatialLayout) -> list[int]:
         """Static spatial sizes of ``x`` (after the layout's pre-padding), unknown ones as -1."""
