@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from xvol_compiler.deploy import XVolutionDeploy
 from xvol_compiler.errors import XvolError
-from xvol_compiler.lowering import SPATIAL_LOWERINGS, tap_axis
+from xvol_compiler.lowering import LOWERINGS, tap_axis
 from xvol_compiler.pssa import T_SCALE, pssa_transform, refill_ring, site_ring
 
 __all__ = [
@@ -268,7 +268,7 @@ def _ring_of(name: str, module: XVolutionDeploy) -> Tensor:
         raise RescaleError(
             f"site {name!r} computes T(x) without a ring conv (directional, or 3-D with shift > 1): the rescale "
             "folds s into the ring kernel; keep this site unrescaled or fuse it with lowering='split'")
-    if module.lowering not in ("channel", "split", "stack", *SPATIAL_LOWERINGS):
+    if module.lowering not in LOWERINGS:
         raise RescaleError(f"site {name!r} uses the {module.lowering!r} lowering, which the rescale does not "
                            "know: fuse with lowering='channel'")
     return ring
