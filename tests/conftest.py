@@ -21,5 +21,5 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-# Two cores: keep torch from oversubscribing them in tests.
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Two cores: keep torch from oversubscribing them; under pytest-xdist (CI runs two workers) one thread each.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
