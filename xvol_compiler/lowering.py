@@ -155,34 +155,20 @@ def spatial_layout(geometry: ConvGeometry, factor: int, *, asymmetric_pads: bool
     """
     g = geometry
     _check_axis(g.ndim, axis)
-    if g.in_channels % factor:
-        raise FoldError(f"{g.in_channels} input channels do not split by the interleave factor {factor}")
+    _check_factor(g, factor)
     if g.dilation[axis] != 1:
         raise FoldError(
             f"dilation {g.dilation[axis]} on {_AXIS_NAMES.get(axis, f'axis {axis}')}: the interleaved taps "
             "are not a dilated kernel"
         )
-    pads = g.pads()
-    in_channels = g.in_channels // factor
-    conv_pads: tuple[tuple[int, int], ...]
-    pre: tuple[tuple[int, int], ...] | None = None
-    mode = "zeros"
-    if g.padding_mode != "zeros":
-        pre, mode = pads, g.padding_mode
-        conv_pads = tuple((0, 0) for _ in pads)
-    elif not asymmetric_pads and any(left != right for left, right in pads):
-        pre = pads
-        conv_pads = tuple((0, 0) for _ in pads)
-    else:
-        conv_pads = _scaled(pads, axis, lambda pair: (factor * pair[0], factor * pair[1]))
-    symmetric = all(left == right for left, right in conv_pads)
-    padding: tuple[int, ...] | str = tuple(left for left, _ in conv_pads) if symmetric else "valid"
+    pads, pre, mode = _split_padding(g, asymmetric_pads)
+    conv_pads = _scaled(pads, axis, lambda pair: (factor * pair[0], factor * pair[1]))
     spatial = ConvGeometry(
-        in_channels=in_channels,
+        in_channels=g.in_channels // factor,
         out_channels=g.out_channels,
         kernel_size=_scaled(g.kernel_size, axis, lambda v: factor * v),
         stride=_scaled(g.stride, axis, lambda v: factor * v),
-        padding=padding,
+        padding=_padding_argument(conv_pads),
         dilation=g.dilation,
         groups=g.groups,
     )
@@ -230,24 +216,44 @@ def stack_layout(geometry: ConvGeometry, factor: int, *, asymmetric_pads: bool) 
     if g.ndim > 2:
         raise FoldError(f"a {g.ndim}-D site would need a {g.ndim + 1}-D convolution, which torch and ONNX "
                         "do not have; use spatial")
-    if g.in_channels % factor:
-        raise FoldError(f"{g.in_channels} input channels do not split by the interleave factor {factor}")
-    pads = g.pads()
-    pre: tuple[tuple[int, int], ...] | None = None
-    if g.padding_mode != "zeros" or (not asymmetric_pads and any(left != right for left, right in pads)):
-        pre, pads = pads, tuple((0, 0) for _ in pads)
+    _check_factor(g, factor)
+    pads, pre, mode = _split_padding(g, asymmetric_pads)
     conv_pads = ((0, 0), *pads)
-    symmetric = all(left == right for left, right in conv_pads)
     stacked = ConvGeometry(
         in_channels=g.in_channels // factor,
         out_channels=g.out_channels,
         kernel_size=(factor, *g.kernel_size),
         stride=(1, *g.stride),
-        padding=tuple(left for left, _ in conv_pads) if symmetric else "valid",
+        padding=_padding_argument(conv_pads),
         dilation=(1, *g.dilation),
         groups=g.groups,
     )
-    return SpatialLayout(factor, stacked, conv_pads, pre, g.padding_mode if pre is not None else "zeros")
+    return SpatialLayout(factor, stacked, conv_pads, pre, mode)
+
+
+def _check_factor(g: ConvGeometry, factor: int) -> None:
+    if g.in_channels % factor:
+        raise FoldError(f"{g.in_channels} input channels do not split by the interleave factor {factor}")
+
+
+def _split_padding(
+    g: ConvGeometry, asymmetric_pads: bool,
+) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...] | None, str]:
+    """The site's per-axis (left, right) padding split between the inputs and the conv: ``(conv pads,
+    pre-pads, pre-pad mode)``. The inputs are padded first (and the conv pads nothing) for a non-zero
+    padding mode, or for unequal zero pads where the conv cannot pad asymmetrically; else pre-pads is None."""
+    pads = g.pads()
+    if g.padding_mode != "zeros" or (not asymmetric_pads and any(left != right for left, right in pads)):
+        return tuple((0, 0) for _ in pads), pads, g.padding_mode
+    return pads, None, "zeros"
+
+
+def _padding_argument(conv_pads: tuple[tuple[int, int], ...]) -> tuple[int, ...] | str:
+    """A ConvGeometry's ``padding`` for these (left, right) pads: per-axis sizes when symmetric, else
+    "valid" (the pads are then the emitter's to write: ONNX pads asymmetrically)."""
+    if all(left == right for left, right in conv_pads):
+        return tuple(left for left, _ in conv_pads)
+    return "valid"
 
 
 def _scaled(values: tuple[_V, ...], axis: int, scale: Callable[[_V], _V]) -> tuple[_V, ...]:

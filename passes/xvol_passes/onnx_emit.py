@@ -13,7 +13,7 @@ without consumers by the rewrite are removed (and only those); untouched nodes k
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -154,18 +154,12 @@ class OnnxGraphEmitter(OnnxGraphReader):
         """``interleave_spatial`` along spatial axis ``axis`` (-1: W, -2: H): each input as (N, C, ..., S_axis,
         k, ...) (Unsqueeze, or Reshape + Transpose when k > 1), one Concat on that new axis, one Reshape
         merging it into ``S_axis`` (any batch size; the axes after ``axis`` are written as static sizes)."""
-        tensors = [self._tensors[k] for k in keys]
-        dtype = next((t.dtype for t in tensors if t.dtype is not None), None)
         ndim = layout.geometry.ndim
-        c = channels[0]
-        dims = self._spatial_dims(self._tensors[keys[0]], ndim, layout)
-        why = _interleave_refusal(dims, max(ct // c for ct in channels), axis)
-        if why:
-            raise FoldError(why)
-        parts = self._per_channel_parts(tensors, channels, layout, dims, axis, base, nodes, dtype)
+        parts, dims, dtype = self._per_channel_parts(
+            keys, channels, layout, ndim, axis, lambda dims, k: _interleave_refusal(dims, k, axis), base, nodes)
         cat = self._node("Concat", parts, base, nodes, dtype=dtype, output="spatial_concat", axis=axis)
         after = dims[ndim + axis + 1:]  # static (checked above) unless the interleaved axis is
-        merged_size = -1 if -1 not in after else sum(ct // c for ct in channels) * dims[axis]
+        merged_size = -1 if -1 not in after else sum(ct // channels[0] for ct in channels) * dims[axis]
         merged = self._int64(f"{base}/spatial_shape", [0] * (ndim + 2 + axis) + [merged_size, *after])
         return self._node("Reshape", [cat, merged], base, nodes, dtype=dtype, output="spatial_interleave")
 
@@ -173,24 +167,26 @@ class OnnxGraphEmitter(OnnxGraphReader):
                nodes: list[gs.Node]) -> gs.Tensor:
         """``stack_depth`` of ``ndim``-D inputs: each as (N, C, k, ...) (Unsqueeze, or Reshape when k > 1), one
         Concat on that new axis (written as ``-(ndim + 1)``, as the Unsqueeze's axis; any batch size)."""
+        axis = -(ndim + 1)
+        parts, _, dtype = self._per_channel_parts(keys, channels, layout, ndim, axis, _stack_refusal, base, nodes)
+        return self._node("Concat", parts, base, nodes, dtype=dtype, output="stack", axis=axis)
+
+    def _per_channel_parts(
+        self, keys: Sequence[str], channels: Sequence[int], layout: SpatialLayout, ndim: int, axis: int,
+        refusal: Callable[[list[int], int], str | None], base: str, nodes: list[gs.Node],
+    ) -> tuple[list[gs.Tensor], list[int], Any]:
+        """Each input of ``keys`` (padded first when the layout says so) with its ``k`` channels per channel of x
+        on a new axis at ``axis`` (negative, of the result): Unsqueeze when k = 1, else Reshape to (N, C, k, ...)
+        and, unless the new axis is the one after C, a Transpose moving k there; with the inputs' static spatial
+        sizes (-1 where unknown) and dtype. ``refusal`` (of those sizes and the largest k) raises FoldError
+        with its reason first."""
         tensors = [self._tensors[k] for k in keys]
         dtype = next((t.dtype for t in tensors if t.dtype is not None), None)
         c = channels[0]
         dims = self._spatial_dims(tensors[0], ndim, layout)
-        why = _stack_refusal(dims, max(ct // c for ct in channels))
+        why = refusal(dims, max(ct // c for ct in channels))
         if why:
             raise FoldError(why)
-        axis = -(ndim + 1)
-        parts = self._per_channel_parts(tensors, channels, layout, dims, axis, base, nodes, dtype)
-        return self._node("Concat", parts, base, nodes, dtype=dtype, output="stack", axis=axis)
-
-    def _per_channel_parts(self, tensors: Sequence[gs.Tensor], channels: Sequence[int], layout: SpatialLayout,
-                           dims: Sequence[int], axis: int, base: str, nodes: list[gs.Node], dtype: Any,
-                           ) -> list[gs.Tensor]:
-        """Each input (padded first when the layout says so) with its ``k`` channels per channel of x on a new
-        axis at ``axis`` (negative, of the result): Unsqueeze when k = 1, else Reshape to (N, C, k, ...) and,
-        unless the new axis is the one after C, a Transpose moving k there (``dims``: static spatial sizes)."""
-        ndim, c = len(dims), channels[0]
         parts = []
         for t, ct in zip(tensors, channels, strict=True):
             if layout.pre_pads is not None:
@@ -207,7 +203,7 @@ class OnnxGraphEmitter(OnnxGraphReader):
             perm = [0, 1, *order]
             parts.append(grouped if perm == sorted(perm) else
                          self._node("Transpose", [grouped], base, nodes, dtype=dtype, perm=perm))
-        return parts
+        return parts, dims, dtype
 
     def _spatial_dims(self, x: gs.Tensor, ndim: int, layout: SpatialLayout) -> list[int]:
         """Static spatial sizes of ``x`` (after the layout's pre-padding), unknown ones as -1."""
