@@ -5,12 +5,13 @@
 
 Exports the xvolified model (attention BatchNorms given small random scales,
 as after training; the same set-up as ``bench_onnx.py``), fuses it with
-``fuse_onnx``, runs both graphs ``--runs`` times with onnxruntime's profiler
-on (CPUExecutionProvider, all graph optimizations, ``--threads`` threads) and
-prints the kernel time per operator type, as onnxruntime executes it after
-its own rewrites (``ReorderInput``/``ReorderOutput`` are its NCHWc layout
-conversions). The per-run figures are means over the profiled runs after
-the first ``--warmup`` runs, which are discarded. Profile on an idle machine.
+``fuse_onnx``, runs both graphs in turns (``--runs`` rounds, the first graph
+rotated each round) with onnxruntime's profiler on (CPUExecutionProvider, all
+graph optimizations, ``--threads`` threads) and prints the kernel time per
+operator type, as onnxruntime executes it after its own rewrites
+(``ReorderInput``/``ReorderOutput`` are its NCHWc layout conversions): each
+node's median over the profiled rounds, summed per type, after ``--warmup``
+rounds, which are discarded. Profile on an idle machine.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import statistics
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,28 +42,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--exporter", default="dynamo", choices=["dynamo", "legacy"])
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--runs", type=int, default=10, help="profiled runs per graph (default 10)")
+    p.add_argument("--runs", type=int, default=10, help="profiled rounds, each graph once per round (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="runs discarded first (default 2)")
     p.add_argument("--threads", type=int, default=2)
     return p.parse_args(argv)
 
 
-def kernel_ms_per_op(model: onnx.ModelProto, feed: dict[str, np.ndarray], args: argparse.Namespace,
-                     workdir: Path, tag: str) -> dict[str, float]:
-    """Mean kernel milliseconds per run for each operator type onnxruntime executed."""
-    sess = session(model, args.threads, profile_prefix=str(workdir / tag))
-    total = args.warmup + args.runs
-    for _ in range(total):
-        sess.run(None, feed)
-    events: list[dict[str, Any]] = json.loads(Path(sess.end_profiling()).read_text())
+def interleaved_kernel_ms(sessions: dict[str, Any], feed: dict[str, np.ndarray], warmup: int, runs: int,
+                          ) -> dict[str, dict[str, float]]:
+    """Kernel milliseconds per run of each operator type, per session, the sessions run in turns.
+
+    Each round runs every session once, the first one rotated, so that a drift of the machine (its speed
+    moves between hours here) falls on both graphs alike rather than on whichever ran second. A node's time
+    is the median over the profiled runs (robust to a stray slow run); an operator type's, the sum over its
+    nodes."""
+    tags = list(sessions)
+    for round_ in range(warmup + runs):
+        for tag in tags[round_ % len(tags):] + tags[:round_ % len(tags)]:
+            sessions[tag].run(None, feed)
+    return {tag: _median_ms_per_op(json.loads(Path(s.end_profiling()).read_text()), warmup)
+            for tag, s in sessions.items()}
+
+
+def _median_ms_per_op(events: list[dict[str, Any]], warmup: int) -> dict[str, float]:
     per_node: dict[str, list[tuple[float, str]]] = collections.defaultdict(list)
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
             per_node[e["name"]].append((float(e["dur"]), e["args"]["op_name"]))
     per_op: collections.Counter[str] = collections.Counter()
-    for runs in per_node.values():
-        for dur, op in runs[args.warmup:]:  # each node runs once per session.run, in order
-            per_op[op] += dur / 1e3 / args.runs
+    for node_runs in per_node.values():  # each node runs once per session.run, in order
+        profiled = node_runs[warmup:]
+        per_op[profiled[0][1]] += statistics.median(dur for dur, _ in profiled) / 1e3
     return dict(per_op)
 
 
@@ -76,8 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     fused, report = fuse_onnx(unfused)
     feed = {"input": np.random.default_rng(0).standard_normal((args.batch, 3, args.size, args.size), np.float32)}
     with tempfile.TemporaryDirectory() as tmp:
-        times = {tag: kernel_ms_per_op(m, feed, args, Path(tmp), tag)
-                 for tag, m in (("unfused", unfused), ("fused", fused))}
+        sessions = {tag: session(m, args.threads, profile_prefix=str(Path(tmp) / tag))
+                    for tag, m in (("unfused", unfused), ("fused", fused))}
+        times = interleaved_kernel_ms(sessions, feed, args.warmup, args.runs)
     ops = sorted(set(times["unfused"]) | set(times["fused"]),
                  key=lambda op: -max(times["unfused"].get(op, 0.0), times["fused"].get(op, 0.0)))
     rows = [[op, f"{times['unfused'].get(op, 0.0):.2f}", f"{times['fused'].get(op, 0.0):.2f}",
@@ -85,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     tu, tf = sum(times["unfused"].values()), sum(times["fused"].values())
     rows.append(["total", f"{tu:.2f}", f"{tf:.2f}", f"{tf - tu:+.2f}"])
     sys.stdout.write(f"onnxruntime kernel time per run (ms), {args.model} {args.size}px batch {args.batch}, "
-                     f"{args.exporter} exporter, {args.threads} threads, mean of {args.runs} runs; "
+                     f"{args.exporter} exporter, {args.threads} threads, median of {args.runs} interleaved runs; "
                      f"{report.count('x-volution')} X-volution sites fused; {start_load}\n")
     sys.stdout.write(render_table(["operator", "unfused", "fused", "fused - unfused"], rows) + "\n")
     sys.stdout.write(load_line("end, this benchmark included") + "\n")
