@@ -11,7 +11,9 @@ graph optimizations, ``--threads`` threads) and prints the kernel time per
 operator type, as onnxruntime executes it after its own rewrites
 (``ReorderInput``/``ReorderOutput`` are its NCHWc layout conversions): each
 node's median over the profiled rounds, summed per type, after ``--warmup``
-rounds, which are discarded. Profile on an idle machine.
+rounds, which are discarded. A second session of the unfused graph runs in the
+same turns as a control: ``control - unfused`` is the noise floor that a
+``fused - unfused`` difference must stand out of. Profile on an idle machine.
 """
 
 from __future__ import annotations
@@ -76,6 +78,11 @@ def _median_ms_per_op(events: list[dict[str, Any]], warmup: int) -> dict[str, fl
     return dict(per_op)
 
 
+def _row(name: str, ms: dict[str, float]) -> list[str]:
+    return [name, f"{ms['unfused']:.2f}", f"{ms['fused']:.2f}", f"{ms['fused'] - ms['unfused']:+.2f}",
+            f"{ms['control'] - ms['unfused']:+.2f}"]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -86,19 +93,19 @@ def main(argv: list[str] | None = None) -> None:
     fused, report = fuse_onnx(unfused)
     feed = {"input": np.random.default_rng(0).standard_normal((args.batch, 3, args.size, args.size), np.float32)}
     with tempfile.TemporaryDirectory() as tmp:
+        # A second session of the unfused graph is the control: its difference from the first is the noise
+        # a fused - unfused difference has to stand out of.
         sessions = {tag: session(m, args.threads, profile_prefix=str(Path(tmp) / tag))
-                    for tag, m in (("unfused", unfused), ("fused", fused))}
+                    for tag, m in (("unfused", unfused), ("fused", fused), ("control", unfused))}
         times = interleaved_kernel_ms(sessions, feed, args.warmup, args.runs)
-    ops = sorted(set(times["unfused"]) | set(times["fused"]),
-                 key=lambda op: -max(times["unfused"].get(op, 0.0), times["fused"].get(op, 0.0)))
-    rows = [[op, f"{times['unfused'].get(op, 0.0):.2f}", f"{times['fused'].get(op, 0.0):.2f}",
-             f"{times['fused'].get(op, 0.0) - times['unfused'].get(op, 0.0):+.2f}"] for op in ops]
-    tu, tf = sum(times["unfused"].values()), sum(times["fused"].values())
-    rows.append(["total", f"{tu:.2f}", f"{tf:.2f}", f"{tf - tu:+.2f}"])
+    ops = sorted(set().union(*times.values()), key=lambda op: -max(t.get(op, 0.0) for t in times.values()))
+    rows = [_row(op, {tag: t.get(op, 0.0) for tag, t in times.items()}) for op in ops]
+    rows.append(_row("total", {tag: sum(t.values()) for tag, t in times.items()}))
     sys.stdout.write(f"onnxruntime kernel time per run (ms), {args.model} {args.size}px batch {args.batch}, "
                      f"{args.exporter} exporter, {args.threads} threads, median of {args.runs} interleaved runs; "
                      f"{report.count('x-volution')} X-volution sites fused; {start_load}\n")
-    sys.stdout.write(render_table(["operator", "unfused", "fused", "fused - unfused"], rows) + "\n")
+    sys.stdout.write(render_table(["operator", "unfused", "fused", "fused - unfused", "control - unfused"], rows)
+                     + "\n")
     sys.stdout.write(load_line("end, this benchmark included") + "\n")
 
 
