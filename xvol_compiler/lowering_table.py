@@ -72,7 +72,10 @@ measured on an idle 2-core CPU machine, onnxruntime sessions without spinning):
   every backend. At the grouped sites of regnet_y_400mf (8 channels per group) split is
   the fastest form in onnxruntime at every site: 5-41% faster than "channel" at batch 1,
   7-21% at batch 16 (the one-conv forms add the interleave's Reshape-Concat-Reshape
-  copy; not profiled further); in eager and compile split is slower at 5 of the 6 sites (the stride-2
+  copy: in onnxruntime's kernel profile the convolutions cost the same fused and
+  unfused and the Concat is the difference, ``20261206-084032-onnx-profile-regnet.txt``;
+  split's second conv takes the first's output as its sum input); in eager and compile
+  split is slower at 5 of the 6 sites (the stride-2
   site aside), by 3-29%. So a grouped site takes "split" in onnxruntime when allowed, "channel" otherwise.
 - [T] "stack" (a depth-2 Conv3d over ``stack_depth([x, T(x)])``): per site under
   torch.compile the best single conv at all five mobilenet_v3_large sites at batch 16
