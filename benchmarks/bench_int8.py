@@ -53,6 +53,7 @@ from torch import nn
 
 from xvol_compiler import XVolution, export_onnx, fuse, xvolify
 from xvol_compiler.files import atomic_write_json, atomic_write_text, check_outputs
+from xvol_compiler.host_memory import hold_freed_memory
 from xvol_compiler.int8 import WeightGranularity, deploy_sites, rescale_fused_model
 from xvol_compiler.io import torchvision_model
 from xvol_compiler.report import render_table
@@ -280,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=None, help="output stem (default results/<time>-int8)")
     parser.add_argument("--force", action="store_true", help="replace existing output files")
     args = parser.parse_args(argv)
+    print(f"host memory: {hold_freed_memory()}", flush=True)
     size = args.size or (96 if args.quick else 160)
     n_calib = args.calib or (16 if args.quick else 64)
     n_eval = args.eval or (8 if args.quick else 32)

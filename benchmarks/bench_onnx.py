@@ -33,6 +33,7 @@ import torchvision
 from torch import nn
 
 from xvol_compiler import XVolution, export_onnx, fuse_onnx, xvolify
+from xvol_compiler.host_memory import hold_freed_memory
 from xvol_compiler.machine_load import load_line
 from xvol_compiler.measure import interleaved_latency, machine_info
 from xvol_compiler.report import render_table
@@ -139,6 +140,7 @@ def bench_exporter(args: argparse.Namespace, exporter: str, original: nn.Module,
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    print(f"host memory: {hold_freed_memory()}", flush=True)
     torch.set_num_threads(args.threads)
     start_load = load_line("start")
     original, xvol = build(args.model, args.size)

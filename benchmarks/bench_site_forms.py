@@ -39,6 +39,7 @@ from torch import Tensor
 
 from xvol_compiler import XVolution, xvolify
 from xvol_compiler.fold import FoldError
+from xvol_compiler.host_memory import hold_freed_memory
 from xvol_compiler.io import torchvision_model
 from xvol_compiler.lowering import LOWERINGS
 from xvol_compiler.machine_load import load_line
@@ -173,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="smoke run: 64 px, 2 rounds, 2 sites")
     args = p.parse_args(argv)
+    print(f"host memory: {hold_freed_memory()}", flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:

@@ -21,6 +21,7 @@ import torchvision
 from torch import nn
 
 from xvol_compiler import xvolify
+from xvol_compiler.host_memory import hold_freed_memory
 from xvol_compiler.machine_load import load_line
 from xvol_compiler.measure import interleaved_latency, machine_info
 
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
+    print(f"host memory: {hold_freed_memory()}", flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     info = machine_info()

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from xvol_compiler import pssa_transform, render_table
+from xvol_compiler.host_memory import hold_freed_memory
 from xvol_compiler.machine_load import load_line
 from xvol_compiler.measure import interleaved_latency
 
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--sites", type=int, default=len(SITES), help="only the first N site shapes (smoke runs)")
     args = parser.parse_args(argv)
+    print(f"host memory: {hold_freed_memory()}", flush=True)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     start_load = load_line("start")

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from xvol_compiler.benchmark import BACKENDS, prepare, prepare_onnx, refuse_for, time_backend
+from xvol_compiler.host_memory import hold_freed_memory
 from xvol_compiler.io import atomic_path, atomic_write_json, atomic_write_text
 from xvol_compiler.machine_load import LoadAverage, load_average, load_line
 from xvol_compiler.measure import machine_info
@@ -62,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="fuse the model for each backend row (fuse(..., backend=b)); default: fused for eager")
     p.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads (default: torch's)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--system-allocator", action="store_true",
+                   help="leave glibc's allocator at its defaults (default: freed memory held, so that no call pays "
+                        "page faults again; xvol_compiler/host_memory.py)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 64 px, batch 1, 3 rounds, 1 warm-up; results to quick.*")
     p.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
@@ -148,6 +152,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"{_load_text(m.get('load_start'), 'start')}; "
         f"{_load_text(data.get('load_end'), 'end, this benchmark included')}.",
         f"Command: `{data.get('command', 'not recorded')}`.",
+        f"Host memory: {m.get('host_memory', 'not recorded')}.",
         f"Input {data['input_size']} px, sites {data['sites']}; median of {data['repeats']} interleaved rounds "
         f"({data['warmup']} warm-up); ratios are to the original model, the median of the per-round ratios; [a-b] "
         "is their 25th-75th percentile. MAC floor = fused MACs / original MACs (docs/operator.md, section 5): "
@@ -259,6 +264,8 @@ def update_readme(text: str, readme: Path = README) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.system_allocator:
+        hold_freed_memory()
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" on CPU machines
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from xvol_compiler.errors import InvalidArgumentError
+from xvol_compiler.host_memory import host_memory_state
 from xvol_compiler.machine_load import load_average
 from xvol_compiler.verify import error_stats, tensors_of
 
@@ -288,6 +289,7 @@ def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "host_memory": host_memory_state(),
     }
     try:
         import onnxruntime
