@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{torch.get_num_threads()} threads")
     text = "\n".join([
         f"# {title}", "",
-        f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; {info.get('cpu', '?')}; torch {torch.__version__}.",
+        f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; {info.get('cpu', '?')} "
+        f"({info.get('cpu_capability', '?')}); torch {torch.__version__}.",
         start + "; " + end + ".", f"Command: `{command.strip()}`.", f"Host memory: {memory}.", "",
         "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER),
         *("| " + " | ".join(str(c) for c in r) + " |" for r in rows), ""])

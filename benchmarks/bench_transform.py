@@ -6,9 +6,11 @@ The reference ("avgpool") is the transform as it was computed before it became o
 constant-kernel depthwise conv and one multiply: a 3x3 average pool, scale, subtract
 the centre, divide, multiply (five memory passes). Shapes are the inputs of the sites
 xvolify picks by default at 224 px: ResNet-50's layer3 (256 channels at 28x28 for the
-strided first block, 14x14 after) and MobileNetV3-Large's stride-16 depthwise convs
-(240 at 28x28; 200, 184, 480 and 672 at 14x14). For scale, the site's own 3x3
-conv (depthwise for MobileNet, dense for ResNet) is timed in the same rounds.
+strided first block, 14x14 after), MobileNetV3-Large's stride-16 depthwise convs
+(240 at 28x28; 200, 184, 480 and 672 at 14x14), RegNetY-400MF's grouped convs (208
+channels, 8 per group, at 28x28 for the strided first block, 14x14 after) and
+ConvNeXt-Tiny's 7x7 depthwise convs (384 at 14x14). For scale, the site's own conv
+(its kernel, stride and groups) is timed in the same rounds.
 Eager, float32, full 8-neighbourhood, shift 1; rounds interleaved; per shape the
 median, the 25-75% range and the speed-up (median of the per-round ratios).
 Run on an idle machine: the numbers are wall-clock times.
@@ -27,15 +29,19 @@ from xvol_compiler.host_memory import hold_freed_memory
 from xvol_compiler.machine_load import load_line
 from xvol_compiler.measure import interleaved_latency
 
-# (model, site input channels, spatial size, groups of the site's conv)
-SITES: tuple[tuple[str, int, int, str], ...] = (
-    ("resnet50 layer3.0", 256, 28, "dense"),
-    ("resnet50 layer3.1-5", 256, 14, "dense"),
-    ("mobilenet_v3_large features.7", 240, 28, "depthwise"),
-    ("mobilenet_v3_large features.8", 200, 14, "depthwise"),
-    ("mobilenet_v3_large features.9-10", 184, 14, "depthwise"),
-    ("mobilenet_v3_large features.11", 480, 14, "depthwise"),
-    ("mobilenet_v3_large features.12", 672, 14, "depthwise"),
+# (model and site, input channels, spatial size, channels per group of the site's conv (0: depthwise),
+#  its kernel size and stride)
+SITES: tuple[tuple[str, int, int, int, int, int], ...] = (
+    ("resnet50 layer3.0", 256, 28, 256, 3, 2),
+    ("resnet50 layer3.1-5", 256, 14, 256, 3, 1),
+    ("mobilenet_v3_large features.7", 240, 28, 0, 3, 2),
+    ("mobilenet_v3_large features.8", 200, 14, 0, 3, 1),
+    ("mobilenet_v3_large features.9-10", 184, 14, 0, 3, 1),
+    ("mobilenet_v3_large features.11", 480, 14, 0, 3, 1),
+    ("mobilenet_v3_large features.12", 672, 14, 0, 3, 1),
+    ("regnet_y_400mf block3-0", 208, 28, 8, 3, 2),
+    ("regnet_y_400mf block3-1..5", 208, 14, 8, 3, 1),
+    ("convnext_tiny features.5", 384, 14, 0, 7, 1),
 )
 
 
@@ -63,16 +69,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     torch.manual_seed(0)
     start_load = load_line("start")
     rows, results = [], []
-    for label, channels, size, kind in SITES[: args.sites]:
-        groups = channels if kind == "depthwise" else 1
-        weight = torch.randn(channels, channels // groups, 3, 3)
+    for label, channels, size, per_group, kernel, stride in SITES[: args.sites]:
+        groups = channels // per_group if per_group else channels
+        weight = torch.randn(channels, channels // groups, kernel, kernel)
         for batch in args.batches:
             x = torch.randn(batch, channels, size, size)
             err = float((pssa_transform(x) - avgpool_transform(x)).abs().max() / avgpool_transform(x).abs().max())
             with torch.no_grad():
                 latency = interleaved_latency(
                     {"avgpool": lambda x=x: avgpool_transform(x), "pssa_transform": lambda x=x: pssa_transform(x),
-                     "site conv": lambda x=x, w=weight, g=groups: F.conv2d(x, w, None, 1, 1, 1, g)},
+                     "site conv": lambda x=x, w=weight, g=groups, s=stride, p=kernel // 2: F.conv2d(
+                         x, w, None, s, p, 1, g)},
                     repeats=args.repeats, warmup=args.warmup,
                 )
             speedup = 1.0 / latency.ratio("pssa_transform", "avgpool")

@@ -141,12 +141,17 @@ def _load_text(load: dict[str, Any] | None, when: str) -> str:
     return LoadAverage(load["one_min"], load["five_min"], load["cores"]).describe(when)
 
 
+def _isa(machine: dict[str, Any]) -> str:
+    """" (AVX512)": the vector ISA torch used, where the run recorded it."""
+    return f" ({machine['cpu_capability']})" if machine.get("cpu_capability") else ""
+
+
 def markdown(data: dict[str, Any]) -> str:
     m = data["machine"]
     lines = [
         f"# X-volution latency: original : unfused : fused ({data['device']})",
         "",
-        f"{data['date']}; {m.get('gpu', m['cpu'])}; {m['cores']} cores ({m['cores_usable']} usable), "
+        f"{data['date']}; {m.get('gpu', m['cpu'])}{_isa(m)}; {m['cores']} cores ({m['cores_usable']} usable), "
         f"{m['torch_threads']} torch threads; torch {m['torch']}, onnxruntime {m.get('onnxruntime', '-')}, "
         f"python {m['python']}.",
         f"{_load_text(m.get('load_start'), 'start')}; "

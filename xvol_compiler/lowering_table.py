@@ -76,7 +76,18 @@ measured on an idle 2-core CPU machine, onnxruntime sessions without spinning):
   unfused and the Concat is the difference, ``20261206-084032-onnx-profile-regnet.txt``;
   split's second conv takes the first's output as its sum input); in eager and compile
   split is slower at 5 of the 6 sites (the stride-2
-  site aside), by 3-29%. So a grouped site takes "split" in onnxruntime when allowed, "channel" otherwise.
+  site aside), by 3-29%. So a grouped site takes "split" in onnxruntime when allowed, "channel" in eager
+  mode and onnxruntime otherwise; under torch.compile see [GC].
+- [GC] grouped sites under torch.compile, measured with freed host memory held
+  (``xvol_compiler.host_memory``; AMD EPYC, AVX-512, 2026-12-06). Per site
+  (``benchmarks/bench_lowerings.py --models regnet_y_400mf --backends compile --batches 1 16``,
+  ``20261206-105136-lowerings-regnet-compile.txt``, load 0.37) "stack" is the fastest single conv at
+  10 of the 12 site and batch pairs (within 1.03-1.13x at the other two) and 1.13-1.28x faster than
+  "channel" at batch 1, 1.35-1.58x at batch 16. Whole model (``benchmarks/run.py
+  --models regnet_y_400mf --backends compile --lowering L``, fused / unfused at batch 1 / 16): "stack"
+  0.953 / 1.006, "split" 0.952 / 0.960 (``20261206-100253-cpu-dense-split.md``), "channel" (the
+  rule before this entry) 0.966-1.018 / 1.098-1.122 in four runs (``20261206-094432-cpu-all.md`` and
+  the ``-allocator-*`` files). So under compile a grouped site takes "stack", or "split" when allowed.
 - [T] "stack" (a depth-2 Conv3d over ``stack_depth([x, T(x)])``): per site under
   torch.compile the best single conv at all five mobilenet_v3_large sites at batch 16
   (1.05-1.35x split against spatial's 1.18-1.77x, cleared caches,
@@ -143,6 +154,12 @@ RULES: tuple[RuleEntry, ...] = (
               "eager: [E] (dense sites fastest in channel); one conv over 2x the input channels"),
     RuleEntry("grouped-split-onnxruntime", ("onnxruntime",), "grouped", False, ("split", "channel"),
               "[G] split faster than channel at every grouped site of regnet_y_400mf: 5-41% at batch 1, 7-21% at 16"),
+    RuleEntry("grouped-split-compile", ("compile",), "grouped", False, ("split", "stack", "channel"),
+              "[GC] whole regnet_y_400mf under compile, fused / unfused at batch 1 / 16: split 0.952 / 0.960, "
+              "stack 0.953 / 1.006, channel 0.97-1.02 / 1.10-1.12"),
+    RuleEntry("grouped-stack-compile", ("compile",), "grouped", True, ("stack", "channel"),
+              "[GC] stack the fastest single conv per site under compile; whole regnet_y_400mf 0.953 / 1.006 of "
+              "unfused against channel's 0.97-1.02 / 1.10-1.12"),
     RuleEntry("grouped-channel", _ALL_BACKENDS, "grouped", None, ("channel",),
               "[G] single-conv forms within a few % of each other; split slower in eager and compile at batch 1"),
 )

@@ -280,9 +280,11 @@ def _cpu_model() -> str:
 
 
 def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
-    """CPU model, cores, torch / onnxruntime versions, threads, and the GPU when ``device`` is CUDA."""
+    """CPU model and vector ISA, cores, torch / onnxruntime versions, threads, host memory, and the GPU when
+    ``device`` is CUDA."""
     info: dict[str, Any] = {
         "cpu": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the vector ISA torch's kernels use
         "cores": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
