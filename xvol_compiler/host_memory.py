@@ -5,8 +5,9 @@ with a fresh ``mmap`` that ``free`` hands back to the kernel, and it trims the f
 threshold. A model whose activations pass those sizes then pays page faults and page zeroing on every call:
 work that is in no convolution, whose amount depends on the order in which a model allocates and frees, and
 so differs between two forms of one model timed side by side. Measured on the 2-core benchmark machine
-(regnet_y_400mf, batch 16, eager, 2 threads, 20 interleaved rounds): the original model 258 ms per call with
-glibc's defaults, 133 ms with freed memory held; unfused / original 1.045 with the defaults, 1.227 held.
+(``benchmarks/run.py`` with and without ``--system-allocator``, regnet_y_400mf, batch 16, eager, two runs
+each; README, Benchmarks): the original model 214-241 ms per call with glibc's defaults, 142-150 ms with
+freed memory held; unfused / original 1.05 with the defaults, 1.20-1.27 held.
 
 :func:`hold_freed_memory` sets glibc's ``M_MMAP_MAX`` to 0 (every block from the heap) and ``M_TRIM_THRESHOLD``
 to its maximum (the heap is not trimmed), as jemalloc and tcmalloc, the allocators CPU inference guides
