@@ -7,12 +7,12 @@ The MAC floor (fused MACs / original MACs, docs/operator.md section 5) leaves ou
 the transform T(x) = x * R(x), which every fused site still computes: it is
 memory-bound and costs time without multiply-adds. This benchmark measures it.
 Besides the original (BatchNorms folded), unfused and fused models (fused for each
-backend, default options), it times two programs built from the original's FX trace:
+backend, default options or ``--lowering``), it times two programs built from the original's FX trace:
 ``original + T``, which also computes T(x) on each site's input and returns it as an
 extra output (so no backend can drop it), and its control ``original + x``, which
 returns each site's input x itself. The two differ only in computing T: the FX
-module's own call overhead (about 5% of regnet_y_400mf in eager mode at batch 1) and
-the extra outputs (copied out by onnxruntime) are in both. Then
+module's own call overhead (in eager mode a traced module runs slower than the
+model's own forward) and the extra outputs (copied out by onnxruntime) are in both. Then
 
     transform floor = MAC floor + (original + T) / (original + x) - 1
 
