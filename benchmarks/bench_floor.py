@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from xvol_compiler.benchmark import Prepared, prepare, prepare_onnx, refuse_for
-from xvol_compiler.host_memory import DEFAULT, hold_freed_memory
+from xvol_compiler.host_memory import hold_freed_memory
 from xvol_compiler.io import atomic_write_text
 from xvol_compiler.machine_load import load_line
 from xvol_compiler.measure import Latency, compile_timing_set, interleaved_latency, machine_info
@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--system-allocator", action="store_true",
                     help="leave glibc's allocator at its defaults (default: freed memory held)")
     args = ap.parse_args(argv)
-    memory = DEFAULT if args.system_allocator else hold_freed_memory()
+    if not args.system_allocator:
+        hold_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# {title}", "",
         f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; {info.get('cpu', '?')} "
         f"({info.get('cpu_capability', '?')}); torch {torch.__version__}.",
-        start + "; " + end + ".", f"Command: `{command.strip()}`.", f"Host memory: {memory}.", "",
+        start + "; " + end + ".", f"Command: `{command.strip()}`.", f"Host memory: {info['host_memory']}.", "",
         "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER),
         *("| " + " | ".join(str(c) for c in r) + " |" for r in rows), ""])
     print(render_table(HEADER, rows, title=title))
